@@ -1,0 +1,122 @@
+"""Global multi-view attention: one diffusers attention processor, one backend switch.
+
+Every self-attention layer (``attn1``) of the UNet attends over the tokens of *all* views
+of an object at once: the processor reshapes ``(b v) l c -> b (v l) c`` before attention
+and back after. Cross-attention (``attn2``) stays per view. The attention kernel (PyTorch
+SDPA by default, xformers on CUDA when installed) is chosen in ``attend`` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from einops import rearrange
+from torch import Tensor
+
+
+class AttentionBackend(str, enum.Enum):
+    AUTO = "auto"
+    SDPA = "sdpa"
+    XFORMERS = "xformers"
+
+
+def resolve_backend(backend: AttentionBackend | str, device: torch.device) -> AttentionBackend:
+    """Pick the concrete backend: xformers only on CUDA and only when importable."""
+    backend = _as_backend(backend)
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    if backend is AttentionBackend.AUTO:
+        return AttentionBackend.XFORMERS if device.type == "cuda" and has_xformers else AttentionBackend.SDPA
+    if backend is AttentionBackend.XFORMERS and not (device.type == "cuda" and has_xformers):
+        raise ValueError(
+            f"attention backend 'xformers' needs CUDA and the xformers package (device={device}, "
+            f"xformers installed={has_xformers}); install it with `pip install xformers` matching "
+            "your torch build, or use backend 'sdpa'."
+        )
+    return backend
+
+
+def _as_backend(backend: AttentionBackend | str) -> AttentionBackend:
+    try:
+        return AttentionBackend(backend)
+    except ValueError:
+        allowed = [b.value for b in AttentionBackend]
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {allowed}.") from None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBackend) -> Tensor:
+    """Multi-head attention (n, l, h*d) -> (n, l, h*d) with the chosen kernel."""
+    if backend is AttentionBackend.XFORMERS:
+        import xformers.ops as xops
+
+        q, k, v = (rearrange(t, "n l (h d) -> n l h d", h=heads) for t in (q, k, v))
+        out = xops.memory_efficient_attention(q, k, v)
+        return rearrange(out, "n l h d -> n l (h d)")
+    q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "n h l d -> n l (h d)")
+
+
+class MultiViewAttnProcessor:
+    """diffusers attention processor; global over views when ``global_views`` is set.
+
+    ``num_views`` arrives through ``cross_attention_kwargs`` on every UNet call.
+    """
+
+    def __init__(self, *, global_views: bool, backend: AttentionBackend = AttentionBackend.SDPA):
+        self.global_views = global_views
+        self.backend = backend
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        num_views: int = 1,
+    ) -> Tensor:
+        if attention_mask is not None:
+            raise ValueError("MultiViewAttnProcessor does not take an attention mask.")
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            n, c, height, width = hidden_states.shape
+            hidden_states = rearrange(hidden_states, "n c h w -> n (h w) c")
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        is_self = encoder_hidden_states is None
+        context = hidden_states if is_self else encoder_hidden_states
+        if not is_self and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if is_self and self.global_views and num_views > 1:
+            # All views of one object attend to each other: one sequence per object.
+            q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
+            out = attend(q, k, v, attn.heads, self.backend)
+            out = rearrange(out, "b (v l) c -> (b v) l c", v=num_views)
+        else:
+            out = attend(q, k, v, attn.heads, self.backend)
+
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if spatial:
+            out = rearrange(out, "n (h w) c -> n c h w", h=height, w=width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def multiview_processors(
+    attn_names: list[str], *, global_attention: bool, backend: AttentionBackend
+) -> dict[str, MultiViewAttnProcessor]:
+    """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view."""
+    return {
+        name: MultiViewAttnProcessor(
+            global_views=global_attention and name.endswith("attn1.processor"), backend=backend
+        )
+        for name in attn_names
+    }

@@ -1,0 +1,107 @@
+"""Validation and framing of condition images: errors that name the value and the fix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cameras import MAX_CONDITION_VIEWS
+
+# Fraction of the image side that the object's longest mask side fills after recentring.
+# A unit object seen at the training distances (1.5-2.2) with FOV 60 fills 0.45-0.65.
+DEFAULT_FILL = 0.55
+
+
+def check_condition_views(images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate condition images (n, 3, H, W) in [0, 1] and masks (n, 1, H, W) or (n, H, W).
+
+    Returns the masks as (n, 1, H, W). Raises ValueError naming the problem and the fix.
+    """
+    if not isinstance(images, Tensor) or not isinstance(masks, Tensor):
+        raise TypeError(
+            f"images and masks must be torch tensors, got {type(images).__name__} and {type(masks).__name__}."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"condition images have shape {tuple(images.shape)}; expected (n, 3, H, W) RGB "
+            "(convert RGBA by splitting off alpha as the mask; ComfyUI IMAGE [n, H, W, C] needs a permute)."
+        )
+    n = images.shape[0]
+    if not 1 <= n <= MAX_CONDITION_VIEWS:
+        raise ValueError(f"{n} condition views given; the model takes 1 to {MAX_CONDITION_VIEWS}. Pass fewer images.")
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.ndim != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks have shape {tuple(masks.shape)}; expected (n, H, W) or (n, 1, H, W).")
+    if masks.shape[0] != n or masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}: give one mask per "
+            "image with the same height and width (resize the mask, or use the image's alpha)."
+        )
+    for name, t in (("images", images), ("masks", masks)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contain NaN or infinite values; check the node or file that produced them.")
+        if t.min() < 0 or t.max() > 1:
+            raise ValueError(
+                f"{name} range [{t.min().item():.3g}, {t.max().item():.3g}] is outside [0, 1]; scale them to [0, 1]."
+            )
+    if (masks.flatten(1).amax(dim=1) < 0.5).any():
+        empty = (masks.flatten(1).amax(dim=1) < 0.5).nonzero().flatten().tolist()
+        raise ValueError(
+            f"the mask of condition view(s) {empty} is empty (no foreground); add a background-removal "
+            "node, or check the mask convention (1 = object)."
+        )
+    return images, masks
+
+
+def check_vae_size(height: int, width: int, factor: int) -> None:
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(
+            f"image size {height}x{width} cannot go through the VAE, which downsamples by {factor}; "
+            f"use sizes that are positive multiples of {factor}."
+        )
+
+
+def recenter(images: Tensor, masks: Tensor, size: int, fill: float = DEFAULT_FILL) -> tuple[Tensor, Tensor]:
+    """Crop each view square around its mask's bounding box and resize to ``size``, so the
+    object's longest side spans ``fill`` of the image and sits at the centre, on white.
+
+    images (n, 3, H, W), masks (n, 1, H, W) -> (n, 3, size, size), (n, 1, size, size).
+    """
+    if not 0.1 <= fill <= 1.0:
+        raise ValueError(f"fill={fill}; allowed 0.1..1.0 (fraction of the image the object spans).")
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks):
+        ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+        cy = (ys.min() + ys.max() + 1).item() / 2
+        cx = (xs.min() + xs.max() + 1).item() / 2
+        side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1).item() / fill
+        composite = image * mask + (1 - mask)  # on white, the training background
+        theta = _crop_affine(cx, cy, side, image.shape[-1], image.shape[-2]).to(image.dtype)
+        grid = F.affine_grid(theta[None], [1, 1, size, size], align_corners=False)
+        out_images.append(_warp(composite, grid, fill_value=1.0))
+        out_masks.append(_warp(mask, grid, fill_value=0.0))
+    return torch.stack(out_images).clamp(0, 1), torch.stack(out_masks).clamp(0, 1)
+
+
+def _warp(image: Tensor, grid: Tensor, fill_value: float) -> Tensor:
+    """Bilinear resample (c, H, W) at ``grid``; outside the image reads ``fill_value``."""
+    shifted = F.grid_sample(image[None] - fill_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return shifted[0] + fill_value
+
+
+def _crop_affine(cx: float, cy: float, side: float, width: int, height: int) -> Tensor:
+    """Affine theta (2, 3) mapping output [-1, 1] to a square crop of ``side`` pixels centred
+    at (cx, cy) in an input of width x height (normalised coords, align_corners=False)."""
+    return torch.tensor(
+        [[side / width, 0.0, 2 * cx / width - 1], [0.0, side / height, 2 * cy / height - 1]],
+        dtype=torch.float64,
+    )
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize of (n, c, H, W) to (n, c, size, size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,0 +1,106 @@
+"""The discrete forward process (Ho et al. 2020) in float64, and eps / v / x0 conversions.
+
+Notation as in improved-diffusion: ``alpha_bar[t] = prod_{i<=t} (1 - beta_i)``,
+``x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps``, and the v-parameterisation of
+Salimans & Ho 2022: ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``. Every table is
+float64; values are cast to the tensor's dtype where they are used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import BetaSchedule, PredictionType, ScheduleConfig
+
+
+class NoiseSchedule:
+    """Tables of the forward process, float64 on the CPU."""
+
+    def __init__(self, *, config: ScheduleConfig):
+        self.config = config
+        T = config.num_train_timesteps
+        if config.beta_schedule is BetaSchedule.SCALED_LINEAR:
+            betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return self.config.prediction_type
+
+    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
+        """alpha_bar at integer timesteps t (any shape; -1 means "clean", alpha_bar = 1),
+        broadcastable against ``like`` (t's shape followed by singleton dims), in its dtype."""
+        t = torch.as_tensor(t, device="cpu").long()
+        a = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        a = a.reshape(*a.shape, *([1] * (like.ndim - a.ndim)))
+        return a.to(device=like.device, dtype=like.dtype)
+
+    def timesteps(self, steps: int) -> Tensor:
+        """``steps`` integer timesteps from T-1 down to 0, evenly spaced ("trailing")."""
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"steps={steps}; allowed 1..{self.num_train_timesteps}. Use e.g. 75 (the paper's DDPM) "
+                "or 20-50 for DDIM / DPM-Solver++."
+            )
+        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+        return ts
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t ~ q(x_t | x0) = N(sqrt(a) x0, (1 - a) I) (Ho et al. eq. 4)."""
+        a = self.alpha_bar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """q(x_s | x_t, x0) for s < t (Ho et al. eq. 6-7, generalised to strided steps).
+
+        With ``a_ts = a_t / a_s`` and ``b_ts = 1 - a_ts``:
+        mean = sqrt(a_s) b_ts / (1 - a_t) x0 + sqrt(a_ts) (1 - a_s) / (1 - a_t) x_t,
+        variance = (1 - a_s) / (1 - a_t) b_ts.
+        """
+        a_t, a_s = self.alpha_bar(t, x_t), self.alpha_bar(s, x_t)
+        a_ts = a_t / a_s
+        b_ts = 1 - a_ts
+        mean = a_s.sqrt() * b_ts / (1 - a_t) * x0 + a_ts.sqrt() * (1 - a_s) / (1 - a_t) * x_t
+        variance = (1 - a_s) / (1 - a_t) * b_ts
+        return mean, variance
+
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x0 from the model's output under this schedule's prediction type."""
+        a = self.alpha_bar(t, x_t)
+        if self.prediction_type is PredictionType.EPSILON:
+            return x0_from_eps(x_t, model_output, a)
+        return x0_from_v(x_t, model_output, a)
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the model should output at (x0, noise, t): epsilon or v."""
+        if self.prediction_type is PredictionType.EPSILON:
+            return noise
+        return v_from_x0_eps(x0, noise, self.alpha_bar(t, x0))
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha_bar: Tensor) -> Tensor:
+    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
+def x0_from_v(x_t: Tensor, v: Tensor, alpha_bar: Tensor) -> Tensor:
+    return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * v
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, alpha_bar: Tensor) -> Tensor:
+    return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v

@@ -1,0 +1,85 @@
+"""The multi-view UNet: diffusers' SD-2-inpainting UNet with global attention and view ids.
+
+``MultiViewUNet`` holds a plain ``UNet2DConditionModel`` (so SD 2 inpainting weights load
+unchanged) and changes it in exactly two places:
+
+* every attention processor is a ``MultiViewAttnProcessor`` (attn1 global over views);
+* ``unet.class_embedding`` is a ``ViewIndexEmbedding``: 42 learnable vectors times a
+  trainable scale that starts at 0, which diffusers adds to each view's timestep
+  embedding. At initialisation the model is therefore exactly its SD base, per view.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from .attention import AttentionBackend, multiview_processors, resolve_backend
+from .config import UNetConfig
+
+
+class ViewIndexEmbedding(nn.Module):
+    """Per-view-slot vectors scaled by a scalar initialised to zero."""
+
+    def __init__(self, num_slots: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_slots, dim)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, view_ids: Tensor) -> Tensor:
+        return self.scale * self.embedding(view_ids)
+
+
+class MultiViewUNet(nn.Module):
+    """UNet over all views of an object: input (b, v, 9, h, w) -> output (b, v, 4, h, w)."""
+
+    def __init__(self, config: UNetConfig, unet: UNet2DConditionModel | None = None):
+        super().__init__()
+        self.config = config
+        self.unet = unet if unet is not None else UNet2DConditionModel(**config.diffusers_kwargs())
+        time_embed_dim = self.unet.time_embedding.linear_2.out_features
+        self.unet.class_embedding = ViewIndexEmbedding(config.num_view_slots, time_embed_dim)
+        self.set_attention_backend(AttentionBackend.SDPA)
+
+    def set_attention_backend(self, backend: AttentionBackend | str, *, global_attention: bool | None = None) -> None:
+        """Install our processors with the given kernel ('auto', 'sdpa' or 'xformers')."""
+        device = next(self.parameters()).device
+        global_attention = self.config.global_attention if global_attention is None else global_attention
+        self.unet.set_attn_processor(
+            multiview_processors(
+                list(self.unet.attn_processors),
+                global_attention=global_attention,
+                backend=resolve_backend(backend, device),
+            )
+        )
+
+    def forward(self, sample: Tensor, timesteps: Tensor, view_ids: Tensor, context: Tensor) -> Tensor:
+        """Denoise all views of each object jointly.
+
+        Args:
+            sample: (b, v, 9, h, w) noisy latent, branch mask, condition latent per view.
+            timesteps: (b,) or (b, v) integer or float timesteps.
+            view_ids: (b, v) long, 0..31 target slots, 32..41 condition slots.
+            context: (b, n, d) cross-attention tokens (CLIP embeddings of the condition views),
+                shared by every view of the object.
+        Returns:
+            (b, v, 4, h, w) the model output (epsilon or v, per the schedule config).
+        """
+        b, v = sample.shape[:2]
+        if timesteps.ndim == 1:
+            timesteps = repeat(timesteps, "b -> b v", v=v)
+        out = self.unet(
+            rearrange(sample, "b v c h w -> (b v) c h w"),
+            rearrange(timesteps, "b v -> (b v)"),
+            encoder_hidden_states=repeat(context, "b n d -> (b v) n d", v=v),
+            class_labels=rearrange(view_ids, "b v -> (b v)"),
+            cross_attention_kwargs={"num_views": v},
+            return_dict=False,
+        )[0]
+        return rearrange(out, "(b v) c h w -> b v c h w", b=b)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
