@@ -9,6 +9,7 @@ includes prediction type and schedule), ``rig`` (the camera rig) and ``format`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -204,7 +205,11 @@ def convert_sd2_inpainting(
     config = ModelConfig(
         unet=unet_config,
         vae=vae.config,
-        image_encoder=encoder.config if encoder is not None else base.image_encoder,
+        # Without a bundled encoder, embeddings come from outside (e.g. ComfyUI's CLIP vision)
+        # and only their width must match the UNet.
+        image_encoder=encoder.config if encoder is not None else dataclasses.replace(
+            base.image_encoder, projection_dim=unet_config.cross_attention_dim
+        ),
         schedule=base.schedule,
         image_size=image_size,
     )

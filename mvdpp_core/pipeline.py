@@ -12,9 +12,16 @@ from .cameras import NUM_TARGET_VIEWS
 from .inputs import check_condition_views, recenter, resize
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, SamplerName, StepCallback, get_sampler
+from .schedule import TimestepSpacing
 
 DECODE_CHUNK = 8
-DEFAULT_STEPS = {SamplerName.DDPM: 75, SamplerName.DDIM: 50, SamplerName.DPMPP_2M: 25}
+# Default steps (DDPM: the paper's 75) and step placement per sampler. Multistep solvers
+# are second order only on even log-SNR steps (tests/test_schedule_samplers.py measures it).
+SAMPLER_DEFAULTS = {
+    SamplerName.DDPM: (75, TimestepSpacing.TRAILING),
+    SamplerName.DDIM: (50, TimestepSpacing.TRAILING),
+    SamplerName.DPMPP_2M: (25, TimestepSpacing.LOGSNR),
+}
 
 
 @dataclass
@@ -80,8 +87,8 @@ def generate(
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
     """
     sample_fn = get_sampler(sampler)  # validates the name
-    steps = DEFAULT_STEPS[SamplerName(sampler)] if steps is None else steps
-    ts = model.schedule.timesteps(steps)
+    default_steps, spacing = SAMPLER_DEFAULTS[SamplerName(sampler)]
+    ts = model.schedule.timesteps(default_steps if steps is None else steps, spacing)
     images, masks = check_condition_views(images, masks)
     size = model.config.image_size
     if recenter_inputs:

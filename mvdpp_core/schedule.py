@@ -8,10 +8,19 @@ float64; values are cast to the tensor's dtype where they are used.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import Tensor
 
 from .config import BetaSchedule, PredictionType, ScheduleConfig
+
+
+class TimestepSpacing(str, enum.Enum):
+    """How sampling steps are placed on the 1000 training timesteps."""
+
+    TRAILING = "trailing"  # even in t, from T-1 down to 0 (DDPM, DDIM)
+    LOGSNR = "logsnr"  # even in log-SNR: what multistep solvers' error bounds assume
 
 
 class NoiseSchedule:
@@ -43,15 +52,28 @@ class NoiseSchedule:
         a = a.reshape(*a.shape, *([1] * (like.ndim - a.ndim)))
         return a.to(device=like.device, dtype=like.dtype)
 
-    def timesteps(self, steps: int) -> Tensor:
-        """``steps`` integer timesteps from T-1 down to 0, evenly spaced ("trailing")."""
-        if not 1 <= steps <= self.num_train_timesteps:
+    def log_snr(self) -> Tensor:
+        """lambda_t = log(alpha_bar / (1 - alpha_bar)) for every training timestep, (T,)."""
+        return torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+
+    def timesteps(self, steps: int, spacing: TimestepSpacing | str = TimestepSpacing.TRAILING) -> Tensor:
+        """Integer timesteps from T-1 down to 0 (descending, distinct).
+
+        ``logsnr`` spacing can merge steps where the 1000 discrete timesteps are coarser than
+        the spacing (near t = 0), so it may return fewer than ``steps`` timesteps.
+        """
+        T = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(
-                f"steps={steps}; allowed 1..{self.num_train_timesteps}. Use e.g. 75 (the paper's DDPM) "
-                "or 20-50 for DDIM / DPM-Solver++."
+                f"steps={steps}; allowed 1..{T}. Use e.g. 75 (the paper's DDPM) or 20-50 for DDIM / DPM-Solver++."
             )
-        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
-        return ts
+        if TimestepSpacing(spacing) is TimestepSpacing.TRAILING:
+            return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
+        lam = self.log_snr()  # decreasing in t
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        ts = torch.searchsorted(-lam, -targets).clamp(max=T - 1)  # first t with lam_t <= target
+        ts[-1] = 0
+        return ts.unique_consecutive()
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t ~ q(x_t | x0) = N(sqrt(a) x0, (1 - a) I) (Ho et al. eq. 4)."""

@@ -1,0 +1,105 @@
+"""generate(): layout of the 9-channel input, guidance, determinism, progress, bad input."""
+
+import pytest
+import torch
+from tiny_models import object_views, tiny_model
+
+from mvdpp_core.pipeline import generate, guided_denoiser
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0, view_scale=0.3)
+
+
+@torch.no_grad()
+def test_unet_input_layout(model):
+    images, masks = object_views(2)
+    cond = model.encode_condition(images, masks[:, None])
+    empty = model.empty_latent()
+    noisy = torch.randn(1, 34, 4, 16, 16)
+    sample, ids = model.unet_input(noisy, cond, empty)
+    assert sample.shape == (1, 34, 9, 16, 16)
+    torch.testing.assert_close(sample[:, :, :4], noisy)
+    assert (sample[0, :32, 4] == 0).all() and (sample[0, 32:, 4] == 1).all()
+    torch.testing.assert_close(sample[0, :32, 5:], empty.expand(32, -1, -1, -1))
+    torch.testing.assert_close(sample[0, 32:, 5:], cond.latents[0])
+    assert ids.tolist() == [list(range(34))]
+    # Training drops target views: their rig indices are passed through.
+    _, ids = model.unet_input(noisy[:, :10], cond, empty, target_ids=torch.tensor([[0, 3, 5, 7, 9, 11, 13, 30]]))
+    assert ids.tolist() == [[0, 3, 5, 7, 9, 11, 13, 30, 32, 33]]
+
+
+@torch.no_grad()
+def test_guidance_interpolates_between_null_and_full_condition(model):
+    images, masks = object_views(1)
+    cond = model.encode_condition(images, masks[:, None])
+    x = torch.randn(1, 33, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    full, null = guided_denoiser(model, cond, 1.0)(x, t), guided_denoiser(model, cond, 0.0)(x, t)
+    assert (full - null).abs().max() > 1e-4, "the condition must change the prediction"
+    torch.testing.assert_close(guided_denoiser(model, cond, 3.0)(x, t), null + 3.0 * (full - null), atol=1e-5, rtol=1e-4)
+
+
+def test_generate_is_deterministic_per_seed_and_reports_every_step(model):
+    images, masks = object_views(2, size=80)
+    seen = []
+    kwargs = dict(steps=2, sampler="dpmpp_2m", guidance=2.0)
+    a = generate(model, images, masks, seed=7, callback=lambda i, n, x0: seen.append((i, n, tuple(x0.shape))), **kwargs)
+    assert seen == [(1, 2, (1, 34, 4, 16, 16)), (2, 2, (1, 34, 4, 16, 16))], "condition views are denoised too"
+    assert a.images.shape == (32, 3, 64, 64) and a.masks.shape == (32, 1, 64, 64)
+    assert 0 <= a.images.min() and a.images.max() <= 1
+    b = generate(model, images, masks, seed=7, **kwargs)
+    c = generate(model, images, masks, seed=8, **kwargs)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_generate_stops_when_the_callback_raises(model):
+    images, masks = object_views(1)
+
+    class Cancelled(Exception):
+        pass
+
+    steps = []
+
+    def cancel_at_first_step(i, n, x0):
+        steps.append(i)
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        generate(model, images, masks, steps=50, sampler="ddim", callback=cancel_at_first_step)
+    assert steps == [1]
+
+
+@pytest.mark.parametrize("images, masks, match", [
+    (torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64), r"shape \(1, 64, 64, 3\); expected \(n, 3, H, W\)"),
+    (torch.rand(64, 64), torch.ones(1, 64, 64), r"expected \(n, 3, H, W\)"),
+    (torch.rand(0, 3, 64, 64), torch.ones(0, 64, 64), "0 condition views given; the model takes 1 to 10"),
+    (torch.rand(11, 3, 64, 64), torch.ones(11, 64, 64), "11 condition views given; the model takes 1 to 10"),
+    (torch.rand(2, 3, 64, 64), torch.ones(2, 32, 32), "do not match images.*same height and width"),
+    (torch.rand(2, 3, 64, 64), torch.ones(1, 64, 64), "do not match images"),
+    (torch.full((1, 3, 64, 64), float("nan")), torch.ones(1, 64, 64), "images contain NaN"),
+    (torch.rand(1, 3, 64, 64), torch.full((1, 64, 64), float("nan")), "masks contain NaN"),
+    (torch.rand(1, 3, 64, 64) * 255, torch.ones(1, 64, 64), r"outside \[0, 1\]; scale them"),
+    (torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64), r"mask of condition view\(s\) \[0\] is empty"),
+])
+def test_bad_condition_views_are_refused(model, images, masks, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, images, masks, steps=1)
+
+
+def test_bad_sampling_arguments_are_refused(model):
+    images, masks = object_views(1)
+    with pytest.raises(ValueError, match="steps=0; allowed 1..1000"):
+        generate(model, images, masks, steps=0)
+    with pytest.raises(ValueError, match="unknown sampler 'euler_a'"):
+        generate(model, images, masks, sampler="euler_a")
+    with pytest.raises(ValueError, match=r"embeddings have shape \(1, 7\); this model needs \(1, 32\)"):
+        generate(model, images, masks, steps=1, embeddings=torch.zeros(1, 7))
+
+
+def test_sizes_the_vae_cannot_take_are_refused(model):
+    images, masks = object_views(1, size=70)
+    with pytest.raises(ValueError, match="70x70 cannot go through the VAE, which downsamples by 4"):
+        model.encode_condition(images, masks[:, None])
