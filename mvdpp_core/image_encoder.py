@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -18,6 +19,19 @@ from .config import ImageEncoderConfig
 # OpenAI / OpenCLIP preprocessing statistics.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _config_of(c: CLIPVisionConfig) -> ImageEncoderConfig:
+    return ImageEncoderConfig(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        projection_dim=c.projection_dim,
+        hidden_act=c.hidden_act,
+    )
 
 
 def clip_vision_config(config: ImageEncoderConfig) -> CLIPVisionConfig:
@@ -44,28 +58,59 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_local(cls, path: str | Path) -> "ImageEncoder":
-        """Load a transformers CLIP vision folder (config.json + weights) from local disk."""
+    def from_local(cls, path: str | Path, *, num_attention_heads: int | None = None,
+                   hidden_act: str = "gelu") -> "ImageEncoder":
+        """Load CLIP vision weights from local disk, never from a hub.
+
+        ``path`` is a transformers folder (config.json + weights, e.g. the ``image_encoder``
+        folder of SD 2 unCLIP or IP-Adapter) or a single ``.safetensors`` file in the
+        transformers key layout (e.g. ComfyUI's ``clip_vision_h.safetensors``). A file carries
+        no config: the shapes give it, except the head count (default: 64-d heads, as in
+        every OpenAI / OpenCLIP ViT) and the activation (``gelu`` for OpenCLIP ViT-H/14).
+        """
         path = Path(path)
+        if path.is_file():
+            return cls._from_file(path, num_attention_heads, hidden_act)
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"{path} is not a transformers CLIP vision folder (no config.json); pass a folder "
-                "saved with CLIPVisionModelWithProjection.save_pretrained, e.g. the image_encoder "
-                "folder of an SD 2 unCLIP or IP-Adapter download."
+                f"{path} is neither a .safetensors file nor a transformers CLIP vision folder (no "
+                "config.json); pass a folder saved with CLIPVisionModelWithProjection.save_pretrained."
             )
         model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True, use_safetensors=True)
-        c = model.config
+        return cls(_config_of(model.config), model)
+
+    @classmethod
+    def _from_file(cls, path: Path, num_attention_heads: int | None, hidden_act: str) -> "ImageEncoder":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path.name}: only .safetensors CLIP vision files are loaded (never pickles).")
+        state = load_file(str(path))
+        state = {k.removeprefix("image_encoder."): v for k, v in state.items()}
+        try:
+            patch = state["vision_model.embeddings.patch_embedding.weight"]  # hidden 3 p p
+            positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
+            projection = state["visual_projection.weight"].shape[0]
+            intermediate = state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+        except KeyError as err:
+            raise ValueError(
+                f"{path.name} is not a CLIP vision model with projection in transformers layout "
+                f"(missing {err}); use a CLIPVisionModelWithProjection checkpoint."
+            ) from None
+        hidden, patch_size = patch.shape[0], patch.shape[-1]
+        layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers."))
         config = ImageEncoderConfig(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            projection_dim=c.projection_dim,
-            hidden_act=c.hidden_act,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=num_attention_heads or hidden // 64,
+            image_size=round((positions - 1) ** 0.5) * patch_size,
+            patch_size=patch_size,
+            projection_dim=projection,
+            hidden_act=hidden_act,
         )
-        return cls(config, model)
+        encoder = cls(config)
+        state.pop("vision_model.embeddings.position_ids", None)
+        encoder.model.load_state_dict(state, strict=True)
+        return encoder
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Resize (bicubic, antialiased) to the encoder's size and normalise."""
