@@ -78,7 +78,17 @@ def recenter(images: Tensor, masks: Tensor, size: int, fill: float = DEFAULT_FIL
         cx = (xs.min() + xs.max() + 1).item() / 2
         side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1).item() / fill
         composite = image * mask + (1 - mask)  # on white, the training background
-        theta = _crop_affine(cx, cy, side, image.shape[-1], image.shape[-2]).to(image.dtype)
+        height, width = image.shape[-2:]
+        if side > size:  # shrink with an antialiased filter first; bilinear sampling would alias
+            scale = size / side
+            composite, mask = (
+                F.interpolate(t[None], scale_factor=scale, mode="bilinear", antialias=True)[0]
+                for t in (composite, mask)
+            )
+            sy, sx = mask.shape[-2] / height, mask.shape[-1] / width
+            cx, cy, height, width = cx * sx, cy * sy, mask.shape[-2], mask.shape[-1]
+            side = side * sx
+        theta = _crop_affine(cx, cy, side, width, height).to(image.dtype)
         grid = F.affine_grid(theta[None], [1, 1, size, size], align_corners=False)
         out_images.append(_warp(composite, grid, fill_value=1.0))
         out_masks.append(_warp(mask, grid, fill_value=0.0))

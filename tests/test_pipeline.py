@@ -103,3 +103,20 @@ def test_sizes_the_vae_cannot_take_are_refused(model):
     images, masks = object_views(1, size=70)
     with pytest.raises(ValueError, match="70x70 cannot go through the VAE, which downsamples by 4"):
         model.encode_condition(images, masks[:, None])
+
+
+@pytest.mark.parametrize("size_in", [80, 400])
+def test_recenter_centres_and_scales_the_object(size_in):
+    from mvdpp_core.inputs import recenter
+
+    ys, xs = torch.meshgrid(torch.arange(size_in) + 0.5, torch.arange(size_in) + 0.5, indexing="ij")
+    mask = ((xs - 0.3 * size_in) ** 2 / 4 + (ys - 0.6 * size_in) ** 2 < (0.1 * size_in) ** 2).float()
+    image = mask * torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1) + (1 - mask)
+    out_image, out_mask = recenter(image[None], mask[None, None], 64, fill=0.5)
+    fg = torch.nonzero(out_mask[0, 0] > 0.5)
+    lo, hi = fg.min(0).values.float(), fg.max(0).values.float() + 1
+    torch.testing.assert_close((lo + hi) / 2, torch.tensor([32.0, 32.0]), atol=1.0, rtol=0)
+    assert (hi - lo).max().item() == pytest.approx(32, abs=1.5)
+    torch.testing.assert_close(out_image[0, :, 0, 0], torch.ones(3), msg="background is white")
+    inside = out_image[0, :, out_mask[0, 0] > 0.99]
+    assert (inside[0] > 0.95).all() and (inside[1:] < 0.05).all(), "object colour survives"
