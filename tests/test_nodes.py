@@ -1,0 +1,548 @@
+"""The nodes called directly (classmethod ``execute``) inside an in-process ComfyUI:
+type conversion, the mask convention, every validation error, progress and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfyui_harness import NODE_IDS, import_comfyui, load_pack
+
+SIZE = 64  # the tiny preset's image size
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """ComfyUI (CPU) and this pack, imported in-process, with temporary model/output folders."""
+    import_comfyui(comfyui_dir)
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy")
+    folder_paths.models_dir = str(root / "models")
+    folder_paths.set_output_directory(str(root / "output"))
+    (root / "output").mkdir()
+    pack = load_pack()
+    extension = asyncio.run(pack.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    return SimpleNamespace(
+        pack=pack, extension=extension, nodes={n.GET_SCHEMA().node_id: n for n in nodes}, root=root,
+        folder_paths=folder_paths, mm=comfy.model_management, utils=comfy.utils,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(comfy: SimpleNamespace) -> Path:
+    path = Path(comfy.folder_paths.models_dir) / "mvdpp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy: SimpleNamespace, model_dir: Path, tiny_checkpoint: Path):
+    (model_dir / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    return comfy.nodes["MVDPP_LoadModel"].execute("tiny.safetensors", "cpu", "auto", "auto")[0]
+
+
+def disc(size: int = 96, radius: float = 0.3, center: tuple[float, float] = (0.5, 0.45)) -> torch.Tensor:
+    """A (size, size) float disc mask, off-centre so recentring has something to do."""
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    return (((xs / size - center[0]) ** 2 + (ys / size - center[1]) ** 2) < radius**2).float()
+
+
+def rgba_batch(n: int, size: int = 96) -> torch.Tensor:
+    """IMAGE [n, H, W, 4]: coloured discs with straight alpha (an RGBA PNG's IMAGE)."""
+    mask = disc(size)
+    colours = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.3, 0.9], [0.2, 0.8, 0.2]])
+    rgb = torch.stack([mask[..., None] * colours[i % 3] + (1 - mask[..., None]) * 0.5 for i in range(n)])
+    return torch.cat([rgb, mask.expand(n, -1, -1)[..., None]], dim=-1)
+
+
+def encode(comfy, loaded, images, mask=None, convention=None, tolerance=0.1):
+    node = comfy.nodes["MVDPP_MaskAwareEncode"]
+    enc = comfy.pack.nodes.encode
+    return node.execute(loaded, images, convention or enc.FOREGROUND_ONE, tolerance, 0.55, mask)
+
+
+# --- registration ------------------------------------------------------------------------
+
+
+def test_entrypoint_gives_the_five_nodes_with_tooltips(comfy):
+    assert sorted(comfy.nodes) == sorted(NODE_IDS)
+    for node_id, node in comfy.nodes.items():
+        schema = node.GET_SCHEMA()
+        assert schema.category.startswith("MVDiffusion++/"), node_id
+        assert schema.display_name and "_" not in schema.display_name, node_id
+        missing = [i.id for i in schema.inputs if not (i.tooltip and len(i.tooltip) > 15)]
+        assert not missing, f"{node_id} inputs without a tooltip: {missing}"
+    assert comfy.nodes["MVDPP_MeshExport"].GET_SCHEMA().is_output_node
+
+
+def test_model_folder_keeps_yaml_paths_and_filters_extensions(comfy, tmp_path):
+    fp = comfy.folder_paths
+    saved = fp.folder_names_and_paths.pop("mvdpp")
+    try:
+        # extra_model_paths.yaml is read before packs load: it creates the folder entry first.
+        fp.add_model_folder_path("mvdpp", str(tmp_path))
+        (tmp_path / "from_yaml.safetensors").write_bytes(b"x")
+        (tmp_path / "notes.txt").write_text("not a model")
+        comfy.pack.nodes.register_model_folder()
+        paths, extensions = fp.folder_names_and_paths["mvdpp"]
+        assert paths[0] == str(tmp_path) and paths[1].endswith("models/mvdpp")
+        names = comfy.pack.nodes.loader.checkpoint_names()
+        assert "from_yaml.safetensors" in names and "notes.txt" not in names
+        assert ".ckpt" in extensions  # listed so that choosing one explains why it is refused
+    finally:
+        fp.folder_names_and_paths["mvdpp"] = saved
+        fp.filename_list_cache.clear()
+
+
+def test_embedded_default_listed_only_when_shipped_and_shadowed_by_user_file(comfy, model_dir, tmp_path, monkeypatch):
+    loader = comfy.pack.nodes.loader
+    embedded = tmp_path / "mvdpp_default.safetensors"
+    monkeypatch.setattr(loader, "EMBEDDED_DEFAULT", embedded)
+    assert "mvdpp_default.safetensors" not in loader.checkpoint_names()
+    embedded.write_bytes(b"x")
+    assert loader.checkpoint_names()[0] == "mvdpp_default.safetensors"
+    assert loader.checkpoint_path("mvdpp_default.safetensors") == embedded
+    user_copy = model_dir / "mvdpp_default.safetensors"
+    user_copy.write_bytes(b"y")
+    try:
+        comfy.folder_paths.filename_list_cache.clear()
+        assert loader.checkpoint_names().count("mvdpp_default.safetensors") == 1
+        assert loader.checkpoint_path("mvdpp_default.safetensors") == user_copy
+    finally:
+        user_copy.unlink()
+        comfy.folder_paths.filename_list_cache.clear()
+
+
+# --- LoadMVDPP -----------------------------------------------------------------------------
+
+
+def test_load_gives_the_model_on_the_cpu(comfy, loaded):
+    assert loaded.name == "tiny.safetensors" and loaded.clip_vision is None
+    assert loaded.model.device.type == "cpu" and loaded.model.dtype == torch.float32
+    assert loaded.model.config.image_size == SIZE and not loaded.model.training
+
+
+def test_load_bf16_and_device_errors(comfy, loaded):
+    load = comfy.nodes["MVDPP_LoadModel"]
+    bf16 = load.execute("tiny.safetensors", "cpu", "bf16", "sdpa")[0].model
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="'fp16' is not supported on the CPU.*'fp32' or 'bf16'"):
+        load.execute("tiny.safetensors", "cpu", "fp16", "auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable CUDA GPU; choose 'auto' or 'cpu'"):
+            load.execute("tiny.safetensors", "cuda", "auto", "auto")
+        with pytest.raises(ValueError, match="xformers.*needs CUDA.*use backend 'sdpa'"):
+            load.execute("tiny.safetensors", "cpu", "auto", "xformers")
+
+
+def _mismatched_copy(source: Path, target: Path) -> None:
+    """The tiny bundle with a config claiming other channel widths than its tensors have."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), framework="pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config["unet"]["block_out_channels"] = [32, 64]
+    meta["config"] = json.dumps(config)
+    save_file(load_file(str(source)), str(target), metadata=meta)
+
+
+def test_bad_checkpoints_give_errors_that_say_what_to_do(comfy, model_dir, tiny_checkpoint):
+    load = comfy.nodes["MVDPP_LoadModel"]
+    torch.save({"weights": torch.zeros(2)}, model_dir / "pickled.ckpt")
+    torch.save({"weights": torch.zeros(2)}, model_dir / "renamed_pickle.safetensors")
+    (model_dir / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(64))
+    (model_dir / "truncated.safetensors").write_bytes(tiny_checkpoint.read_bytes()[:-4096])
+    _mismatched_copy(tiny_checkpoint, model_dir / "mismatch.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    assert load.validate_inputs("tiny.safetensors") is True
+    assert "pickle" in load.validate_inputs("pickled.ckpt") and "safetensors" in load.validate_inputs("pickled.ckpt")
+    assert "pickled" in load.validate_inputs("renamed_pickle.safetensors")
+    assert "corrupt" in load.validate_inputs("corrupt.safetensors")
+    assert "models/mvdpp" in load.validate_inputs("missing.safetensors")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load.execute("truncated.safetensors", "cpu", "auto", "auto")
+    with pytest.raises(ValueError, match="does not match its architecture config.*re-export"):
+        load.execute("mismatch.safetensors", "cpu", "auto", "auto")
+    with pytest.raises(ValueError, match="never loaded"):
+        load.execute("pickled.ckpt", "cpu", "auto", "auto")
+
+
+# --- MaskAwareEncode -------------------------------------------------------------------------
+
+
+def test_encode_converts_rgba_image_to_framed_core_views(comfy, loaded):
+    out = encode(comfy, loaded, rgba_batch(2))
+    cond, framed = out[0], out[1]
+    assert cond.images.shape == (2, 3, SIZE, SIZE) and cond.masks.shape == (2, 1, SIZE, SIZE)
+    assert framed.shape == (2, SIZE, SIZE, 3) and framed.dtype == torch.float32
+    assert cond.embeddings is None
+    # recentred: the off-centre disc now sits in the middle and spans ~55 % of the side.
+    ys, xs = torch.nonzero(cond.masks[0, 0] > 0.5, as_tuple=True)
+    assert abs((xs.float().mean() + 0.5) / SIZE - 0.5) < 0.03 and abs((ys.float().mean() + 0.5) / SIZE - 0.5) < 0.03
+    assert abs((xs.max() - xs.min() + 1).item() / SIZE - 0.55) < 0.05
+    # on white outside the object, the object's colour inside.
+    torch.testing.assert_close(framed[0, 0, 0], torch.ones(3))
+    torch.testing.assert_close(framed[0, SIZE // 2, SIZE // 2], torch.tensor([0.9, 0.2, 0.1]), atol=0.02, rtol=0)
+
+
+def test_mask_convention_loadimage_mask_equals_alpha(comfy, loaded):
+    enc = comfy.pack.nodes.encode
+    rgba = rgba_batch(1)
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    loadimage_mask = 1.0 - alpha  # what core LoadImage gives: 1 where transparent
+    from_alpha = encode(comfy, loaded, rgba)[0]
+    from_inverted = encode(comfy, loaded, rgb, loadimage_mask, enc.ALPHA_INVERTED)[0]
+    from_foreground = encode(comfy, loaded, rgb, alpha, enc.FOREGROUND_ONE)[0]
+    torch.testing.assert_close(from_inverted.masks, from_alpha.masks)
+    torch.testing.assert_close(from_foreground.masks, from_alpha.masks)
+    with pytest.raises(ValueError, match="looks inverted.*Set mask_convention to 'alpha-inverted"):
+        encode(comfy, loaded, rgb, loadimage_mask, enc.FOREGROUND_ONE)
+    with pytest.raises(ValueError, match="looks inverted.*Set mask_convention to 'foreground=1"):
+        encode(comfy, loaded, rgb, alpha, enc.ALPHA_INVERTED)
+
+
+def test_mask_input_wins_over_alpha(comfy, loaded):
+    rgba = rgba_batch(1)
+    rgba[..., 3] = 1.0  # an opaque PNG: alpha says "all object"
+    small = disc(96, radius=0.15)[None]
+    cond = encode(comfy, loaded, rgba, small)[0]
+    reference = encode(comfy, loaded, torch.cat([rgba[..., :3], small[..., None]], dim=-1))[0]
+    torch.testing.assert_close(cond.masks, reference.masks)
+
+
+def test_plain_backdrop_is_segmented_without_mask_or_alpha(comfy, loaded):
+    rgba = rgba_batch(2)
+    with_alpha = encode(comfy, loaded, rgba)[0]
+    segmented = encode(comfy, loaded, rgba[..., :3].contiguous())[0]
+    a, b = with_alpha.masks > 0.5, segmented.masks > 0.5
+    iou = (a & b).sum() / (a | b).sum()
+    assert iou > 0.97
+    opaque = rgba.clone()
+    opaque[..., 3] = 1.0  # an RGBA file without transparency: its alpha outlines nothing
+    torch.testing.assert_close(encode(comfy, loaded, opaque)[0].masks, segmented.masks)
+
+
+def test_blank_mask_from_an_image_without_transparency_is_explained(comfy, loaded):
+    enc = comfy.pack.nodes.encode
+    rgb = rgba_batch(1)[..., :3]
+    jpeg_mask = torch.zeros(1, 96, 96)  # LoadImage's MASK of a JPEG
+    for convention in (enc.ALPHA_INVERTED, enc.FOREGROUND_ONE):
+        with pytest.raises(ValueError, match="same value everywhere.*background-removal node.*disconnect 'mask'"):
+            encode(comfy, loaded, rgb, jpeg_mask, convention)
+
+
+def test_segment_recovers_disc_and_refuses_clutter():
+    from mvdpp_core.segment import border_foreground_fraction, segment_uniform_background
+
+    mask = disc(80)
+    holed = mask.clone()
+    holed[36:40, 36:40] = 0  # object pixels with the backdrop's colour
+    image = (holed * 0.1 + (1 - holed) * 0.8).expand(3, -1, -1)[None]  # dark object, light grey backdrop
+    image = image + 0.01 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    found = segment_uniform_background(image.clamp(0, 1))
+    assert found.shape == (1, 1, 80, 80)
+    assert torch.equal(found[0, 0] > 0.5, mask > 0.5)  # hole filled, noise ignored
+    assert border_foreground_fraction(found).item() == 0.0
+    assert border_foreground_fraction(1 - found).item() == 1.0
+    clutter = torch.rand(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="not a plain backdrop.*background-removal node"):
+        segment_uniform_background(clutter)
+    with pytest.raises(ValueError, match="no pixel differs.*lower the tolerance"):
+        segment_uniform_background(torch.full((1, 3, 32, 32), 0.5))
+    with pytest.raises(ValueError, match="tolerance=1.5; allowed"):
+        segment_uniform_background(image, tolerance=1.5)
+
+
+def test_encode_errors_name_the_problem_and_the_fix(comfy, loaded):
+    rgba = rgba_batch(1)
+    with pytest.raises(ValueError, match="11 condition images.*1 to 10. Remove 1 image"):
+        encode(comfy, loaded, rgba_batch(11))
+    with pytest.raises(ValueError, match="0 condition images.*connect 1 to 10 photos"):
+        encode(comfy, loaded, rgba[:0])
+    with pytest.raises(ValueError, match="2 mask\\(s\\) for 1 image\\(s\\); give one mask per image"):
+        encode(comfy, loaded, rgba[..., :3], disc(96).expand(2, -1, -1))
+    with pytest.raises(ValueError, match="mask size 64x64 differs from image size 96x96.*resize"):
+        encode(comfy, loaded, rgba[..., :3], disc(64)[None])
+    with pytest.raises(ValueError, match="IMAGE has shape \\(1, 96, 96, 2\\); expected \\[batch"):
+        encode(comfy, loaded, rgba[..., :2])
+    with pytest.raises(TypeError, match="expected an IMAGE tensor, got list"):
+        encode(comfy, loaded, [rgba])
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]; scale them"):
+        encode(comfy, loaded, rgba * 2)
+
+
+class FakeClipVision:
+    """Stands in for ComfyUI's ClipVisionModel: records what it saw, returns fixed embeddings."""
+
+    def __init__(self, dim: int):
+        self.dim, self.seen = dim, None
+
+    def encode_image(self, image: torch.Tensor) -> SimpleNamespace:
+        self.seen = image
+        return SimpleNamespace(image_embeds=torch.ones(image.shape[0], self.dim))
+
+
+def test_clip_vision_embeddings_replace_the_bundled_encoder(comfy, loaded):
+    pack_loader = comfy.pack.nodes.loader
+    clip = FakeClipVision(loaded.model.config.unet.cross_attention_dim)
+    with_clip = pack_loader.LoadedModel(loaded.model, loaded.name, clip)
+    cond = encode(comfy, with_clip, rgba_batch(2))[0]
+    assert cond.embeddings.shape == (2, clip.dim)
+    assert clip.seen.shape == (2, SIZE, SIZE, 3)  # a ComfyUI IMAGE of the framed objects on white
+    torch.testing.assert_close(clip.seen[0, 0, 0], torch.ones(3))
+    wrong = pack_loader.LoadedModel(loaded.model, loaded.name, FakeClipVision(7))
+    with pytest.raises(ValueError, match="embeddings of shape \\(2, 7\\); this checkpoint needs 32-d"):
+        encode(comfy, wrong, rgba_batch(2))
+
+
+# --- MultiViewSampler ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled(comfy, loaded):
+    """One 2-step run of the sampler node, with ComfyUI's progress hook recorded."""
+    cond = encode(comfy, loaded, rgba_batch(1))[0]
+    calls: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        views, masks = comfy.nodes["MVDPP_MultiViewSampler"].execute(loaded, cond, 7, 2, "ddim", 1.0).args
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return SimpleNamespace(cond=cond, views=views, masks=masks, progress=calls)
+
+
+def test_sampler_outputs_32_views_and_masks_as_comfy_types(sampled):
+    assert sampled.views.shape == (32, SIZE, SIZE, 3) and sampled.masks.shape == (32, SIZE, SIZE)
+    for t in (sampled.views, sampled.masks):
+        assert t.dtype == torch.float32 and t.device.type == "cpu" and 0 <= t.min() and t.max() <= 1
+    assert sampled.progress == [(1, 2), (2, 2)]  # the bar advances once per step
+
+
+def test_sampler_node_equals_core_generate_without_second_recentring(sampled, loaded):
+    from einops import rearrange
+
+    from mvdpp_core.pipeline import generate
+
+    core = generate(loaded.model, sampled.cond.images, sampled.cond.masks, seed=7, steps=2, sampler="ddim",
+                    guidance=1.0, recenter_inputs=False)
+    torch.testing.assert_close(sampled.views, rearrange(core.images, "v c h w -> v h w c").clamp(0, 1))
+    torch.testing.assert_close(sampled.masks, core.masks[:, 0].clamp(0, 1))
+
+
+def test_cancel_stops_sampling_within_one_step(comfy, loaded, sampled, monkeypatch):
+    unet = loaded.model.unet
+    calls = {"unet": 0, "at_interrupt": None}
+    original = unet.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["unet"] += 1
+        return original(*args, **kwargs)
+
+    def hook(value, total, preview, node_id=None):
+        if value == 1:  # the user presses Cancel after the first step
+            calls["at_interrupt"] = calls["unet"]
+            comfy.mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(unet, "forward", counting_forward)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.mm.InterruptProcessingException):
+            comfy.nodes["MVDPP_MultiViewSampler"].execute(loaded, sampled.cond, 7, 10, "ddim", 1.0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.mm.interrupt_current_processing(False)
+    assert calls["at_interrupt"] == 1
+    assert calls["unet"] - calls["at_interrupt"] <= 1  # at most the step already under way
+
+
+# --- ViewGrid --------------------------------------------------------------------------------
+
+
+def numbered_views(h: int = 4, w: int = 6) -> torch.Tensor:
+    """IMAGE [32, h, w, 3] whose view i is the constant i / 31."""
+    return (torch.arange(32).float() / 31).view(32, 1, 1, 1).expand(32, h, w, 3).contiguous()
+
+
+def test_grid_rows_are_elevations_and_columns_azimuths(comfy):
+    node = comfy.nodes["MVDPP_ViewGrid"]
+    (grid,) = node.execute(numbered_views(), "grid", "0", "", "#FFFFFF").args
+    assert grid.shape == (1, 4 * 4, 8 * 6, 3)
+    for e in range(4):
+        for a in range(8):
+            block = grid[0, e * 4:(e + 1) * 4, a * 6:(a + 1) * 6]
+            torch.testing.assert_close(block, torch.full_like(block, (e * 8 + a) / 31))
+
+
+def test_grid_picks_rows_and_views_and_composites_masks(comfy):
+    node = comfy.nodes["MVDPP_ViewGrid"]
+    views = numbered_views()
+    (row,) = node.execute(views, "elevation row", "30", "", "#FFFFFF").args
+    torch.testing.assert_close(row, views[16:24])
+    (picked,) = node.execute(views, "views", "0", "31, 8, 1-2", "#FFFFFF").args
+    torch.testing.assert_close(picked, views[[31, 8, 1, 2]])
+    masks = torch.zeros(32, 4, 6)
+    masks[:, :, :3] = 1
+    (grid,) = node.execute(views, "grid", "0", "", "#FF0000", masks).args
+    torch.testing.assert_close(grid[0, 0, 3], torch.tensor([1.0, 0.0, 0.0]))  # background: red
+    torch.testing.assert_close(grid[0, 0, 0], torch.zeros(3))  # object: view 0's value
+
+
+def test_grid_errors_name_the_problem_and_the_fix(comfy):
+    node = comfy.nodes["MVDPP_ViewGrid"]
+    views = numbered_views()
+    with pytest.raises(ValueError, match="needs all 32 views"):
+        node.execute(views[:31], "grid", "0", "", "#FFFFFF")
+    with pytest.raises(ValueError, match="cannot read view index 'abc'.*e.g. '0, 8, 16-19'"):
+        node.execute(views, "views", "0", "1, abc", "#FFFFFF")
+    with pytest.raises(ValueError, match="view indices \\[40\\] are outside the rig; allowed 0 to 31"):
+        node.execute(views, "views", "0", "40", "#FFFFFF")
+    with pytest.raises(ValueError, match="runs backwards"):
+        node.execute(views, "views", "0", "5-2", "#FFFFFF")
+    with pytest.raises(ValueError, match="'red' is not a hex colour; write it as '#RRGGBB'"):
+        node.execute(views, "grid", "0", "", "red", torch.ones(32, 4, 6))
+    with pytest.raises(ValueError, match="do not match images.*connect the MASK output"):
+        node.execute(views, "grid", "0", "", "#FFFFFF", torch.ones(32, 5, 6))
+    with pytest.raises(ValueError, match="elevation 45 deg is not on the rig"):
+        node.execute(views, "elevation row", "45", "", "#FFFFFF")
+
+
+# --- MeshExport ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "a/../../b", "/tmp/abs", "..\\win", "C:\\x\\mesh", "  "])
+def test_mesh_prefix_outside_output_folder_is_refused(comfy, prefix):
+    node = comfy.nodes["MVDPP_MeshExport"]
+    message = node.validate_inputs(prefix)
+    assert isinstance(message, str) and ("outside ComfyUI's output folder" in message or "is empty" in message)
+    with pytest.raises(ValueError, match="output folder|is empty"):
+        comfy.pack.nodes.mesh.output_path(prefix, "glb")
+
+
+def test_mesh_prefix_subfolders_stay_inside(comfy):
+    assert comfy.nodes["MVDPP_MeshExport"].validate_inputs("mvdpp/sub/mesh") is True
+    path, subfolder, filename = comfy.pack.nodes.mesh.output_path("mvdpp/sub/mesh", "obj")
+    output = Path(comfy.folder_paths.get_output_directory()).resolve()
+    assert path.resolve().parent == output / "mvdpp" / "sub" and subfolder == "mvdpp/sub"
+    assert filename == "mesh_00001_.obj"
+
+
+def test_mesh_symlink_out_of_the_output_folder_is_refused(comfy, tmp_path):
+    output = Path(comfy.folder_paths.get_output_directory())
+    (output / "sneaky").symlink_to(tmp_path, target_is_directory=True)
+    try:
+        with pytest.raises(ValueError, match="outside the output folder"):
+            comfy.pack.nodes.mesh.output_path("sneaky/mesh", "glb")
+    finally:
+        (output / "sneaky").unlink()
+
+
+def rig_sphere_views(size: int = 48, radius: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [32, s, s, 3] and MASK [32, s, s] of a sphere seen from the 32 rig cameras (exact
+    ray-sphere intersection, so this test does not depend on the renderer)."""
+    from mvdpp_core import cameras
+
+    origins, dirs = cameras.pixel_rays(cameras.rig_c2w(torch.float64), cameras.intrinsics(size), size, size)
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - radius**2
+    hit = (b * b - c > 0).float()
+    views = (0.2 + 0.6 * hit)[..., None].expand(-1, -1, -1, 3).float().contiguous()
+    return views, hit.float()
+
+
+def test_mesh_export_saves_inside_output_and_gives_a_y_up_mesh(comfy):
+    import trimesh
+
+    views, masks = rig_sphere_views()
+    calls: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        out = comfy.nodes["MVDPP_MeshExport"].execute(views, masks, "fast", 48, "ply", "tests/sphere")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    mesh, relative = out.args
+    assert relative == "tests/sphere_00001_.ply"
+    assert out.ui == {"3d": [{"filename": "sphere_00001_.ply", "subfolder": "tests", "type": "output"}]}
+    saved = trimesh.load(Path(comfy.folder_paths.get_output_directory()) / relative, force="mesh")
+    assert len(saved.faces) > 100
+    assert mesh.vertices.shape[0] == 1 and mesh.vertices.shape[2] == 3 and mesh.faces.shape[2] == 3
+    assert mesh.faces.dtype == torch.int64 and int(mesh.faces.max()) < mesh.vertices.shape[1]
+    radii = mesh.vertices[0].norm(dim=-1)
+    assert abs(radii.mean().item() - 0.35) < 0.06  # the sphere, not a box around it
+    assert calls and calls[-1][0] == calls[-1][1]  # progress reached the end
+    # Z up -> Y up: the saved PLY (our frame) and the MESH differ by that rotation.
+    v = torch.as_tensor(saved.vertices, dtype=torch.float32)
+    assert math.isclose(v[:, 2].max().item(), mesh.vertices[0, :, 1].max().item(), abs_tol=1e-4)
+    assert math.isclose(v[:, 1].max().item(), -mesh.vertices[0, :, 2].min().item(), abs_tol=1e-4)
+
+
+def test_mesh_export_cancel_stops_reconstruction(comfy):
+    views, masks = rig_sphere_views(32)
+    seen: list[int] = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        comfy.mm.interrupt_current_processing(True)  # Cancel at the first progress report
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.mm.InterruptProcessingException):
+            comfy.nodes["MVDPP_MeshExport"].execute(views, masks, "fast", 32, "glb", "tests/cancelled")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.mm.interrupt_current_processing(False)
+    assert len(seen) == 1
+    assert not list(Path(comfy.folder_paths.get_output_directory()).glob("tests/cancelled*"))
+
+
+def test_comfy_mesh_is_y_up_like_the_glb_file(comfy):
+    vertices = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # +Z, +Y, +X in our frame
+    mesh = comfy.pack.nodes.mesh.to_comfy_mesh(vertices, torch.tensor([[0, 1, 2]]))
+    expected = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]])  # up is +Y in glTF
+    torch.testing.assert_close(mesh.vertices, expected)
+    assert mesh.faces.tolist() == [[[0, 1, 2]]]
+
+
+def test_pack_never_imports_comfy_api_outside_one_module():
+    from comfyui_harness import REPO
+
+    importers = [
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "nodes").rglob("*.py")
+        if "comfy_api" in p.read_text() or "import folder_paths" in p.read_text()
+    ]
+    assert importers == ["nodes/_comfy.py"]
+    core = [p.name for p in (REPO / "mvdpp_core").rglob("*.py") if "import comfy" in p.read_text()]
+    assert core == []
+
+
+def test_loading_the_pack_imports_nothing_heavy(comfyui_dir):
+    """ComfyUI imports every pack at start-up: ours must not pull diffusers, trimesh or a model."""
+    import os
+    import subprocess
+    import sys
+
+    from comfyui_harness import REPO
+
+    script = (
+        "import asyncio, sys\n"
+        "from comfyui_harness import import_comfyui, load_pack, comfyui_path\n"
+        "import_comfyui(comfyui_path())\n"
+        "asyncio.run(asyncio.run(load_pack().comfy_entrypoint()).get_node_list())\n"
+        "print(sorted(m for m in ('diffusers', 'transformers', 'trimesh', 'scipy', 'kornia') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "MVDPP_COMFYUI": str(comfyui_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
