@@ -91,8 +91,12 @@ def _check_not_pickle(path: Path) -> None:
             "after loading it yourself in a trusted environment)."
         )
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+        head = f.read(9)
+    # A safetensors file starts with a u64 header length and its JSON header ('{'); test that
+    # first, since the length's low byte may be anything, pickle's 0x80 protocol mark included.
+    header_len = int.from_bytes(head[:8], "little")
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 8 + header_len <= path.stat().st_size
+    if not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise ValueError(
             f"{path.name} holds pickled (torch.save) data despite its name; it is refused. "
             "Re-save the weights with safetensors."
