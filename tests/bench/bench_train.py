@@ -1,0 +1,107 @@
+"""Training-step throughput of the multi-view UNet: prints ONE JSON object.
+
+Times the full step of train_mvdiff.py (MVAE encode of all views, CLIP embeddings, noise,
+condition dropout, UNet forward + backward, AdamW step) on random data, after warm-up steps.
+
+    python tests/bench/bench_train.py                        # tiny preset, 64 px, CPU, fp32
+    python tests/bench/bench_train.py --preset sd2 --image-size 512 --device cuda \
+        --precision bf16 --gradient-checkpointing --batch 1  # the paper's size: 8 targets + 1 condition
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from mvdpp_core.config import PredictionType
+from train.config import ModelInitConfig, StageConfig
+from train.data.dataset import mix_seed
+from train.models import build_mvdiff_model
+from train.train_mvdiff import diffusion_loss
+
+
+def random_batch(batch: int, targets: int, conds: int, size: int, step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "target_rgb": torch.rand(batch, targets, 3, size, size, generator=g),
+        "target_mask": (torch.rand(batch, targets, 1, size, size, generator=g) > 0.5).float(),
+        "target_ids": torch.stack([torch.randperm(32, generator=g)[:targets].sort().values for _ in range(batch)]),
+        "cond_rgb": torch.rand(batch, conds, 3, size, size, generator=g),
+        "cond_mask": torch.ones(batch, conds, 1, size, size),
+        "sample_seed": torch.tensor([mix_seed(step, i) for i in range(batch)]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Time training steps of the multi-view UNet.")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--image-size", type=int, default=0, help="0 = the preset's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--targets", type=int, default=8)
+    p.add_argument("--conds", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model = build_mvdiff_model(ModelInitConfig(preset=args.preset, image_size=args.image_size), PredictionType.EPSILON)
+    model.vae.requires_grad_(False)
+    model.image_encoder.requires_grad_(False)
+    model.to(device)
+    model.unet.set_attention_backend("auto")
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=1e-5)
+    empty = model.empty_latent(1).detach()
+    stage = StageConfig()
+    size = model.config.image_size
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = {
+            k: v.to(device) if k != "sample_seed" else v
+            for k, v in random_batch(args.batch, args.targets, args.conds, size, step).items()
+        }
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss, _ = diffusion_loss(model, model.unet, batch, empty, stage)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup :]
+    result = {
+        "bench": "train_mvdiff_step",
+        "preset": args.preset,
+        "image_size": size,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch_objects": args.batch,
+        "views_per_object": args.targets + args.conds,
+        "unet_params_m": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 2),
+        "steps_per_s": round(len(timed) / sum(timed), 3),
+        "s_per_step_median": round(sorted(timed)[len(timed) // 2], 4),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # the CPU may be shared: read steps_per_s with it
+        "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The object-folder format, shards, the training dataset (determinism, rank split, resume,
+broken files) and the render launcher (resume, failure log, SLURM script)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mvdpp_core import cameras as cam
+from train.data import format as fmt
+from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches
+from train.data.shards import object_folders, pack_shards
+from train.data.synthetic import synthetic_object, write_synthetic_dataset
+from train.render.launch import RenderJob, RenderOptions, read_object_list, render_all, slurm_script
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("objects")
+    write_synthetic_dataset(root, num_objects=5, image_size=32, num_cond=4, seed=3)
+    return root
+
+
+def test_folder_round_trip_and_camera_schema(tmp_path):
+    targets, conds, cameras = synthetic_object(seed=7, image_size=32, num_cond=3)
+    folder = fmt.write_object_folder(tmp_path / "obj", targets, conds, cameras)
+    views = fmt.read_object_folder(folder)
+    np.testing.assert_array_equal(views.target_rgba, targets)
+    np.testing.assert_array_equal(views.cond_rgba, conds)
+    doc = views.cameras
+    np.testing.assert_allclose(np.array([v["c2w"] for v in doc["targets"]]), cam.rig_c2w(torch.float64).numpy())
+    np.testing.assert_allclose(doc["K"], cam.intrinsics(32).numpy())
+    first = doc["conditions"][0]
+    assert first["azimuth_deg"] == 0.0 and -10 <= first["elevation_deg"] <= 45 and 1.5 <= first["distance"] <= 2.2
+    some = fmt.read_object_folder(folder, target_ids=[3, 30], cond_ids=[2])
+    np.testing.assert_array_equal(some.target_rgba, targets[[3, 30]])
+    np.testing.assert_array_equal(some.cond_rgba, conds[[2]])
+
+
+def test_writer_rejects_bad_input_and_completeness_needs_every_file(tmp_path):
+    targets, conds, cameras = synthetic_object(seed=1, image_size=16, num_cond=2)
+    with pytest.raises(ValueError, match="target_rgba has 31 views; the rig has 32"):
+        fmt.write_object_folder(tmp_path / "a", targets[:31], conds, cameras)
+    with pytest.raises(ValueError, match="cond_rgba has 1 views but cameras lists 2"):
+        fmt.write_object_folder(tmp_path / "a", targets, conds[:1], cameras)
+    folder = fmt.write_object_folder(tmp_path / "b", targets, conds, cameras)
+    assert fmt.is_complete(folder)
+    (folder / "cond_01.png").unlink()
+    assert not fmt.is_complete(folder)
+    with pytest.raises(fmt.ObjectReadError, match="cond_01.png is missing"):
+        fmt.read_object_folder(folder)
+
+
+def sampling() -> ViewSampling:
+    return ViewSampling(num_targets=8, single_view_prob=0.5, max_cond_views=4)
+
+
+def items(ds: MultiViewDataset, n: int) -> list[dict]:
+    return list(itertools.islice(iter(ds), n))
+
+
+def test_items_have_the_requested_views_and_batches_share_k(objects):
+    ds = MultiViewDataset(folders=str(objects), image_size=16, sampling=sampling(), batch_size=2, seed=0)
+    got = items(ds, 12)
+    for batch in (got[i : i + 2] for i in range(0, 12, 2)):
+        assert len({b["cond_rgb"].shape[0] for b in batch}) == 1  # one k per batch (it stacks)
+    for it in got:
+        assert it["target_rgb"].shape == (8, 3, 16, 16) and it["target_mask"].shape == (8, 1, 16, 16)
+        assert it["target_ids"].tolist() == sorted(set(it["target_ids"].tolist()))
+        assert it["target_rgb"].min() >= 0 and it["target_rgb"].max() <= 1
+    assert {it["cond_rgb"].shape[0] for it in got} != {1}  # stage-3 style sampling draws k > 1 too
+
+
+def test_rank_split_covers_the_same_samples_as_one_process(objects):
+    one = items(MultiViewDataset(folders=str(objects), image_size=16, sampling=sampling(), batch_size=4, seed=0), 8)
+    ranks = [
+        items(
+            MultiViewDataset(
+                folders=str(objects), image_size=16, sampling=sampling(), batch_size=2, seed=0, rank=r, world_size=2
+            ),
+            4,
+        )
+        for r in range(2)
+    ]
+    for step in range(2):
+        single = {it["sample_seed"] for it in one[4 * step : 4 * step + 4]}
+        split = {it["sample_seed"] for r in range(2) for it in ranks[r][2 * step : 2 * step + 2]}
+        assert single == split
+
+
+def test_workers_and_resume_keep_the_order(objects):
+    def seeds(batches, n):
+        return [s for b in itertools.islice(batches, n) for s in b["sample_seed"].tolist()]
+
+    make = lambda start: MultiViewDataset(
+        folders=str(objects), image_size=16, sampling=sampling(), batch_size=2, seed=0, start_batch=start
+    )
+    reference = seeds(make_batches(make(0)), 6)
+    assert seeds(make_batches(make(0), num_workers=2), 6) == reference
+    assert seeds(make_batches(make(3)), 3) == reference[6:]
+
+
+def test_shards_stream_the_same_objects_and_resume(objects, tmp_path):
+    counts = pack_shards(object_folders(objects), str(tmp_path / "s-%06d.tar"), per_shard=2)
+    assert counts == {"packed": 5, "skipped": 0, "shards": 3}
+    spec = str(tmp_path / "s-{000000..000002}.tar")
+    from_shard, from_folder = first_object(shards=spec), first_object(folders=str(objects))
+    np.testing.assert_array_equal(from_shard.target_rgba, from_folder.target_rgba)
+    make = lambda start: MultiViewDataset(
+        shards=spec, image_size=16, sampling=sampling(), batch_size=2, seed=0, start_batch=start
+    )
+    full = items(make(0), 10)
+    resumed = items(make(2), 6)
+    for a, b in zip(full[4:], resumed, strict=True):
+        torch.testing.assert_close(a["target_rgb"], b["target_rgb"])
+        assert a["sample_seed"] == b["sample_seed"]
+
+
+def test_broken_objects_are_replaced_and_counted(tmp_path, caplog):
+    folders = write_synthetic_dataset(tmp_path, num_objects=3, image_size=16, num_cond=2, seed=4)
+    (folders[2] / "cameras.json").write_text("{ not json")
+    caplog.set_level("WARNING")
+    ds = MultiViewDataset(folders=str(tmp_path), image_size=16, sampling=ViewSampling(), batch_size=1, seed=0)
+    got = items(ds, 6)  # two epochs over 3 objects: the broken one is met at least twice
+    warnings = caplog.text.count("skipping object obj_000002")
+    assert sum(it["skipped"] for it in got) == warnings >= 2  # every skip is counted and logged
+    assert "not valid JSON" in caplog.text
+
+
+def test_launcher_resumes_logs_failures_and_writes_slurm(objects, tmp_path):
+    listing = tmp_path / "objects.csv"
+    listing.write_text("uid,path\nobj_000000,a.glb\nbroken,b.glb\n")
+    jobs = read_object_list(listing)
+    assert [j.uid for j in jobs] == ["obj_000000", "broken"] and jobs[1].path == tmp_path / "b.glb"
+    out = tmp_path / "renders"
+    out.mkdir()
+    (out / "obj_000000").symlink_to(objects / "obj_000000", target_is_directory=True)  # already rendered
+    options = RenderOptions(out=out, resolution=16, num_cond=2, blender="/bin/false")  # every render "fails"
+    assert render_all(jobs, options) == {"done": 0, "skipped": 1, "failed": 1}
+    failure = json.loads((out / "_failures.jsonl").read_text().splitlines()[0])
+    assert failure["uid"] == "broken" and failure["returncode"] == 1
+    script = slurm_script(listing, options, array=4, workers=2)
+    assert "#SBATCH --array=0-3" in script and "--slice $SLURM_ARRAY_TASK_ID" in script and "--num-slices 4" in script
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,path\n../escape,x.glb\n")
+    with pytest.raises(ValueError, match="uid '../escape' is not a safe folder name"):
+        read_object_list(bad)
+    assert RenderJob("x", Path("y")).uid == "x"

@@ -1,0 +1,73 @@
+"""train_mvae.py: SD-VAE conversion as the starting point, training lowers the loss, the export
+holds the EMA weights and is what the UNet trainer takes as its VAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from mvdpp_core.config import PredictionType
+from train.config import ModelInitConfig, MVAEInitConfig, MVAEInitSource, MVAETrainConfig, load_config
+from train.data.synthetic import write_synthetic_dataset
+from train.models import build_mvae, build_mvdiff_model, load_mvae
+from train.train_mvae import train
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_cpu_mvae.yaml"
+
+
+def test_sd_vae_folder_converts_to_an_mvae_equal_on_rgb(tmp_path):
+    torch.manual_seed(0)
+    rgb_vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    rgb_vae.save_pretrained(tmp_path / "sd" / "vae")
+    mvae, size = build_mvae(MVAEInitConfig(source=MVAEInitSource.SD_VAE, path=str(tmp_path / "sd")))
+    assert size == 512
+    image = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = rgb_vae.decode(rgb_vae.encode(image * 2 - 1).latent_dist.mode()).sample
+        rgb, mask = mvae.decode(mvae.encode(image, torch.zeros(2, 1, 16, 16)))
+    torch.testing.assert_close(rgb, ((expected + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+    assert (mask == 1).all()  # before fine-tuning the mask decodes to "foreground"
+
+
+def test_mvae_training_lowers_the_loss_and_exports_the_ema(tmp_path):
+    data = tmp_path / "objects"
+    write_synthetic_dataset(data, num_objects=3, image_size=32, num_cond=2, seed=5)
+    out = tmp_path / "mvae"
+    cfg = load_config(
+        MVAETrainConfig,
+        CONFIG,
+        [
+            f"data.folders={data}",
+            f"runtime.output_dir={out}",
+            "optim.lr=2e-3",
+            "optim.max_steps=12",
+            "logging.tensorboard=false",
+            "ema.decay=0.5",
+        ],
+    )
+    state = train(cfg)
+    assert sum(state.losses[-3:]) / 3 < 0.8 * sum(state.losses[:3]) / 3
+    exported = load_mvae(out / "export" / "mvae.safetensors")
+    ema = load_file(str(out / "checkpoints" / "step_00000012" / "ema.safetensors"))
+    for name, value in exported.vae.named_parameters():
+        torch.testing.assert_close(value, ema[f"mvae.vae.{name}"])
+    unet_model = build_mvdiff_model(
+        ModelInitConfig(mvae_path=str(out / "export" / "mvae.safetensors"), image_size=32), PredictionType.EPSILON
+    )
+    for name, value in unet_model.vae.vae.named_parameters():
+        torch.testing.assert_close(value, ema[f"mvae.vae.{name}"])
+
+
+def test_mvae_file_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="must be an existing .safetensors written by train_mvae.py"):
+        load_mvae(tmp_path / "nope.safetensors")

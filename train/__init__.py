@@ -1,0 +1,1 @@
+"""The MVDiffusion++ training recipe: data, configs, MVAE and UNet training on accelerate."""

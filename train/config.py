@@ -1,0 +1,278 @@
+"""Training configs: one frozen dataclass per component, loaded strictly from YAML.
+
+* Unknown keys fail, naming the key and the allowed ones (``mvdpp_core.config.from_dict``).
+* Values are plain: a number field takes a number (YAML 1.1 reads ``1e-5`` as a string; such
+  a string is accepted only when it *is* a number), never an expression like ``2*1e-4``.
+* Command-line overrides use dotted paths: ``--set optim.lr=1e-5 --set stage.cond_dropout=0.1``
+  (the value is parsed as YAML, so ``--set optim.betas=[0.9,0.99]`` works).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mvdpp_core.config import PredictionType, from_dict
+
+T = TypeVar("T")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class Precision(str, enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"  # the accelerator's device (GPU when there is one)
+    CPU = "cpu"
+
+
+class InitSource(str, enum.Enum):
+    PRESET = "preset"  # random weights from mvdpp_core.config.preset(name)
+    SD2_INPAINTING = "sd2_inpainting"  # local SD 2 inpainting folder or single file
+    BUNDLE = "bundle"  # a previous stage's exported .safetensors bundle
+
+
+class MVAEInitSource(str, enum.Enum):
+    PRESET = "preset"  # random MVAE of a preset's VAE shape
+    SD_VAE = "sd_vae"  # local diffusers SD VAE folder (or a model folder with vae/), converted
+    MVAE = "mvae"  # a previous train_mvae.py export
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where objects come from: exactly one of ``folders`` (a folder of rendered object
+    folders) or ``shards`` (webdataset URLs, brace-expanded, '::'-joined; paths or ``pipe:``)."""
+
+    folders: str = ""
+    shards: str = ""
+    num_target_views: int = 8  # view dropout: targets kept per object (the paper's 8 of 32)
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, linear warmup then constant; batch sizes are per device."""
+
+    lr: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelInitConfig:
+    """The UNet trainer's starting point."""
+
+    source: InitSource = InitSource.PRESET
+    preset: str = "tiny"
+    path: str = ""  # SD 2 inpainting folder / .safetensors, or a bundle
+    image_encoder_path: str = ""  # transformers CLIP vision folder (with sd2_inpainting)
+    mvae_path: str = ""  # a fine-tuned MVAE (train_mvae.py export) replacing the VAE
+    image_size: int = 0  # 0 = the source's own
+    seed: int = 0  # weight init of presets
+
+
+@dataclass(frozen=True)
+class MVAEInitConfig:
+    source: MVAEInitSource = MVAEInitSource.PRESET
+    preset: str = "tiny"
+    path: str = ""
+    image_size: int = 0  # 0 = the preset's image size (512 for an SD VAE)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One of the paper's UNet stages: prediction type and condition-view counts."""
+
+    name: str = "stage1"
+    prediction_type: PredictionType = PredictionType.EPSILON
+    single_view_prob: float = 1.0  # P(k = 1); otherwise k ~ U{2..max_cond_views}
+    max_cond_views: int = 1
+    cond_dropout: float = 0.1  # P(condition dropped) per object, for classifier-free guidance
+    cond_loss_weight: float = 1.0  # loss weight of the (trivial) condition-view denoising
+
+
+@dataclass(frozen=True)
+class MVAELossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    mask_bce_weight: float = 1.0
+    kl_weight: float = 1e-6
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    validate_every: int = 1000  # 0 = never
+    validation_steps: int = 20
+    validation_sampler: str = "ddim"
+    validation_guidance: float = 3.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    resume: bool = True  # continue from output_dir/checkpoints/latest when present
+    export_name: str = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    output_dir: str = "outputs/run"
+    device: Device = Device.AUTO
+    precision: Precision = Precision.BF16
+    gradient_checkpointing: bool = True
+    attention_backend: str = "auto"  # auto | sdpa | xformers
+    seed: int = 0
+    allow_tf32: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train_mvdiff.py: the multi-view UNet."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init: ModelInitConfig = field(default_factory=ModelInitConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(frozen=True)
+class MVAETrainConfig:
+    """train_mvae.py: the mask-aware VAE."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init: MVAEInitConfig = field(default_factory=MVAEInitConfig)
+    loss: MVAELossConfig = field(default_factory=MVAELossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build config ``cls`` from a YAML file plus dotted ``key=value`` overrides, strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
+        data = loaded or {}
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(cls, coerce(cls, data))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} is not 'section.key=value' (e.g. optim.lr=1e-5).")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is a value, not a section.")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def coerce(cls: type, data: Any, path: str = "") -> Any:
+    """Type-check plain values against the dataclass hints (unknown keys pass through so that
+    ``from_dict`` reports them with the allowed list)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or cls.__name__}: expected a mapping of keys, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: (_coerce_value(hints[k], v, f"{path}.{k}" if path else k) if k in names else v) for k, v in data.items()}
+
+
+def _coerce_value(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return coerce(hint, value, path)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value  # from_dict converts and names the allowed values
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}={value!r} must be true or false.")
+        return value
+    if hint in (int, float):
+        return _number(hint, value, path)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}={value!r} must be a string (quote it in YAML).")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}={value!r} must be a list, e.g. [0.9, 0.999].")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce_value(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return value
+    return value
+
+
+def _number(kind: type, value: Any, path: str) -> int | float:
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value) if kind is float else value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{path}={value!r} must be an integer (plain value, no arithmetic).")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(
+            f"{path}={value!r} must be a number written out (e.g. 1.0e-5); YAML configs hold no arithmetic."
+        )
+    return float(value) if kind is float else value
+
+
+def to_plain(config: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data (enums by value, tuples as lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    return path

@@ -1,0 +1,1 @@
+"""Rendered-object folders, webdataset shards and the training dataset."""

@@ -1,0 +1,297 @@
+"""The training loop shared by train_mvae.py and train_mvdiff.py: accelerate setup, EMA,
+atomic checkpoints with resume, logging, validation and export hooks.
+
+Checkpoint layout (``<output_dir>/checkpoints/``)::
+
+    step_00001000/          accelerate state (model.safetensors, optimizer, scheduler, RNG per
+                            rank), ema.safetensors, train_state.json (step, data position)
+    latest                  text: the name of the newest complete checkpoint
+
+A checkpoint is written into ``.tmp_step_*`` and renamed when complete, and ``latest`` is
+replaced atomically after it, so a process killed at any moment leaves the previous
+checkpoint loadable. The accelerate state uses torch.save for optimizer / scheduler / RNG
+(your own training state); exported model bundles are safetensors only.
+Multi-node runs need ``output_dir`` on a file system shared by all nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import CheckpointConfig, Device, EMAConfig, LoggingConfig, OptimConfig, Precision, RuntimeConfig
+
+logger = logging.getLogger(__name__)
+LossFn = Callable[[dict], tuple[Tensor, dict[str, float]]]
+_MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no"}
+
+
+def make_accelerator(runtime: RuntimeConfig, logging_cfg: LoggingConfig) -> Accelerator:
+    """One Accelerator per run; DDP / FSDP2 / multi-node come from ``accelerate launch``."""
+    out = Path(runtime.output_dir)
+    acc = Accelerator(
+        cpu=runtime.device is Device.CPU,
+        mixed_precision=_MIXED[runtime.precision],
+        log_with="tensorboard" if logging_cfg.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, on every rank count
+    )
+    if runtime.allow_tf32 and acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return acc
+
+
+class WarmupConstant:
+    """LR multiplier: linear warmup over ``warmup_steps``, then 1 (a class so it pickles)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+
+
+def make_optimizer(
+    params: list[nn.Parameter], optim: OptimConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    if len(optim.betas) != 2:
+        raise ValueError(f"optim.betas={list(optim.betas)} must hold two numbers, e.g. [0.9, 0.999].")
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(optim.warmup_steps))
+
+
+def _full(t: Tensor) -> Tensor:
+    """A plain tensor from a possibly sharded (FSDP2 DTensor) one; collective when sharded."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, kept in float32.
+
+    Under FSDP2 the averages are sharded like the parameters; ``full_state_dict`` gathers
+    them (a collective: call it on every rank).
+    """
+
+    def __init__(self, module: nn.Module, config: EMAConfig):
+        self.config = config
+        self.params = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+        self._live = {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = self.config.decay
+        if self.config.warmup:
+            decay = min(decay, (1 + step) / (10 + step))
+        for name, avg in self.params.items():
+            avg.lerp_(self._live[name].detach().float(), 1.0 - decay)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return {n: _full(t).detach().cpu().contiguous() for n, t in self.params.items()}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = sorted(set(self.params) - set(state))
+        if missing:
+            raise ValueError(f"EMA checkpoint lacks {missing[:5]}; it belongs to a different model.")
+        for name, avg in self.params.items():
+            src = state[name].to(device=avg.device, dtype=avg.dtype)
+            if hasattr(avg, "device_mesh"):  # DTensor: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src, avg.device_mesh, avg.placements)
+            avg.copy_(src)
+
+
+@dataclass
+class TrainState:
+    """What resumes the loop besides the accelerate state."""
+
+    step: int = 0  # optimizer steps done
+    micro_batches: int = 0  # per-rank batches consumed (the data position)
+    skipped: int = 0  # objects skipped as unreadable, all ranks
+    losses: list[float] = field(default_factory=list)  # rank-mean loss per step, for tests and plots
+
+
+class Checkpointer:
+    """Atomic checkpoint folders under ``root`` with a ``latest`` pointer."""
+
+    def __init__(self, root: Path, config: CheckpointConfig):
+        self.root, self.config = root, config
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            candidate = self.root / pointer.read_text().strip()
+            if (candidate / "train_state.json").is_file():
+                return candidate
+        complete = sorted(p for p in self.root.glob("step_*") if (p / "train_state.json").is_file())
+        return complete[-1] if complete else None
+
+    def save(self, acc: Accelerator, state: TrainState, ema: EMA | None) -> Path:
+        final = self.root / f"step_{state.step:08d}"
+        tmp = self.root / f".tmp_step_{state.step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        ema_state = ema.full_state_dict() if ema is not None else None
+        if acc.is_main_process:
+            if ema_state is not None:
+                save_file(ema_state, str(tmp / "ema.safetensors"))
+            _write_atomic(tmp / "train_state.json", json.dumps(asdict(state)))
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, acc: Accelerator, path: Path, ema: EMA | None) -> TrainState:
+        acc.load_state(str(path))
+        if ema is not None:
+            if not (path / "ema.safetensors").is_file():
+                raise ValueError(
+                    f"{path} has no ema.safetensors but ema.enabled is true; resume with ema.enabled=false."
+                )
+            ema.load_full_state_dict(load_file(str(path / "ema.safetensors")))
+        return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if (p / "train_state.json").is_file())
+        for old in complete[: max(0, len(complete) - self.config.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Hooks:
+    """What differs between the trainers: the loss, validation and export."""
+
+    loss_fn: LossFn
+    batches: Callable[[int], Iterator[dict]]  # start micro-batch -> endless batches
+    validate: Callable[[int, dict[str, Tensor]], None] | None = None  # (step, full weights) on main
+    export: Callable[[dict[str, Tensor]], Path] | None = None  # full (EMA) weights on main
+
+
+@dataclass
+class LoopConfig:
+    optim: OptimConfig
+    ema: EMAConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    output_dir: Path
+
+
+def run_loop(
+    acc: Accelerator,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    hooks: Hooks,
+    cfg: LoopConfig,
+) -> TrainState:
+    """Train ``module`` (already prepared) to ``optim.max_steps``, resuming from the latest checkpoint."""
+    ckpt = Checkpointer(cfg.output_dir / "checkpoints", cfg.checkpoint)
+    ema = EMA(acc.unwrap_model(module), cfg.ema) if cfg.ema.enabled else None
+    state = TrainState()
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        state = ckpt.load(acc, latest, ema)
+        acc.print(f"resumed from {latest} at step {state.step}")
+    batches = hooks.batches(state.micro_batches)
+    module.train()
+    accum, tick = cfg.optim.grad_accum_steps, time.time()
+    while state.step < cfg.optim.max_steps:
+        loss_sum, skipped = _optimizer_step(acc, module, optimizer, scheduler, hooks, batches, cfg.optim)
+        state.micro_batches += accum
+        state.step += 1
+        if ema is not None:
+            ema.update(state.step)
+        mean_loss = acc.reduce(torch.tensor(loss_sum / accum, device=acc.device), "mean").item()
+        state.skipped += int(acc.reduce(torch.tensor(skipped, device=acc.device), "sum").item())
+        state.losses.append(mean_loss)
+        if state.step % cfg.logging.log_every == 0 or state.step == cfg.optim.max_steps:
+            rate = cfg.logging.log_every / max(time.time() - tick, 1e-9)
+            tick = time.time()
+            acc.log(
+                {
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "skipped_objects": state.skipped,
+                    "steps_per_s": rate,
+                },
+                step=state.step,
+            )
+            acc.print(f"step {state.step} loss {mean_loss:.4f} skipped {state.skipped} ({rate:.2f} steps/s)")
+        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.optim.max_steps:
+            ckpt.save(acc, state, ema)
+        if hooks.validate and cfg.logging.validate_every and state.step % cfg.logging.validate_every == 0:
+            _on_main(acc, module, ema, lambda w: hooks.validate(state.step, w))
+    if hooks.export is not None:
+        _on_main(acc, module, ema, hooks.export)
+    acc.end_training()
+    return state
+
+
+def _optimizer_step(
+    acc: Accelerator,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    hooks: Hooks,
+    batches: Iterator[dict],
+    optim: OptimConfig,
+) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches (no gradient sync until the last)."""
+    loss_sum, skipped = 0.0, 0
+    for micro in range(optim.grad_accum_steps):
+        batch = next(batches)
+        skipped += int(batch["skipped"].sum())
+        last = micro == optim.grad_accum_steps - 1
+        with acc.no_sync(module) if not last else contextlib.nullcontext():
+            with acc.autocast():
+                loss, _ = hooks.loss_fn(batch)
+            acc.backward(loss / optim.grad_accum_steps)
+        loss_sum += loss.detach().item()
+    if optim.max_grad_norm > 0:
+        acc.clip_grad_norm_(module.parameters(), optim.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, skipped
+
+
+def _on_main(acc: Accelerator, module: nn.Module, ema: EMA | None, fn: Callable[[dict[str, Tensor]], object]) -> None:
+    """Gather full weights (EMA when enabled) on every rank, run ``fn`` on the main process."""
+    weights = ema.full_state_dict() if ema is not None else acc.get_state_dict(module)
+    if acc.is_main_process:
+        fn({k: v.detach().float().cpu() for k, v in weights.items()})
+    acc.wait_for_everyone()

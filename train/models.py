@@ -1,0 +1,186 @@
+"""Model construction for training: initial weights per config, the MVAE file, bundle export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from mvdpp_core.checkpoint import convert_sd2_inpainting, load_checkpoint, save_checkpoint
+from mvdpp_core.config import PredictionType, VAEConfig, from_dict, preset
+from mvdpp_core.model import MVDPPModel
+from mvdpp_core.unet import MultiViewUNet
+from mvdpp_core.vae import MaskAwareVAE
+
+from .config import InitSource, ModelInitConfig, MVAEInitConfig, MVAEInitSource
+
+MVAE_FORMAT = "mvdpp-mvae"
+
+
+def with_prediction_type(model: MVDPPModel, prediction_type: PredictionType) -> MVDPPModel:
+    """The same modules under a config with another prediction type (stage 1 -> 2 switch)."""
+    config = model.config
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, prediction_type=prediction_type))
+    return MVDPPModel(
+        config,
+        unet=model.unet,
+        vae=model.vae,
+        image_encoder=model.image_encoder,
+        with_image_encoder=model.image_encoder is not None,
+    )
+
+
+def with_image_size(model: MVDPPModel, image_size: int) -> MVDPPModel:
+    if not image_size or image_size == model.config.image_size:
+        return model
+    config = dataclasses.replace(model.config, image_size=image_size)
+    return MVDPPModel(
+        config,
+        unet=model.unet,
+        vae=model.vae,
+        image_encoder=model.image_encoder,
+        with_image_encoder=model.image_encoder is not None,
+    )
+
+
+def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -> MVDPPModel:
+    """The UNet trainer's model from its init config (preset, SD 2 inpainting or a bundle)."""
+    if init.source is InitSource.PRESET:
+        torch.manual_seed(init.seed)
+        model = MVDPPModel(preset(init.preset))
+    elif init.source is InitSource.SD2_INPAINTING:
+        _require(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
+        model = convert_sd2_inpainting(
+            init.path, image_encoder_path=init.image_encoder_path or None, image_size=init.image_size or 512
+        )
+    else:
+        _require(init.path, "init.path", "the previous stage's exported .safetensors bundle")
+        model = load_checkpoint(init.path)
+    if init.mvae_path:
+        vae = load_mvae(init.mvae_path)
+        config = dataclasses.replace(model.config, vae=vae.config)
+        model = MVDPPModel(
+            config,
+            unet=model.unet,
+            vae=vae,
+            image_encoder=model.image_encoder,
+            with_image_encoder=model.image_encoder is not None,
+        )
+    if model.image_encoder is None:
+        raise ValueError(
+            "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
+            "transformers CLIP vision folder (OpenCLIP ViT-H/14), or start from a bundle that includes one."
+        )
+    model = with_image_size(model, init.image_size)
+    return with_prediction_type(model, prediction_type)
+
+
+def build_mvae(init: MVAEInitConfig) -> tuple[MaskAwareVAE, int]:
+    """The MVAE to fine-tune and the training image size."""
+    if init.source is MVAEInitSource.PRESET:
+        torch.manual_seed(init.seed)
+        config = preset(init.preset)
+        return MaskAwareVAE(config.vae), init.image_size or config.image_size
+    _require(
+        init.path, "init.path", "a local SD VAE folder" if init.source is MVAEInitSource.SD_VAE else "an MVAE file"
+    )
+    if init.source is MVAEInitSource.MVAE:
+        return load_mvae(init.path), init.image_size or 512
+    from diffusers import AutoencoderKL
+
+    path = Path(init.path)
+    sub = "vae" if (path / "vae" / "config.json").is_file() else None
+    rgb = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+    return MaskAwareVAE.from_rgb_vae(rgb), init.image_size or 512
+
+
+def save_mvae(vae: MaskAwareVAE, path: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """An MVAE file: ``vae.*`` tensors + its VAEConfig as JSON metadata (safetensors only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = state if state is not None else {f"vae.{k}": v for k, v in vae.vae.state_dict().items()}
+    config = json.dumps(dataclasses.asdict(vae.config))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(tmp),
+        metadata={"format": MVAE_FORMAT, "vae_config": config},
+    )
+    tmp.replace(path)
+    return path
+
+
+def load_mvae(path: str | Path) -> MaskAwareVAE:
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"MVAE file {path} must be an existing .safetensors written by train_mvae.py.")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != MVAE_FORMAT:
+        raise ValueError(
+            f"{path.name} is not an MVAE file (metadata format={meta.get('format')!r}); use train_mvae.py's export."
+        )
+    vae = MaskAwareVAE(from_dict(VAEConfig, json.loads(meta["vae_config"])))
+    tensors = load_file(str(path))
+    vae.vae.load_state_dict({k.removeprefix("vae."): v for k, v in tensors.items()}, strict=True)
+    return vae
+
+
+def load_trained(module: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Load full trained weights (EMA or raw, keyed as ``module.named_parameters``)."""
+    result = module.load_state_dict(weights, strict=False)
+    params = {n for n, _ in module.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"weights do not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}."
+        )
+
+
+def model_with_unet_weights(model: MVDPPModel, weights: dict[str, Tensor]) -> MVDPPModel:
+    """A CPU copy of ``model`` whose UNet holds ``weights`` (VAE and image encoder shared)."""
+    unet = MultiViewUNet(model.config.unet)
+    load_trained(unet, weights)
+    return MVDPPModel(
+        model.config,
+        unet=unet.float().eval(),
+        vae=model.vae,
+        image_encoder=model.image_encoder,
+        with_image_encoder=model.image_encoder is not None,
+    )
+
+
+def export_bundle(model: MVDPPModel, weights: dict[str, Tensor], path: str | Path, stage: str) -> Path:
+    """Write the bundle ``load_checkpoint`` reads, with the trained (EMA) UNet weights."""
+    export = model_with_unet_weights(model, weights)
+    vae_device = next(model.vae.parameters()).device
+    export.vae.to("cpu")
+    if export.image_encoder is not None:
+        export.image_encoder.to("cpu")
+    try:
+        path = save_checkpoint(export, path, metadata={"training_stage": stage})
+        if _starts_like_pickle(path):  # see _starts_like_pickle: shift the header length by one byte
+            path = save_checkpoint(export, path, metadata={"training_stage": stage, "pad": "_"})
+        return path
+    finally:
+        model.vae.to(vae_device)
+        if model.image_encoder is not None:
+            model.image_encoder.to(vae_device)
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """True when the file's first byte is 0x80. A safetensors file starts with its header
+    length (u64, little endian); when that is 0x..80, mvdpp_core's pickle sniffing (first
+    byte 0x80) refuses a valid file. Until the core checks for the JSON header instead, the
+    export re-saves with one more metadata byte."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _require(value: str, key: str, what: str) -> None:
+    if not value:
+        raise ValueError(f"{key} is empty; set it to {what}.")

@@ -1,0 +1,1 @@
+"""Blender rendering of training objects and the render launcher."""

@@ -1,0 +1,203 @@
+"""Train the MVDiffusion++ multi-view UNet (the paper's stages 1-3) with accelerate.
+
+Stage 1: epsilon prediction, one condition view; stage 2: v-prediction, one view; stage 3:
+v-prediction, 50 % one view and 50 % 2-10 views. Per object and step, 8 of the 32 target
+views survive (view dropout), the condition is dropped with ``stage.cond_dropout`` (guidance),
+and the condition views are denoised too (their trivial task). Only the UNet trains; the
+MVAE and the CLIP image encoder are frozen.
+
+Launch (from the repository root):
+
+  CPU, 1 process (tests, smoke runs):
+    python train/train_mvdiff.py --config train/configs/tiny_cpu_stage1.yaml
+  CPU, 2 processes (DDP on gloo):
+    accelerate launch --multi_gpu --num_processes 2 train/train_mvdiff.py --config train/configs/tiny_cpu_stage1.yaml
+  1 GPU:
+    accelerate launch --config_file train/accelerate/1gpu.yaml train/train_mvdiff.py \
+        --config train/configs/1gpu_stage1.yaml --set init.path=/models/sd2-inpainting \
+        --set init.image_encoder_path=/models/clip-vit-h-14 --set init.mvae_path=outputs/mvae/export/mvae.safetensors
+  8 GPUs, one node, FSDP2:
+    accelerate launch --config_file train/accelerate/8gpu_fsdp2.yaml train/train_mvdiff.py \
+        --config train/configs/8gpu_fsdp2_stage1.yaml
+  Multi-node (N nodes x 8 GPUs, FSDP2; run on every node, output_dir on a shared file system):
+    accelerate launch --config_file train/accelerate/multinode_fsdp2.yaml --num_machines N \
+        --num_processes $((8 * N)) --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR \
+        --main_process_port 29500 train/train_mvdiff.py --config train/configs/multinode_stage1.yaml
+  Stages 2 and 3 start from the previous stage's export, e.g.:
+    ... --config train/configs/1gpu_stage2.yaml --set init.path=outputs/1gpu_stage1/export/model.safetensors
+
+Any key can be overridden: ``--set optim.lr=5e-6 --set optim.max_steps=2000``. A run resumes
+from ``<output_dir>/checkpoints/latest`` unless ``checkpoint.resume=false``; the final EMA
+weights are exported to ``<output_dir>/export/model.safetensors`` (``load_checkpoint`` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import Tensor
+
+from mvdpp_core.model import Condition, MVDPPModel
+from mvdpp_core.pipeline import generate
+from train.config import StageConfig, TrainConfig, dump_config, load_config
+from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
+from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, run_loop
+from train.models import build_mvdiff_model, export_bundle, model_with_unet_weights
+from train.viz import rig_grid, save_png
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the MVDiffusion++ multi-view UNet.")
+    p.add_argument("--config", type=Path, required=True, help="YAML config (train/configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-5")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def encode_views(model: MVDPPModel, batch: dict) -> tuple[Tensor, Condition]:
+    """Posterior-sampled latents x0 (b, t + k, 4, h, w) of all views, each object with its own
+    seeded generator, and the condition of the k condition views."""
+    latents, conds = [], []
+    for i, seed in enumerate(batch["sample_seed"].tolist()):
+        generator = torch.Generator().manual_seed(mix_seed(seed, 7))
+        rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])  # (t + k) 3 H W
+        mask = torch.cat([batch["target_mask"][i], batch["cond_mask"][i]])
+        latents.append(model.vae.encode(rgb, mask, sample=True, generator=generator))
+        conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i]))
+    cond = Condition(torch.cat([c.latents for c in conds]), torch.cat([c.embeddings for c in conds]))
+    return torch.stack(latents), cond
+
+
+def training_noise(
+    seeds: list[int], shape: torch.Size, num_timesteps: int, dropout: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per object: timestep (b,), noise (b, v, c, h, w) and condition-dropout flag (b,), from
+    its sample seed only, so any split of a batch over ranks draws the same numbers."""
+    ts, noises, drops = [], [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(mix_seed(seed, 8))
+        ts.append(torch.randint(0, num_timesteps, (), generator=g))
+        noises.append(torch.randn(tuple(shape[1:]), generator=g))
+        drops.append(torch.rand((), generator=g) < dropout)
+    return torch.stack(ts), torch.stack(noises), torch.stack(drops)
+
+
+def drop_condition(model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tensor) -> Condition:
+    """Replace the condition of objects with ``drop`` by ``model.null_condition`` (as guidance does)."""
+    null = model.null_condition(cond, empty)
+    latents = torch.where(drop[:, None, None, None, None], null.latents, cond.latents)
+    embeddings = torch.where(drop[:, None, None], null.embeddings, cond.embeddings)
+    return Condition(latents, embeddings)
+
+
+def diffusion_loss(
+    model: MVDPPModel, unet: torch.nn.Module, batch: dict, empty: Tensor, stage: StageConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """Mean squared error to the stage's target (epsilon or v) over target and condition views."""
+    x0, cond = encode_views(model, batch)
+    b, v = x0.shape[:2]
+    seeds = batch["sample_seed"].tolist()
+    t, noise, drop = training_noise(seeds, x0.shape, model.schedule.num_train_timesteps, stage.cond_dropout)
+    t, noise, drop = t.to(x0.device), noise.to(x0.device), drop.to(x0.device)
+    empty = empty.expand(b, -1, -1, -1)
+    cond = drop_condition(model, cond, empty, drop)
+    noisy = model.schedule.q_sample(x0, t, noise)
+    target = model.schedule.training_target(x0, noise, t)
+    sample, view_ids = model.unet_input(noisy, cond, empty, batch["target_ids"])
+    out = unet(sample, t, view_ids, cond.embeddings)  # b v 4 h w
+    per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b v
+    weights = torch.ones(v, device=x0.device)
+    weights[v - cond.num_views :] = stage.cond_loss_weight
+    loss = ((per_view * weights).sum(dim=1) / weights.sum()).mean()
+    return loss, {"dropped": float(drop.float().mean())}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) and k != "sample_seed" else v
+        for k, v in batch.items()
+    }
+
+
+def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, step: int, acc) -> Path:
+    """Generate the 32 views of the first data object from its cond_00 with the EMA weights."""
+    views = first_object(folders=cfg.data.folders, shards=cfg.data.shards)
+    rgb, mask = to_tensors(views.cond_rgba, model.config.image_size)
+    reference = model_with_unet_weights(model, weights).to(acc.device)
+    result = generate(
+        reference,
+        rgb,
+        mask,
+        seed=0,
+        steps=cfg.logging.validation_steps,
+        sampler=cfg.logging.validation_sampler,
+        guidance=cfg.logging.validation_guidance,
+        recenter_inputs=False,
+    )
+    grid = rig_grid(result.images, rgb[0])
+    path = save_png(grid, Path(cfg.runtime.output_dir) / "validation" / f"step_{step:08d}.png")
+    if cfg.logging.tensorboard:
+        acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, step, dataformats="HWC")
+    return path
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    """Build, resume, train and export; returns the final loop state."""
+    acc = make_accelerator(cfg.runtime, cfg.logging)
+    out = Path(cfg.runtime.output_dir)
+    if acc.is_main_process:
+        dump_config(cfg, out / "config.yaml")
+    model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type)
+    model.vae.requires_grad_(False).eval()
+    model.image_encoder.requires_grad_(False).eval()
+    model.to(acc.device)
+    model.unet.set_attention_backend(cfg.runtime.attention_backend)
+    if cfg.runtime.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    optimizer, scheduler = make_optimizer(list(model.unet.parameters()), cfg.optim)
+    unet, optimizer, scheduler = acc.prepare(model.unet, optimizer, scheduler)
+    empty = model.empty_latent(1).detach()
+    sampling = ViewSampling(cfg.data.num_target_views, cfg.stage.single_view_prob, cfg.stage.max_cond_views)
+
+    def batches(start: int):
+        dataset = MultiViewDataset(
+            folders=cfg.data.folders,
+            shards=cfg.data.shards,
+            image_size=model.config.image_size,
+            sampling=sampling,
+            batch_size=cfg.optim.batch_size,
+            seed=cfg.data.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            start_batch=start,
+        )
+        return make_batches(dataset, num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+
+    hooks = Hooks(
+        loss_fn=lambda batch: diffusion_loss(model, unet, to_device(batch, acc.device), empty, cfg.stage),
+        batches=batches,
+        validate=lambda step, weights: validate(model, weights, cfg, step, acc),
+        export=lambda weights: export_bundle(
+            model, weights, out / "export" / cfg.checkpoint.export_name, cfg.stage.name
+        ),
+    )
+    if cfg.logging.tensorboard:
+        acc.init_trackers(cfg.stage.name)
+    loop = LoopConfig(cfg.optim, cfg.ema, cfg.logging, cfg.checkpoint, out)
+    return run_loop(acc, unet, optimizer, scheduler, hooks, loop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    train(load_config(TrainConfig, args.config, args.set))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
