@@ -162,23 +162,11 @@ def export_bundle(model: MVDPPModel, weights: dict[str, Tensor], path: str | Pat
     if export.image_encoder is not None:
         export.image_encoder.to("cpu")
     try:
-        path = save_checkpoint(export, path, metadata={"training_stage": stage})
-        if _starts_like_pickle(path):  # see _starts_like_pickle: shift the header length by one byte
-            path = save_checkpoint(export, path, metadata={"training_stage": stage, "pad": "_"})
-        return path
+        return save_checkpoint(export, path, metadata={"training_stage": stage})
     finally:
         model.vae.to(vae_device)
         if model.image_encoder is not None:
             model.image_encoder.to(vae_device)
-
-
-def _starts_like_pickle(path: Path) -> bool:
-    """True when the file's first byte is 0x80. A safetensors file starts with its header
-    length (u64, little endian); when that is 0x..80, mvdpp_core's pickle sniffing (first
-    byte 0x80) refuses a valid file. Until the core checks for the JSON header instead, the
-    export re-saves with one more metadata byte."""
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
 
 
 def _require(value: str, key: str, what: str) -> None:
