@@ -1,0 +1,85 @@
+"""Write and read meshes (GLB, OBJ + MTL + PNG, PLY) through trimesh, frames handled here.
+
+Frames: our world is +Z up (DESIGN section 3); glTF is +Y up. GLB export therefore rotates
+every vertex (x, y, z) -> (x, z, -y) (-90 deg about +X), so viewers (ComfyUI's
+Preview3D, Blender, three.js) show the object upright; :func:`load_mesh` undoes it.
+OBJ and PLY carry no axis convention and are written in our +Z-up frame unchanged (in
+Blender's OBJ importer pick "Up: Z, Forward: Y" to see them upright).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+from .mesh import MeshFormat, ReconstructedMesh, parse_enum
+
+# (x, y, z) -> (x, z, -y): our +Z-up world to glTF's +Y-up.
+Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+Y_UP_TO_Z_UP = Z_UP_TO_Y_UP.T
+
+
+def _resolve(path: str | Path, fmt: MeshFormat | str | None) -> tuple[Path, MeshFormat]:
+    path = Path(path)
+    if fmt is None:
+        if not path.suffix:
+            raise ValueError(f"cannot tell the format of {str(path)!r}; add a .glb/.obj/.ply suffix or pass format=.")
+        fmt = path.suffix
+    fmt = parse_enum(MeshFormat, fmt, "format")
+    if path.suffix.lower() != f".{fmt.value}":
+        path = path.with_name(path.name + f".{fmt.value}")
+    return path, fmt
+
+
+def export_mesh(
+    mesh: ReconstructedMesh | trimesh.Trimesh, path: str | Path, format: MeshFormat | str | None = None
+) -> Path:
+    """Write ``mesh`` (in our +Z-up frame) to ``path``; returns the path written.
+
+    ``format``: "glb", "obj" or "ply" (default: from the suffix; the suffix is added when
+    missing). GLB is rotated to +Y up, (x, y, z) -> (x, z, -y), and embeds the UV texture
+    or vertex colours. OBJ writes ``name.obj`` + ``material.mtl`` + a PNG texture next to it
+    when textured (else per-vertex colours on the ``v`` lines). PLY stores vertex colours
+    only (a textured mesh is exported with its per-vertex colours).
+    """
+    path, fmt = _resolve(path, format)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(mesh, ReconstructedMesh):
+        textured = mesh.has_texture and fmt is not MeshFormat.PLY
+        tm = mesh.to_trimesh(textured=textured)
+    else:
+        tm = mesh.copy()
+    if fmt is MeshFormat.GLB:
+        tm.apply_transform(Z_UP_TO_Y_UP)
+        path.write_bytes(tm.export(file_type="glb"))
+    elif fmt is MeshFormat.OBJ:
+        tm.export(path, file_type="obj", include_color=True, include_texture=True)
+    else:
+        tm.export(path, file_type="ply", encoding="binary")
+    return path
+
+
+def load_mesh(path: str | Path) -> trimesh.Trimesh:
+    """Read a mesh written by :func:`export_mesh` back into our +Z-up frame (one Trimesh,
+    scene nodes flattened, GLB rotated back with (x, y, z) -> (x, -z, y))."""
+    path = Path(path)
+    _, fmt = _resolve(path, None)
+    mesh = trimesh.load(path, force="mesh", process=False)
+    if fmt is MeshFormat.GLB:
+        mesh.apply_transform(Y_UP_TO_Z_UP)
+    return mesh
+
+
+def surface_colors(mesh: trimesh.Trimesh, points: np.ndarray, face_index: np.ndarray) -> np.ndarray:
+    """RGB (p, 3) in [0, 1] of a loaded mesh at surface points on faces ``face_index``,
+    from its texture (bilinear UV lookup) or its vertex colours (barycentric)."""
+    tri = mesh.triangles[face_index]
+    bary = trimesh.triangles.points_to_barycentric(tri, points)  # p 3
+    visual = mesh.visual
+    if isinstance(visual, trimesh.visual.TextureVisuals) and visual.uv is not None:
+        uv = np.einsum("pc,pck->pk", bary, np.asarray(visual.uv)[mesh.faces[face_index]])
+        return visual.material.to_color(uv)[:, :3] / 255.0
+    colors = np.asarray(visual.vertex_colors)[:, :3] / 255.0
+    return np.einsum("pc,pck->pk", bary, colors[mesh.faces[face_index]])

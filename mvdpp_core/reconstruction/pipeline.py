@@ -1,0 +1,149 @@
+"""``reconstruct``: 32 rig views + masks -> a coloured (optionally UV-textured) mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor
+
+from ..cameras import intrinsics, rig_c2w
+from .carving import Grid, carve, keep_largest
+from .mesh import Method, ReconstructedMesh, parse_enum
+from .meshing import clean_mesh, field_to_mesh, reduce_mesh
+from .sdf import SDFConfig, fit_sdf
+from .texturing import ViewSet, bake_texture, color_points, uv_atlas
+from .validation import normalize_masks, normalize_views
+
+ProgressFn = Callable[[int, int], None]
+DEFAULT_TEXTURED_FACES = 10_000
+_OCCLUDER_MAX_FACES = 60_000  # denser meshes use a coarser proxy for the visibility depth maps
+
+
+class _Progress:
+    """Maps sub-step progress onto one (step, total) stream for the caller's callback."""
+
+    def __init__(self, callback: ProgressFn | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(min(self.done, self.total), self.total)
+
+    def sub(self, base: int) -> ProgressFn:
+        def report(step: int, _total: int) -> None:
+            if self.callback is not None:
+                self.callback(min(base + step, self.total), self.total)
+
+        return report
+
+
+def reconstruct(
+    views: Tensor,
+    masks: Tensor,
+    *,
+    method: Method | str = Method.FAST,
+    resolution: int = 128,
+    texture_size: int = 0,
+    max_faces: int | None = None,
+    outlier_views: int = 2,
+    smooth_iterations: int = 3,
+    sdf_config: SDFConfig | None = None,
+    callback: ProgressFn | None = None,
+) -> ReconstructedMesh:
+    """Reconstruct a mesh from the 32 rig views and their foreground masks.
+
+    Args:
+        views: (32, H, W, 3) or (32, 3, H, W) float in [0, 1], rig order ``i = e * 8 + a``
+            (``mvdpp_core.cameras``); the background may be anything, masks decide.
+        masks: (32, H, W) float in [0, 1], 1 = object.
+        method: ``"fast"`` (visual-hull carving, seconds) or ``"quality"`` (carving, then a
+            NeuS-style SDF fit to the views that recovers concavities; ``sdf_config``).
+        resolution: carving grid cells per axis over [-0.6, 0.6]^3 (128: ~9 mm cells).
+        texture_size: 0 for per-vertex colours only; N > 0 also bakes an N x N UV texture
+            (xatlas) on a mesh reduced to ``max_faces`` (default 10k) faces.
+        max_faces: reduce the mesh to at most this many faces (None: keep it dense).
+        outlier_views: up to this many views whose masks contradict the others are ignored
+            (robustness to a few bad masks; 0 trusts every mask).
+        smooth_iterations: Taubin smoothing passes after marching cubes.
+        callback: ``callback(step, total)`` after each step; raise inside it to cancel.
+    Returns:
+        :class:`ReconstructedMesh` in the +Z-up world frame of the rig.
+    """
+    method = parse_enum(Method, method, "method")
+    views = normalize_views(views)
+    masks = normalize_masks(masks, views)
+    if resolution < 16 or resolution > 1024:
+        raise ValueError(f"resolution={resolution}; allowed 16..1024 grid cells (128 is a good default).")
+    if texture_size < 0:
+        raise ValueError(f"texture_size={texture_size}; use 0 (vertex colours) or a positive size like 1024.")
+    if texture_size and max_faces is None:
+        max_faces = DEFAULT_TEXTURED_FACES
+    config = sdf_config or SDFConfig()
+    sdf_steps = config.iterations if method is Method.QUALITY else 0
+    progress = _Progress(callback, 4 + sdf_steps)
+
+    h, w = views.shape[1:3]
+    c2w, K = rig_c2w(), intrinsics(w, h)
+    carved = carve(masks, c2w, K, resolution=resolution, outlier_views=outlier_views)
+    occupancy, grid = keep_largest(carved.occupancy), carved.grid
+    keep = [i for i in range(len(views)) if i not in carved.dropped_views]  # views with trusted masks
+    views, masks, c2w = views[keep], masks[keep], c2w[keep]
+    progress.advance()
+    if method is Method.QUALITY:
+        field, fgrid = fit_sdf(views, masks, c2w, K, occupancy, grid, config, progress.sub(progress.done))
+        progress.done += sdf_steps
+        field, fgrid, level, high = -field, fgrid, 0.0, True  # negate: inside-high like occupancy
+    else:
+        field, fgrid, level, high = occupancy, grid, 0.5, True
+    verts, faces = field_to_mesh(field, fgrid, level=level, inside_is_high=high)
+    mesh = clean_mesh(verts, faces, smooth_iterations=smooth_iterations)
+    if max_faces is not None:
+        mesh = reduce_mesh(mesh, max_faces, field, fgrid, level=level, inside_is_high=high)
+    progress.advance()
+    vs = ViewSet(views, masks, c2w, K)
+    occluder = mesh
+    if len(mesh.faces) > _OCCLUDER_MAX_FACES:
+        occluder = reduce_mesh(mesh, _OCCLUDER_MAX_FACES, field, fgrid, level=level, inside_is_high=high)
+    occ = (torch.from_numpy(np.asarray(occluder.vertices, np.float32)), torch.from_numpy(np.asarray(occluder.faces)))
+    tol = 2.0 * fgrid.spacing
+
+    def color_fn(points: Tensor, normals: Tensor) -> np.ndarray:
+        return color_points(points, normals, vs, occ, tolerance=tol)
+
+    verts = np.asarray(mesh.vertices, np.float32)
+    normals = np.asarray(mesh.vertex_normals, np.float32)
+    colors = color_fn(torch.from_numpy(verts), torch.from_numpy(normals))
+    progress.advance()
+    dropped = tuple(carved.dropped_views)
+    result = ReconstructedMesh(verts, np.asarray(mesh.faces, np.int64), colors, dropped_views=dropped)
+    if texture_size:
+        result = _add_texture(result, normals, texture_size, color_fn)
+    progress.advance()
+    return result
+
+
+def _add_texture(
+    mesh: ReconstructedMesh, normals: np.ndarray, size: int, color_fn: Callable[[Tensor, Tensor], np.ndarray]
+) -> ReconstructedMesh:
+    """UV-unwrap with xatlas (splitting vertices on seams) and bake a texture from the views."""
+    vmap, faces, uv = uv_atlas(mesh.vertices, mesh.faces)
+    verts, nrm = mesh.vertices[vmap], normals[vmap]
+    image = bake_texture(
+        torch.from_numpy(verts), torch.from_numpy(faces), torch.from_numpy(nrm), torch.from_numpy(uv), size, color_fn
+    )
+    return ReconstructedMesh(verts, faces, mesh.vertex_colors[vmap], uv, image, mesh.dropped_views)
+
+
+def mesh_from_trimesh(mesh: trimesh.Trimesh) -> ReconstructedMesh:
+    """Wrap a vertex-coloured (or uncoloured: grey) trimesh as a :class:`ReconstructedMesh`."""
+    verts = np.asarray(mesh.vertices, np.float32)
+    visual = mesh.visual.to_color() if isinstance(mesh.visual, trimesh.visual.TextureVisuals) else mesh.visual
+    colors = np.asarray(visual.vertex_colors)[:, :3] / 255.0
+    return ReconstructedMesh(verts, np.asarray(mesh.faces, np.int64), colors.astype(np.float32))
+
+
+__all__ = ["reconstruct", "mesh_from_trimesh", "Grid", "DEFAULT_TEXTURED_FACES"]

@@ -1,0 +1,160 @@
+"""Procedural analytic meshes, normalised per DESIGN section 3, with vertex colours.
+
+Shared by the reconstruction tests and the synthetic training data: each builder returns
+a watertight ``trimesh.Trimesh`` centred on its bounding-box centre and scaled so the
+longest bounding-box side is 1 (it fits in [-0.5, 0.5]^3), +Z up, outward normals, and
+vertex colours. Flat primitives are subdivided (``max_edge``) so per-vertex colour
+patterns and the rasteriser's per-vertex interpolation have enough resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import trimesh
+from numpy.typing import NDArray
+
+DEFAULT_MAX_EDGE = 0.05
+
+
+def normalize_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """Centre on the bounding-box centre and scale the longest side to 1 (in place, returned)."""
+    lo, hi = mesh.bounds
+    mesh.apply_translation(-(lo + hi) / 2)
+    mesh.apply_scale(1.0 / float(np.max(hi - lo)))
+    return mesh
+
+
+def _finish(
+    mesh: trimesh.Trimesh, color: tuple[float, float, float] | None, max_edge: float
+) -> trimesh.Trimesh:
+    """Merge, subdivide long edges, fix winding, normalise and paint a single colour."""
+    mesh.merge_vertices()
+    mesh.update_faces(mesh.nondegenerate_faces())
+    mesh.remove_unreferenced_vertices()
+    normalize_mesh(mesh)
+    while mesh.edges_unique_length.max() > max_edge:  # midpoint subdivision keeps it watertight
+        mesh = mesh.subdivide()
+    trimesh.repair.fix_normals(mesh)
+    paint(mesh, np.full((len(mesh.vertices), 3), color if color is not None else (0.7, 0.7, 0.7)))
+    return mesh
+
+
+def paint(mesh: trimesh.Trimesh, rgb: NDArray[np.floating]) -> trimesh.Trimesh:
+    """Set vertex colours from float RGB (n, 3) in [0, 1] (in place, returned)."""
+    rgba = np.concatenate([np.clip(rgb, 0, 1), np.ones((len(rgb), 1))], axis=1)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.round(rgba * 255).astype(np.uint8))
+    return mesh
+
+
+def vertex_colors(mesh: trimesh.Trimesh) -> NDArray[np.float32]:
+    """Float RGB (n, 3) in [0, 1] of a mesh with vertex colours."""
+    return (np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0).astype(np.float32)
+
+
+def sphere(*, subdivisions: int = 4, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh:
+    """Unit-diameter icosphere (subdivisions 4: 5120 faces)."""
+    return _finish(trimesh.creation.icosphere(subdivisions=subdivisions), color, 1.0)
+
+
+def box(
+    extents: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    max_edge: float = DEFAULT_MAX_EDGE,
+    color: tuple[float, float, float] | None = None,
+) -> trimesh.Trimesh:
+    """Axis-aligned box (a cube by default), longest side scaled to 1."""
+    return _finish(trimesh.creation.box(extents=extents), color, max_edge)
+
+
+def _profile(points: list[tuple[float, float]], step: float) -> NDArray[np.float64]:
+    """Densify a polyline of (radius, z) points so no segment is longer than ``step``."""
+    out = [np.asarray(points[0], dtype=np.float64)]
+    for a, b in zip(points[:-1], points[1:], strict=True):
+        n = max(1, int(np.ceil(np.hypot(b[0] - a[0], b[1] - a[1]) / step)))
+        out.extend(np.linspace(a, b, n + 1)[1:])
+    return np.asarray(out)
+
+
+def cylinder(
+    radius: float = 0.5, height: float = 1.0, *, sections: int = 64, color: tuple[float, float, float] | None = None
+) -> trimesh.Trimesh:
+    """Cylinder along +Z (a revolved profile, so caps and side are finely tessellated)."""
+    h = height / 2
+    profile = _profile([(0.0, -h), (radius, -h), (radius, h), (0.0, h)], DEFAULT_MAX_EDGE * max(radius, height))
+    return _finish(trimesh.creation.revolve(profile, sections=sections), color, 1.0)
+
+
+def cone(
+    radius: float = 0.5, height: float = 1.0, *, sections: int = 64, color: tuple[float, float, float] | None = None
+) -> trimesh.Trimesh:
+    """Cone along +Z, apex up."""
+    profile = _profile([(0.0, -height / 2), (radius, -height / 2), (0.0, height / 2)], DEFAULT_MAX_EDGE * height)
+    return _finish(trimesh.creation.revolve(profile, sections=sections), color, 1.0)
+
+
+def torus(
+    major_radius: float = 0.35, minor_radius: float = 0.15, *, sections: int = 64,
+    color: tuple[float, float, float] | None = None,
+) -> trimesh.Trimesh:
+    """Torus around +Z (a hole that carving sees through from the top views)."""
+    mesh = trimesh.creation.torus(
+        major_radius=major_radius, minor_radius=minor_radius, major_sections=sections, minor_sections=sections // 2
+    )
+    return _finish(mesh, color, 1.0)
+
+
+def capsule(
+    radius: float = 0.25, height: float = 0.5, *, color: tuple[float, float, float] | None = None
+) -> trimesh.Trimesh:
+    """Capsule along +Z (``height`` is the length of the cylindrical part)."""
+    return _finish(trimesh.creation.capsule(height=height, radius=radius, count=[48, 48]), color, 1.0)
+
+
+def bowl(
+    *, depth: float = 0.8, thickness: float = 0.08, sections: int = 96, color: tuple[float, float, float] | None = None
+) -> trimesh.Trimesh:
+    """A concave bowl opening towards +Z: the object that visual-hull carving cannot recover.
+
+    A solid of revolution of a closed profile: outer spherical cap from the bottom pole up
+    to the rim, a flat rim, and the inner cap back down (``depth`` is the cap height over
+    the outer radius 1, before normalisation).
+    """
+    theta_max = np.arccos(1.0 - depth)
+    theta = np.linspace(0.0, theta_max, 48)
+    outer = np.stack([np.sin(theta), -np.cos(theta)], axis=1)  # (r, z), bottom pole to rim
+    r_in = 1.0 - thickness
+    inner_theta = np.linspace(theta_max, 0.0, 48)
+    z_rim = outer[-1, 1]
+    inner = np.stack([r_in * np.sin(inner_theta), -r_in * np.cos(inner_theta)], axis=1)
+    inner[:, 1] += z_rim - inner[0, 1]  # inner cap shares the rim height
+    rim = np.linspace(outer[-1], inner[0], 5)[1:-1]
+    profile = np.concatenate([outer, rim, inner])
+    profile[0, 0] = profile[-1, 0] = 0.0
+    mesh = trimesh.creation.revolve(profile, sections=sections)
+    return _finish(mesh, color, 1.0)  # already fine; subdividing would add T-junctions
+
+
+def patterned(mesh: trimesh.Trimesh, *, frequency: float = 9.0) -> trimesh.Trimesh:
+    """Paint a smooth 3D colour pattern so photo-consistency can locate the surface (in place)."""
+    p = np.asarray(mesh.vertices)
+    rgb = 0.5 + 0.4 * np.stack(
+        [np.sin(frequency * p[:, 0] + 1.0), np.sin(frequency * p[:, 1] + 2.0), np.sin(frequency * p[:, 2])], axis=1
+    )
+    return paint(mesh, rgb)
+
+
+TWO_COLORS: tuple[tuple[float, float, float], tuple[float, float, float]] = ((0.9, 0.15, 0.1), (0.1, 0.3, 0.9))
+
+
+def two_colored_sphere() -> trimesh.Trimesh:
+    """A sphere whose upper half (z > 0) is red and lower half blue (:data:`TWO_COLORS`)."""
+    mesh = sphere()
+    top, bottom = (np.asarray(c) for c in TWO_COLORS)
+    z = np.asarray(mesh.vertices)[:, 2:3]
+    return paint(mesh, np.where(z > 0, top, bottom))
+
+
+def two_color_truth(points: NDArray[np.floating]) -> NDArray[np.float32]:
+    """The true colour of :func:`two_colored_sphere` at surface points (p, 3)."""
+    top, bottom = (np.asarray(c, dtype=np.float32) for c in TWO_COLORS)
+    return np.where(points[:, 2:3] > 0, top, bottom).astype(np.float32)
