@@ -30,7 +30,7 @@ from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
-DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "example_single.png"
+DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "mvdpp_example_front.png"
 
 
 def load_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
