@@ -118,7 +118,7 @@ def test_ddpm_ancestral_samples_the_data_distribution():
     # variance are known to shrink the variance (Bao et al. 2022), so they are not tested here.
     ts = SCHEDULE.timesteps(1000)
     g = torch.Generator().manual_seed(5)
-    x_T = torch.randn(40000, generator=g, dtype=torch.float64)
+    x_T = torch.randn(10000, generator=g, dtype=torch.float64)
     out = get_sampler("ddpm")(oracle, x_T, SCHEDULE, ts, generator=g)
     assert out.mean().item() == pytest.approx(MU, abs=0.01)
     assert out.std().item() == pytest.approx(S, rel=0.03)
