@@ -3,7 +3,9 @@
 Tiny UNet, 16x16 latents, v in {5, 9, 17, 33} views, one forward with CFG batching (2
 objects): wall time and peak memory for global attention with PyTorch SDPA's flash kernel,
 with its math kernel, and for per-view attention. Each measurement runs in a fresh
-subprocess; peak memory is the rise of the process's peak RSS during the forward.
+subprocess; peak memory is the process's peak RSS during the forwards minus its RSS just
+before them, with glibc told to mmap every allocation over 64 KiB so that freed tensors
+leave the RSS at once (else the allocator's caching blurs the figure).
 Also: the overhead of a full sampling loop over its raw UNet calls.
 
     python tests/bench/bench_unet.py            # CPU figures (the targets below)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -30,6 +33,11 @@ MODES = ("flash", "math", "per_view")
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def worker(mode: str, v: int, repeats: int) -> dict:
@@ -48,8 +56,8 @@ def worker(mode: str, v: int, repeats: int) -> dict:
     ctx = torch.randn(2, 1, 32)
     kernel = SDPBackend.MATH if mode == "math" else SDPBackend.FLASH_ATTENTION
     with torch.no_grad(), sdpa_kernel(kernel):
-        unet(x[:, :2], t, ids[:, :2], ctx)  # warm up kernels and allocator at a small size
-        base = _peak_rss_mb()
+        unet(x[:, :2], t, ids[:, :2], ctx)  # warm up kernels at a small size
+        base = _current_rss_mb()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -129,6 +137,7 @@ def run_worker(mode: str, v: int, repeats: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--worker", mode, str(v), "--repeats", str(repeats)],
         check=True, capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
