@@ -176,5 +176,5 @@ def sample_condition_cameras(n: int, generator: torch.Generator | None = None) -
     (el_lo, el_hi), (d_lo, d_hi) = CONDITION_ELEVATION_RANGE_DEG, CONDITION_DISTANCE_RANGE
     return [
         ConditionCamera(AZIMUTHS_DEG[int(a)], el_lo + (el_hi - el_lo) * float(ue), d_lo + (d_hi - d_lo) * float(ud))
-        for a, (ue, ud) in zip(az_idx, u)
+        for a, (ue, ud) in zip(az_idx, u, strict=False)
     ]

@@ -113,7 +113,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path.name} is not a valid safetensors file ({err}); the file may be truncated or corrupt.") from None
+        raise ValueError(
+            f"{path.name} is not a valid safetensors file ({err}); the file may be truncated or corrupt."
+        ) from None
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path.name} is a safetensors file but not an MVDiffusion++ bundle (metadata format="
@@ -127,7 +129,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MVDPPModel:
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> MVDPPModel:
     """Rebuild the model from a bundle's config and load its tensors (strictly)."""
     path = Path(path)
     meta = read_metadata(path)
@@ -148,7 +152,7 @@ def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: s
     problems: list[str] = []
     for prefix, module in _components(model).items():
         expected = module.state_dict()
-        given = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        given = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         missing = sorted(set(expected) - set(given))
         unexpected = sorted(set(given) - set(expected))
         shapes = [
@@ -156,7 +160,9 @@ def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: s
             for k in sorted(set(given) & set(expected))
             if given[k].shape != expected[k].shape
         ]
-        problems += [f"missing {prefix}.{k}" for k in missing[:5]] + [f"unexpected {prefix}.{k}" for k in unexpected[:5]]
+        problems += [f"missing {prefix}.{k}" for k in missing[:5]] + [
+            f"unexpected {prefix}.{k}" for k in unexpected[:5]
+        ]
         problems += shapes[:5]
         if not problems:
             module.load_state_dict(given, strict=True)
@@ -211,14 +217,17 @@ def convert_sd2_inpainting(
         vae=vae.config,
         # Without a bundled encoder, embeddings come from outside (e.g. ComfyUI's CLIP vision)
         # and only their width must match the UNet.
-        image_encoder=encoder.config if encoder is not None else dataclasses.replace(
-            base.image_encoder, projection_dim=unet_config.cross_attention_dim
-        ),
+        image_encoder=encoder.config
+        if encoder is not None
+        else dataclasses.replace(base.image_encoder, projection_dim=unet_config.cross_attention_dim),
         schedule=base.schedule,
         image_size=image_size,
     )
     return MVDPPModel(
-        config, unet=MultiViewUNet(unet_config, unet), vae=vae, image_encoder=encoder,
+        config,
+        unet=MultiViewUNet(unet_config, unet),
+        vae=vae,
+        image_encoder=encoder,
         with_image_encoder=encoder is not None,
     )
 

@@ -59,7 +59,7 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def from_local(cls, path: str | Path, *, num_attention_heads: int | None = None,
-                   hidden_act: str = "gelu") -> "ImageEncoder":
+                   hidden_act: str = "gelu") -> ImageEncoder:
         """Load CLIP vision weights from local disk, never from a hub.
 
         ``path`` is a transformers folder (config.json + weights, e.g. the ``image_encoder``
@@ -80,7 +80,7 @@ class ImageEncoder(nn.Module):
         return cls(_config_of(model.config), model)
 
     @classmethod
-    def _from_file(cls, path: Path, num_attention_heads: int | None, hidden_act: str) -> "ImageEncoder":
+    def _from_file(cls, path: Path, num_attention_heads: int | None, hidden_act: str) -> ImageEncoder:
         if path.suffix != ".safetensors":
             raise ValueError(f"{path.name}: only .safetensors CLIP vision files are loaded (never pickles).")
         state = load_file(str(path))

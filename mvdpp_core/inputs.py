@@ -72,7 +72,7 @@ def recenter(images: Tensor, masks: Tensor, size: int, fill: float = DEFAULT_FIL
     if not 0.1 <= fill <= 1.0:
         raise ValueError(f"fill={fill}; allowed 0.1..1.0 (fraction of the image the object spans).")
     out_images, out_masks = [], []
-    for image, mask in zip(images, masks):
+    for image, mask in zip(images, masks, strict=False):
         ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
         cy = (ys.min() + ys.max() + 1).item() / 2
         cx = (xs.min() + xs.max() + 1).item() / 2

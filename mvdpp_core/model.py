@@ -40,7 +40,7 @@ class Condition:
     def num_views(self) -> int:
         return self.latents.shape[1]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Condition":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         return Condition(self.latents.to(device, dtype), self.embeddings.to(device, dtype))
 
 

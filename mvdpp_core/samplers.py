@@ -9,7 +9,8 @@ integer timesteps ``ts`` (descending) and returns the x0 prediction at the last 
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

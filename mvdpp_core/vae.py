@@ -26,7 +26,7 @@ class MaskAwareVAE(nn.Module):
         self.vae = vae if vae is not None else AutoencoderKL(**config.diffusers_kwargs())
 
     @classmethod
-    def from_rgb_vae(cls, rgb_vae: AutoencoderKL) -> "MaskAwareVAE":
+    def from_rgb_vae(cls, rgb_vae: AutoencoderKL) -> MaskAwareVAE:
         """Convert a 3-in / 3-out SD VAE: identical on RGB, mask decodes to foreground."""
         src = rgb_vae.config
         if src.in_channels != 3 or src.out_channels != 3:
@@ -44,7 +44,9 @@ class MaskAwareVAE(nn.Module):
         )
         mvae = cls(config)
         state = rgb_vae.state_dict()
-        w_in, w_out, b_out = (state[k] for k in ("encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.conv_out.bias"))
+        w_in, w_out, b_out = (
+            state[k] for k in ("encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.conv_out.bias")
+        )
         state["encoder.conv_in.weight"] = torch.cat([w_in, torch.zeros_like(w_in[:, :1])], dim=1)
         state["decoder.conv_out.weight"] = torch.cat([w_out, torch.zeros_like(w_out[:1])], dim=0)
         state["decoder.conv_out.bias"] = torch.cat([b_out, b_out.new_full((1,), _FOREGROUND_BIAS)])
@@ -55,7 +57,9 @@ class MaskAwareVAE(nn.Module):
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
-    def encode(self, image: Tensor, mask: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, image: Tensor, mask: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Scaled latents (n, 4, h/f, w/f) of images (n, 3, H, W) and masks (n, 1, H, W) in [0, 1].
 
         ``sample=False`` takes the posterior mode (inference); training samples it.

@@ -22,7 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvdpp_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.config import preset  # noqa: E402
 from mvdpp_core.grid import view_grid  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402

@@ -19,7 +19,9 @@ def test_rig_order_and_positions():
     torch.testing.assert_close(centers.norm(dim=-1), torch.full((32,), 1.5, dtype=torch.float64))
     # azimuth 0, elevation 0 sits on +X; azimuth 90 on +Y (right-handed, +Z up).
     torch.testing.assert_close(centers[cameras.view_index(1, 0)], torch.tensor([1.5, 0, 0], dtype=torch.float64))
-    torch.testing.assert_close(centers[cameras.view_index(1, 2)], torch.tensor([0, 1.5, 0], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        centers[cameras.view_index(1, 2)], torch.tensor([0, 1.5, 0], dtype=torch.float64), atol=1e-12, rtol=0
+    )
     assert centers[cameras.view_index(3, 0), 2] == pytest.approx(1.5 * math.sin(math.radians(60)))
 
 

@@ -38,7 +38,9 @@ def test_guidance_interpolates_between_null_and_full_condition(model):
     t = torch.tensor(500)
     full, null = guided_denoiser(model, cond, 1.0)(x, t), guided_denoiser(model, cond, 0.0)(x, t)
     assert (full - null).abs().max() > 1e-4, "the condition must change the prediction"
-    torch.testing.assert_close(guided_denoiser(model, cond, 3.0)(x, t), null + 3.0 * (full - null), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        guided_denoiser(model, cond, 3.0)(x, t), null + 3.0 * (full - null), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_generate_is_deterministic_per_seed_and_reports_every_step(model):
@@ -72,18 +74,21 @@ def test_generate_stops_when_the_callback_raises(model):
     assert steps == [1]
 
 
-@pytest.mark.parametrize("images, masks, match", [
-    (torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64), r"shape \(1, 64, 64, 3\); expected \(n, 3, H, W\)"),
-    (torch.rand(64, 64), torch.ones(1, 64, 64), r"expected \(n, 3, H, W\)"),
-    (torch.rand(0, 3, 64, 64), torch.ones(0, 64, 64), "0 condition views given; the model takes 1 to 10"),
-    (torch.rand(11, 3, 64, 64), torch.ones(11, 64, 64), "11 condition views given; the model takes 1 to 10"),
-    (torch.rand(2, 3, 64, 64), torch.ones(2, 32, 32), "do not match images.*same height and width"),
-    (torch.rand(2, 3, 64, 64), torch.ones(1, 64, 64), "do not match images"),
-    (torch.full((1, 3, 64, 64), float("nan")), torch.ones(1, 64, 64), "images contain NaN"),
-    (torch.rand(1, 3, 64, 64), torch.full((1, 64, 64), float("nan")), "masks contain NaN"),
-    (torch.rand(1, 3, 64, 64) * 255, torch.ones(1, 64, 64), r"outside \[0, 1\]; scale them"),
-    (torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64), r"mask of condition view\(s\) \[0\] is empty"),
-])
+@pytest.mark.parametrize(
+    "images, masks, match",
+    [
+        (torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64), r"shape \(1, 64, 64, 3\); expected \(n, 3, H, W\)"),
+        (torch.rand(64, 64), torch.ones(1, 64, 64), r"expected \(n, 3, H, W\)"),
+        (torch.rand(0, 3, 64, 64), torch.ones(0, 64, 64), "0 condition views given; the model takes 1 to 10"),
+        (torch.rand(11, 3, 64, 64), torch.ones(11, 64, 64), "11 condition views given; the model takes 1 to 10"),
+        (torch.rand(2, 3, 64, 64), torch.ones(2, 32, 32), "do not match images.*same height and width"),
+        (torch.rand(2, 3, 64, 64), torch.ones(1, 64, 64), "do not match images"),
+        (torch.full((1, 3, 64, 64), float("nan")), torch.ones(1, 64, 64), "images contain NaN"),
+        (torch.rand(1, 3, 64, 64), torch.full((1, 64, 64), float("nan")), "masks contain NaN"),
+        (torch.rand(1, 3, 64, 64) * 255, torch.ones(1, 64, 64), r"outside \[0, 1\]; scale them"),
+        (torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64), r"mask of condition view\(s\) \[0\] is empty"),
+    ],
+)
 def test_bad_condition_views_are_refused(model, images, masks, match):
     with pytest.raises(ValueError, match=match):
         generate(model, images, masks, steps=1)
