@@ -46,9 +46,12 @@ def clean_mesh(
 ) -> trimesh.Trimesh:
     """Keep the largest connected piece and apply light Taubin smoothing (volume preserving)."""
     mesh = trimesh.Trimesh(vertices, faces, process=True)
-    parts = mesh.split(only_watertight=False)
-    if len(parts) > 1:
-        mesh = max(parts, key=lambda m: len(m.faces))
+    # Label faces by component instead of mesh.split(): no submesh copies, and the usual case
+    # (the carved grid is already one component) costs one graph pass.
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    if labels.max(initial=0) > 0:
+        mesh.update_faces(labels == np.bincount(labels).argmax())
+        mesh.remove_unreferenced_vertices()
     if smooth_iterations > 0:
         trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=smooth_iterations)
     return mesh
