@@ -4,6 +4,11 @@ Every self-attention layer (``attn1``) of the UNet attends over the tokens of *a
 of an object at once: the processor reshapes ``(b v) l c -> b (v l) c`` before attention
 and back after. Cross-attention (``attn2``) stays per view. The attention kernel (PyTorch
 SDPA by default, xformers on CUDA when installed) is chosen in ``attend`` only.
+
+View parallelism: when one object's views are split across the ranks of a process group
+(``view_group``), each rank keeps its own queries and all-gathers keys and values, so the
+result equals global attention over all views on one device, with a differentiable
+gather (gradients flow back to the rank that owns each view).
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBacken
     return rearrange(out, "n h l d -> n l (h d)")
 
 
+def gather_views(x: Tensor, group: torch.distributed.ProcessGroup) -> Tensor:
+    """Concatenate (b, n, c) token sequences of all ranks in ``group`` along n (differentiable)."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous(), group=group), dim=1)
+
+
 class MultiViewAttnProcessor:
     """diffusers attention processor; global over views when ``global_views`` is set.
 
@@ -78,6 +90,7 @@ class MultiViewAttnProcessor:
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
         num_views: int = 1,
+        view_group: torch.distributed.ProcessGroup | None = None,
     ) -> Tensor:
         if attention_mask is not None:
             raise ValueError("MultiViewAttnProcessor does not take an attention mask.")
@@ -97,6 +110,8 @@ class MultiViewAttnProcessor:
         if is_self and self.global_views and num_views > 1:
             # All views of one object attend to each other: one sequence per object.
             q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
+            if view_group is not None:  # the other ranks hold the object's other views
+                k, v = gather_views(k, view_group), gather_views(v, view_group)
             out = attend(q, k, v, attn.heads, self.backend)
             out = rearrange(out, "b (v l) c -> (b v) l c", v=num_views)
         else:

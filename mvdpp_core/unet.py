@@ -56,7 +56,14 @@ class MultiViewUNet(nn.Module):
             )
         )
 
-    def forward(self, sample: Tensor, timesteps: Tensor, view_ids: Tensor, context: Tensor) -> Tensor:
+    def forward(
+        self,
+        sample: Tensor,
+        timesteps: Tensor,
+        view_ids: Tensor,
+        context: Tensor,
+        view_group: torch.distributed.ProcessGroup | None = None,
+    ) -> Tensor:
         """Denoise all views of each object jointly.
 
         Args:
@@ -65,6 +72,8 @@ class MultiViewUNet(nn.Module):
             view_ids: (b, v) long, 0..31 target slots, 32..41 condition slots.
             context: (b, n, d) cross-attention tokens (CLIP embeddings of the condition views),
                 shared by every view of the object.
+            view_group: view parallelism: the process group whose ranks hold the other views
+                of the same objects (every rank the same b and v); None = all views here.
         Returns:
             (b, v, 4, h, w) the model output (epsilon or v, per the schedule config).
         """
@@ -76,7 +85,7 @@ class MultiViewUNet(nn.Module):
             rearrange(timesteps, "b v -> (b v)"),
             encoder_hidden_states=repeat(context, "b n d -> (b v) n d", v=v),
             class_labels=rearrange(view_ids, "b v -> (b v)"),
-            cross_attention_kwargs={"num_views": v},
+            cross_attention_kwargs={"num_views": v, "view_group": view_group},
             return_dict=False,
         )[0]
         return rearrange(out, "(b v) c h w -> b v c h w", b=b)
