@@ -1,0 +1,273 @@
+"""Evaluate a checkpoint on held-out procedural objects: views, masks and meshes vs the truth.
+
+For each held-out object (``train.procedural``, split ``heldout``: never seen in training) and
+each number of input views n (default 1, 2, 4: the first n rendered condition views, cond_00
+at azimuth 0), generate the 32 rig views and masks and measure:
+
+* view PSNR and SSIM of the generated views composited on white against the true renders;
+* mask IoU (masks thresholded at 0.5, pooled over the 32 views);
+* mesh volume IoU and Chamfer distance of the fast-path reconstruction
+  (``mvdpp_core.reconstruction.reconstruct``) against the true mesh (``mesh.ply``).
+
+The same runs for an untrained model of the same shape (seeded random weights: the floor),
+and, with ``--curve``, for the EMA weights of each saved training checkpoint (a learning
+curve on a subset). Writes JSON and prints a markdown table.
+
+  python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 \
+      --out /tmp/mvdpp_default/eval.json --curve /tmp/mvdpp_default/runs/stage1/checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
+from mvdpp_core.model import MVDPPModel  # noqa: E402
+from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
+from mvdpp_core.reconstruction import reconstruct  # noqa: E402
+from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
+from train.data import format as fmt  # noqa: E402
+from train.data.dataset import to_tensors  # noqa: E402
+from train.procedural.objects import Split  # noqa: E402
+from train.procedural.render import folder_name, write_object  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
+METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mask_iou": True, "volume_iou": True, "chamfer": False}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sampler: str = "dpmpp_2m"
+    steps: int = 6
+    guidance: float = 1.0  # no classifier-free guidance: it doubles the cost of every step
+    seed: int = 0
+    mesh_resolution: int = 64
+
+
+@dataclass
+class ObjectMetrics:
+    psnr: float
+    ssim: float
+    mask_iou: float
+    volume_iou: float
+    chamfer: float  # NaN when no mesh could be reconstructed
+
+
+def heldout_folders(root: Path, count: int, size: int) -> list[Path]:
+    """The first ``count`` held-out object folders under ``root``, rendered where missing."""
+    folders = []
+    for index in range(count):
+        folder = root / folder_name(Split.HELDOUT, index)
+        if not (fmt.is_complete(folder) and (folder / "mesh.ply").is_file()):
+            write_object(root, Split.HELDOUT, index, size, save_mesh=True)
+        folders.append(folder)
+    return folders
+
+
+def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """IoU of masks (v, H, W) thresholded at 0.5, pooled over all views."""
+    p, t = pred > 0.5, truth > 0.5
+    union = (p | t).sum().item()
+    return float((p & t).sum().item() / union) if union else 1.0
+
+
+def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """PSNR, SSIM (on white) and mask IoU of generated vs true views (32, 3, S, S) / (32, 1, S, S)."""
+    pred = result.images * result.masks + (1 - result.masks)  # 32 3 S S, composited on white
+    pred_hwc, true_hwc = pred.permute(0, 2, 3, 1), rgb.permute(0, 2, 3, 1)  # 32 S S 3
+    return psnr(pred_hwc, true_hwc), ssim(pred_hwc, true_hwc), mask_iou(result.masks[:, 0], mask[:, 0])
+
+
+def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: int) -> tuple[float, float]:
+    """Volume IoU and Chamfer distance of the fast reconstruction; (0, NaN) when it is empty."""
+    try:
+        mesh = reconstruct(result.images, result.masks[:, 0], method="fast", resolution=resolution).to_trimesh()
+    except (ValueError, RuntimeError):
+        return 0.0, math.nan
+    if len(mesh.faces) == 0:
+        return 0.0, math.nan
+    return volume_iou(mesh, truth), chamfer_distance(mesh, truth, samples=10_000)
+
+
+def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: SamplingConfig,
+                    with_mesh: bool) -> ObjectMetrics:
+    views = fmt.read_object_folder(folder, cond_ids=list(range(n_views)))
+    size = model.config.image_size
+    rgb, mask = to_tensors(views.target_rgba, size)
+    cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
+    result = generate(model, cond_rgb, cond_mask, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
+                      guidance=cfg.guidance, recenter_inputs=False)
+    p, s, m = view_metrics(result, rgb, mask)
+    v_iou, chamfer = (0.0, math.nan)
+    if with_mesh:
+        v_iou, chamfer = mesh_metrics(result, trimesh.load(folder / "mesh.ply", process=False), cfg.mesh_resolution)
+    return ObjectMetrics(p, s, m, v_iou, chamfer)
+
+
+def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation per metric (Chamfer over the objects with a mesh)."""
+    out = {}
+    for name in METRICS:
+        values = np.array([getattr(r, name) for r in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        out[name] = {"mean": float(finite.mean()) if len(finite) else math.nan,
+                     "std": float(finite.std()) if len(finite) else math.nan, "n": int(len(finite))}
+    return out
+
+
+def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int], cfg: SamplingConfig,
+                   with_mesh: bool = True, label: str = "", multi_count: int = 0,
+                   on_result: Callable[[dict], None] | None = None) -> dict[str, dict]:
+    """Metrics summary per input-view count (keys "1", "2", ...); view counts above 1 use the
+    first ``multi_count`` objects (0: all). ``on_result(results)`` after each count."""
+    results: dict[str, dict] = {}
+    for n in view_counts:
+        t0 = time.perf_counter()
+        subset = folders[:multi_count] if n > 1 and multi_count else folders
+        rows = [evaluate_object(model, f, n, cfg, with_mesh) for f in subset]
+        results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "per_object": [asdict(r) for r in rows],
+                           "seconds": round(time.perf_counter() - t0, 1)}
+        if on_result is not None:
+            on_result(results)
+        s = results[str(n)]["summary"]
+        print(f"[{label}] {n} view(s): " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in METRICS), flush=True)
+    return results
+
+
+def untrained_like(model: MVDPPModel, seed: int = 0) -> MVDPPModel:
+    """A model of the same architecture with seeded random weights (nothing learned)."""
+    torch.manual_seed(seed)
+    return MVDPPModel(model.config, with_image_encoder=model.image_encoder is not None).eval()
+
+
+def with_ema_unet(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
+    """``model`` with the UNet EMA weights of a training checkpoint folder (step_*/ema.safetensors)."""
+    from safetensors.torch import load_file
+
+    from train.models import model_with_unet_weights
+
+    return model_with_unet_weights(model, load_file(str(checkpoint_dir / "ema.safetensors"))).eval()
+
+
+def learning_curve(model: MVDPPModel, root: Path, folders: list[Path], cfg: SamplingConfig,
+                   every: int = 1) -> list[dict]:
+    """1-view view and mask metrics of the EMA weights of the saved checkpoints whose step is a
+    multiple of ``every`` (no meshes)."""
+    curve = []
+    for ckpt in sorted(p for p in root.glob("step_*") if (p / "ema.safetensors").is_file()):
+        step = int(ckpt.name.removeprefix("step_"))
+        if step % every:
+            continue
+        rows = [evaluate_object(with_ema_unet(model, ckpt), f, 1, cfg, with_mesh=False) for f in folders]
+        s = summarize(rows)
+        curve.append({"step": step, **{k: s[k]["mean"] for k in ("psnr", "ssim", "mask_iou")}})
+        print(f"[curve] step {step}: psnr {s['psnr']['mean']:.3f} mask_iou {s['mask_iou']['mean']:.4f}", flush=True)
+    return curve
+
+
+def matched_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(model, label, entry) rows; the 1-view result is repeated on the first k objects when
+    more views ran on k objects only, so the 1 -> 2 -> 4 comparison uses the same objects."""
+    rows = []
+    for model in ("trained", "untrained"):
+        results = report.get(model, {})
+        for n, entry in results.items():
+            rows.append((model, n, entry))
+        subset = {e["objects"] for k, e in results.items() if k != "1"}
+        if "1" in results and len(subset) == 1 and subset != {results["1"]["objects"]}:
+            k = subset.pop()
+            first = [ObjectMetrics(**r) for r in results["1"]["per_object"][:k]]
+            matched = (model, f"1 (first {k})", {"objects": k, "summary": summarize(first)})
+            rows.insert(len(rows) - len(results) + 1, matched)
+    return rows
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| model | input views | objects | view PSNR (dB) | view SSIM | mask IoU | mesh volume IoU | Chamfer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, n, entry in matched_rows(report):
+        s = entry["summary"]
+        lines.append(f"| {label} | {n} | {entry['objects']} | " + " | ".join(
+            f"{s[k]['mean']:.2f}" if k == "psnr" else f"{s[k]['mean']:.4f}" for k in METRICS) + " |")
+    if report.get("curve"):
+        lines += ["", "| training step | view PSNR (1 view) | mask IoU (1 view) |", "| --- | --- | --- |"]
+        lines += [f"| {c['step']} | {c['psnr']:.2f} | {c['mask_iou']:.4f} |" for c in report["curve"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out procedural objects.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--heldout", type=Path, required=True, help="held-out object folders (rendered here if missing)")
+    p.add_argument("--count", type=int, default=50, help="held-out objects")
+    p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
+    p.add_argument("--multi-count", type=int, default=0,
+                   help="objects for the view counts above 1 (0: --count); 32-view sampling is slow on a CPU")
+    p.add_argument("--no-baseline", action="store_true", help="skip the untrained model")
+    p.add_argument("--baseline-count", type=int, default=0, help="objects for the untrained model (0: --count)")
+    p.add_argument("--curve", type=Path, default=None, help="training checkpoints folder (step_*/ema.safetensors)")
+    p.add_argument("--curve-count", type=int, default=8, help="objects per curve point")
+    p.add_argument("--curve-every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
+    p.add_argument("--out", type=Path, required=True, help="JSON report path")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--table", action="store_true", help="only print the markdown table of an existing --out JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return 0
+    if max(args.views) > 4 or min(args.views) < 1:
+        raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
+    torch.set_num_threads(args.threads)
+    cfg = SamplingConfig(args.sampler, args.steps, args.guidance, args.seed, args.mesh_resolution)
+    folders = heldout_folders(args.heldout, args.count, 64)
+    model = load_checkpoint(args.checkpoint)
+    report: dict = {"checkpoint": str(args.checkpoint), "objects": len(folders), "sampling": asdict(cfg),
+                    "targets_1_view": {"psnr": 22.0, "mask_iou": 0.90, "volume_iou": 0.70}}
+    t0 = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(label: str) -> Callable[[dict], None]:  # partial reports survive an interrupted run
+        def write(results: dict) -> None:
+            report[label] = results
+            report["seconds"] = round(time.perf_counter() - t0, 1)
+            args.out.write_text(json.dumps(report, indent=1))
+        return write
+
+    evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
+                   on_result=save("trained"))
+    if not args.no_baseline:
+        base = folders[: args.baseline_count or len(folders)]
+        evaluate_model(untrained_like(model), base, args.views, cfg, label="untrained",
+                       multi_count=min(args.multi_count or len(base), len(base)), on_result=save("untrained"))
+    if args.curve is not None:
+        save("curve")(learning_curve(model, args.curve, folders[: args.curve_count], cfg, args.curve_every))
+    print(markdown_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

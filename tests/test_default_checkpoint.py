@@ -1,0 +1,201 @@
+"""The embedded default checkpoint and the procedural objects it was trained on.
+
+* The shipped checkpoint loads, is the tiny architecture, and is small.
+* A fixed seed on a shipped example reproduces the recorded output summary
+  (tests/data/default_reference.json; rewrite it after retraining with
+  ``python tests/test_default_checkpoint.py --write-reference``).
+* On held-out objects rendered on the fly, the shipped model beats an untrained model of the
+  same shape on mask IoU by a wide margin: it has learned something real.
+* Procedural objects are deterministic per index, the held-out split is disjoint from the
+  training split, and the folders follow the rendered-object format.
+
+A missing checkpoint is a failure, not a skip: the pack promises it works out of the box.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
+REFERENCE = ROOT / "tests" / "data" / "default_reference.json"
+EXAMPLE = ROOT / "workflows" / "inputs" / "heldout_002.png"
+MAX_BYTES = 50 * 2**20
+# Short runs (3 steps, no guidance) keep the file under ~2 minutes on a CPU: 32-view global
+# attention costs seconds per step even for the tiny preset.
+REFERENCE_RUN = {"seed": 1234, "steps": 3, "sampler": "dpmpp_2m", "guidance": 1.0}
+MARGIN_OBJECTS = 2
+MIN_MASK_IOU_MARGIN = 0.25  # trained minus untrained, mean over the held-out objects
+
+
+def _load_default():
+    from mvdpp_core.checkpoint import load_checkpoint
+
+    if not CHECKPOINT.is_file():
+        pytest.fail(f"the embedded default checkpoint {CHECKPOINT} is missing; train it "
+                    "(train/procedural/__init__.py gives the commands).")
+    return load_checkpoint(CHECKPOINT)
+
+
+def _load_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    from train.data.dataset import to_tensors
+
+    rgba = np.asarray(Image.open(path).convert("RGBA"))[None]  # 1 H W 4
+    return to_tensors(rgba, 64)
+
+
+def _summary(images: torch.Tensor, masks: torch.Tensor) -> dict[str, list]:
+    """Mean colour per view (32, 3) and mask area fraction per view (32,)."""
+    return {"mean_color": images.mean(dim=(2, 3)).tolist(), "mask_area": masks.mean(dim=(1, 2, 3)).tolist()}
+
+
+def _reference_output(model) -> dict[str, list]:
+    from mvdpp_core.pipeline import generate
+
+    rgb, mask = _load_rgba(EXAMPLE)
+    result = generate(model, rgb, mask, recenter_inputs=False, **REFERENCE_RUN)
+    return _summary(result.images, result.masks)
+
+
+def test_checkpoint_loads_as_tiny_architecture():
+    from mvdpp_core.checkpoint import read_metadata
+    from mvdpp_core.config import preset
+
+    model = _load_default()
+    assert CHECKPOINT.stat().st_size <= MAX_BYTES
+    tiny = preset("tiny")
+    assert model.config.image_size == 64 and model.config.latent_size == 16
+    assert model.config.unet == tiny.unet
+    assert model.image_encoder is not None  # the bundle carries its (tiny) image encoder
+    assert read_metadata(CHECKPOINT).get("training_stage") == "stage1"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fixed_seed_reproduces_recorded_output():
+    model = _load_default()
+    reference = json.loads(REFERENCE.read_text())
+    assert reference["run"] == REFERENCE_RUN and reference["example"] == EXAMPLE.name
+    out = _reference_output(model)
+    np.testing.assert_allclose(out["mean_color"], reference["mean_color"], atol=0.02)
+    np.testing.assert_allclose(out["mask_area"], reference["mask_area"], atol=0.02)
+
+
+def _heldout_mask_iou(model, folders: list[Path]) -> float:
+    from mvdpp_core.pipeline import generate
+    from train.data import format as fmt
+    from train.data.dataset import to_tensors
+
+    ious = []
+    for folder in folders:
+        views = fmt.read_object_folder(folder, cond_ids=[0])
+        _, true_mask = to_tensors(views.target_rgba, 64)
+        cond_rgb, cond_mask = to_tensors(views.cond_rgba, 64)
+        result = generate(model, cond_rgb, cond_mask, seed=0, steps=3, sampler="dpmpp_2m", guidance=1.0,
+                          recenter_inputs=False)
+        p, t = result.masks > 0.5, true_mask > 0.5
+        ious.append(float((p & t).sum() / (p | t).sum().clamp(min=1)))
+    return float(np.mean(ious))
+
+
+def test_trained_model_beats_untrained_on_heldout_masks(tmp_path):
+    from mvdpp_core.model import MVDPPModel
+    from train.procedural.render import write_object
+
+    model = _load_default()
+    folders = [write_object(tmp_path, "heldout", 500 + i) for i in range(MARGIN_OBJECTS)]  # unseen by training
+    torch.manual_seed(0)
+    untrained = MVDPPModel(model.config).eval()
+    trained_iou, untrained_iou = _heldout_mask_iou(model, folders), _heldout_mask_iou(untrained, folders)
+    assert trained_iou >= untrained_iou + MIN_MASK_IOU_MARGIN, (trained_iou, untrained_iou)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped 2600-step CPU checkpoint learned the silhouette prior of the "
+                   "procedural objects but not yet to follow its input view; remove this marker after a longer run")
+def test_output_depends_on_the_input_view():
+    from mvdpp_core.pipeline import generate
+
+    model = _load_default()
+    masks = []
+    for name in ("heldout_002.png", "heldout_004.png"):  # two different held-out objects, same noise
+        rgb, mask = _load_rgba(EXAMPLE.with_name(name))
+        masks.append(generate(model, rgb, mask, recenter_inputs=False, **REFERENCE_RUN).masks)
+    assert (masks[0] - masks[1]).abs().mean() > 0.05
+
+
+def test_procedural_objects_are_deterministic_per_index():
+    from mvdpp_core.reconstruction.shapes import vertex_colors
+    from train.procedural.objects import procedural_object
+    from train.procedural.render import render_object
+
+    a, b = procedural_object("train", 17)[0], procedural_object("train", 17)[0]
+    np.testing.assert_array_equal(a.vertices, b.vertices)
+    np.testing.assert_array_equal(vertex_colors(a), vertex_colors(b))
+    assert not np.array_equal(np.asarray(a.bounds), np.asarray(procedural_object("train", 18)[0].bounds))
+    r1, r2 = render_object("train", 17, size=32), render_object("train", 17, size=32)
+    np.testing.assert_array_equal(r1.targets, r2.targets)
+    np.testing.assert_array_equal(r1.conditions, r2.conditions)
+    assert r1.cameras == r2.cameras
+
+
+def test_heldout_split_is_disjoint_from_training():
+    from train.procedural.objects import HELDOUT_OFFSET, object_seed, procedural_object
+
+    train = {object_seed("train", i) for i in range(5000)}
+    heldout = {object_seed("heldout", i) for i in range(5000)}
+    assert len(train) == 5000 and len(heldout) == 5000 and not train & heldout
+    assert not np.array_equal(procedural_object("train", 0)[0].vertices, procedural_object("heldout", 0)[0].vertices)
+    with pytest.raises(ValueError, match="index=1000000"):
+        object_seed("train", HELDOUT_OFFSET)  # a training index can never reach the held-out namespace
+    with pytest.raises(ValueError, match="split='test'.*allowed"):
+        object_seed("test", 0)
+
+
+def test_heldout_folder_follows_the_rendered_format(tmp_path):
+    import trimesh
+
+    from train.data import format as fmt
+    from train.procedural.render import write_object
+
+    folder = write_object(tmp_path, "heldout", 3, size=32, save_mesh=True)
+    assert fmt.is_complete(folder)
+    views = fmt.read_object_folder(folder)
+    assert views.target_rgba.shape == (32, 32, 32, 4) and views.cond_rgba.shape[1:] == (32, 32, 4)
+    doc = views.cameras
+    assert doc["conditions"][0]["azimuth_deg"] == 0.0 and doc["image_size"] == [32, 32]
+    alpha = views.target_rgba[..., 3]
+    assert alpha.min() == 0 and alpha.max() == 255  # background and object both present
+    background = views.target_rgba[alpha == 0][:, :3]
+    assert (background == 255).all()  # composited on white
+    mesh = trimesh.load(folder / "mesh.ply", process=False)
+    assert np.isclose(np.ptp(mesh.bounds, axis=0).max(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-6)
+
+
+def test_render_rejects_bad_size():
+    from train.procedural.render import render_object
+
+    with pytest.raises(ValueError, match="size=30; use a multiple of 8"):
+        render_object("train", 0, size=30)
+
+
+def write_reference() -> Path:
+    """Record the shipped checkpoint's output summary on the shipped example."""
+    sys.path.insert(0, str(ROOT))
+    model = _load_default()
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    record = {"example": EXAMPLE.name, "run": REFERENCE_RUN, **_reference_output(model)}
+    REFERENCE.write_text(json.dumps(record, indent=1))
+    return REFERENCE
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-reference"]:
+        print(f"wrote {write_reference()}")

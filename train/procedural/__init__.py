@@ -1,0 +1,20 @@
+"""Procedurally generated training and evaluation objects for the embedded default checkpoint.
+
+``objects`` builds random compositions of 1-3 textured primitives, seeded by (split, index);
+``render`` renders one into the rendered-object folder format of the Blender pipeline;
+``generate`` is the command line; ``calibrate`` sets a from-scratch MVAE's latent scale.
+
+The default checkpoint (``models/mvdpp_default.safetensors``), from the repository root::
+
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 860
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/heldout --split heldout --count 64
+    python train/train_mvae.py --config train/configs/default_mvae.yaml
+    python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs/mvae/export/mvae.safetensors \
+        --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae_calibrated.safetensors --objects 8
+    python train/train_mvdiff.py --config train/configs/default_stage1.yaml
+    cp /tmp/mvdpp_default/runs/stage1/export/model.safetensors models/mvdpp_default.safetensors
+    python tests/test_default_checkpoint.py --write-reference
+    python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --multi-count 15 \
+        --baseline-count 10 --curve /tmp/mvdpp_default/runs/stage1/checkpoints --curve-every 500 \
+        --curve-count 4 --out tests/data/default_eval.json
+"""
