@@ -30,7 +30,7 @@ from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
-DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "mvdpp_example_front.png"
+DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out procedural object
 
 
 def load_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
