@@ -93,7 +93,7 @@ def choose_views(doc: dict, num_targets: int, k: int, generator: torch.Generator
 
 def to_tensors(rgba: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(v, H, W, 4) uint8 -> RGB on white (v, 3, size, size) and mask (v, 1, size, size), in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(rgba)).permute(0, 3, 1, 2).float() / 255  # v 4 H W
+    x = torch.from_numpy(np.array(rgba)).permute(0, 3, 1, 2).float() / 255  # v 4 H W (a writable copy)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     rgb, alpha = x[:, :3], x[:, 3:].clamp(0, 1)
