@@ -6,6 +6,7 @@ from a local folder or ``.safetensors`` file. Never a hub download.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,29 +23,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _config_of(c: CLIPVisionConfig) -> ImageEncoderConfig:
-    return ImageEncoderConfig(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        projection_dim=c.projection_dim,
-        hidden_act=c.hidden_act,
-    )
+    """Our config from a transformers one: the fields share their names."""
+    return ImageEncoderConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(ImageEncoderConfig)})
 
 
 def clip_vision_config(config: ImageEncoderConfig) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        projection_dim=config.projection_dim,
-        hidden_act=config.hidden_act,
-    )
+    return CLIPVisionConfig(**dataclasses.asdict(config))
 
 
 class ImageEncoder(nn.Module):
