@@ -23,6 +23,7 @@ from mvdpp_core.reconstruction import (
     psnr,
     reconstruct,
     render_mesh,
+    render_trimesh,
     shapes,
     ssim,
     volume_iou,
@@ -36,16 +37,7 @@ GRID = 64  # carving cells per axis
 
 def render_rig(mesh: trimesh.Trimesh, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Unlit views (32, s, s, 3) on white and antialiased masks (32, s, s) of a coloured mesh."""
-    out = render_mesh(
-        torch.from_numpy(np.asarray(mesh.vertices)),
-        torch.from_numpy(np.asarray(mesh.faces)),
-        torch.from_numpy(shapes.vertex_colors(mesh)),
-        rig_c2w(),
-        intrinsics(size),
-        size,
-        size,
-        antialias=2,
-    )
+    out = render_trimesh(mesh, rig_c2w(), intrinsics(size), size, antialias=2)
     return out.rgb, out.alpha
 
 

@@ -15,7 +15,7 @@ from .export import export_mesh, load_mesh
 from .mesh import MeshFormat, Method, ReconstructedMesh
 from .metrics import chamfer_distance, composite_on_white, lpips, psnr, ssim, volume_iou
 from .pipeline import mesh_from_trimesh, reconstruct
-from .render import RenderResult, UVTexture, render_mesh
+from .render import RenderResult, UVTexture, render_mesh, render_trimesh
 from .sdf import SDFConfig
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "psnr",
     "reconstruct",
     "render_mesh",
+    "render_trimesh",
     "ssim",
     "volume_iou",
 ]

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import trimesh
 
 _FACE_BITS = 26  # faces per mesh < 2**26 (67M)
 _DEPTH_LEVELS = 2**36
@@ -286,3 +291,15 @@ def render_mesh(
         pick = (slice(None), slice(s // 2, None, s), slice(s // 2, None, s))
         return RenderResult(rgb, alpha, frags.depth[pick], frags.face_id[pick], normals[pick])
     return RenderResult(rgb, alpha, frags.depth, frags.face_id, normals)
+
+
+def render_trimesh(mesh: trimesh.Trimesh, c2w: Tensor, K: Tensor, size: int, **kwargs: Any) -> RenderResult:
+    """Render a vertex-coloured trimesh at v cameras into ``size`` x ``size`` images;
+    keyword arguments as :func:`render_mesh` (the test shapes and procedural objects)."""
+    colors = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
+    return render_mesh(
+        torch.from_numpy(np.asarray(mesh.vertices)).float(),
+        torch.from_numpy(np.asarray(mesh.faces)),
+        torch.from_numpy(colors).float(),
+        c2w, K, size, size, **kwargs,
+    )

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -29,7 +28,7 @@ from mvdpp_core.reconstruction import (  # noqa: E402
     chamfer_distance,
     export_mesh,
     reconstruct,
-    render_mesh,
+    render_trimesh,
     shapes,
     volume_iou,
 )
@@ -37,16 +36,7 @@ from mvdpp_core.reconstruction import (  # noqa: E402
 
 def render(mesh, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     start = time.perf_counter()
-    out = render_mesh(
-        torch.from_numpy(np.asarray(mesh.vertices)),
-        torch.from_numpy(np.asarray(mesh.faces)),
-        torch.from_numpy(shapes.vertex_colors(mesh)),
-        rig_c2w(),
-        intrinsics(size),
-        size,
-        size,
-        antialias=2,
-    )
+    out = render_trimesh(mesh, rig_c2w(), intrinsics(size), size, antialias=2)
     return out.rgb, out.alpha, time.perf_counter() - start
 
 

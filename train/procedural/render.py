@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import trimesh
 
-from mvdpp_core.reconstruction.render import render_mesh
+from mvdpp_core.reconstruction.render import render_trimesh
 
 from ..data import format as fmt
 from ..render.plan import camera_plan
@@ -41,10 +41,8 @@ class RenderedObject:
 
 def render_views(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size: int) -> np.ndarray:
     """(v, S, S, 4) uint8 RGBA: colour composited on white, coverage in alpha."""
-    colors = torch.from_numpy(np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0).float()
-    result = render_mesh(
-        torch.from_numpy(np.asarray(mesh.vertices)).float(), torch.from_numpy(np.asarray(mesh.faces)), colors,
-        c2w, K, size, size, background=1.0, light_dir=torch.tensor(LIGHT_DIR), ambient=AMBIENT, antialias=ANTIALIAS,
+    result = render_trimesh(
+        mesh, c2w, K, size, background=1.0, light_dir=torch.tensor(LIGHT_DIR), ambient=AMBIENT, antialias=ANTIALIAS
     )
     rgba = torch.cat([result.rgb, result.alpha[..., None]], dim=-1)  # v S S 4
     return (rgba.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
