@@ -11,7 +11,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from mvdpp_core.checkpoint import convert_sd2_inpainting, load_checkpoint, save_checkpoint
-from mvdpp_core.config import PredictionType, VAEConfig, from_dict, preset
+from mvdpp_core.config import ModelConfig, PredictionType, VAEConfig, from_dict, preset
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.unet import MultiViewUNet
 from mvdpp_core.vae import MaskAwareVAE
@@ -23,21 +23,18 @@ MVAE_FORMAT = "mvdpp-mvae"
 
 def with_prediction_type(model: MVDPPModel, prediction_type: PredictionType) -> MVDPPModel:
     """The same modules under a config with another prediction type (stage 1 -> 2 switch)."""
-    config = model.config
-    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, prediction_type=prediction_type))
-    return MVDPPModel(
-        config,
-        unet=model.unet,
-        vae=model.vae,
-        image_encoder=model.image_encoder,
-        with_image_encoder=model.image_encoder is not None,
-    )
+    schedule = dataclasses.replace(model.config.schedule, prediction_type=prediction_type)
+    return _rewrap(model, dataclasses.replace(model.config, schedule=schedule))
 
 
 def with_image_size(model: MVDPPModel, image_size: int) -> MVDPPModel:
     if not image_size or image_size == model.config.image_size:
         return model
-    config = dataclasses.replace(model.config, image_size=image_size)
+    return _rewrap(model, dataclasses.replace(model.config, image_size=image_size))
+
+
+def _rewrap(model: MVDPPModel, config: ModelConfig) -> MVDPPModel:
+    """The same modules (shared, not copied) under another config."""
     return MVDPPModel(
         config,
         unet=model.unet,
