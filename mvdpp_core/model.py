@@ -25,6 +25,11 @@ from .unet import MultiViewUNet
 from .vae import MaskAwareVAE
 
 
+def embed_on_white(image_encoder: ImageEncoder, images: Tensor, masks: Tensor) -> Tensor:
+    """Image embeddings (n, d) of views (n, 3, H, W) composited on white by their masks (n, 1, H, W)."""
+    return image_encoder(images * masks + (1 - masks))
+
+
 @dataclass
 class Condition:
     """Everything the UNet sees of the condition views of a batch of objects.
@@ -87,8 +92,7 @@ class MVDPPModel(nn.Module):
                     "this model has no image encoder; pass CLIP image embeddings (e.g. connect a "
                     "CLIP_VISION model to LoadMVDPP), or load a checkpoint that bundles one."
                 )
-            composite = images * masks + (1 - masks)  # the object on white
-            embeddings = self.image_encoder(composite)  # n d
+            embeddings = embed_on_white(self.image_encoder, images, masks)  # n d
         expected = self.config.unet.cross_attention_dim
         if embeddings.shape != (images.shape[0], expected):
             raise ValueError(

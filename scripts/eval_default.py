@@ -155,13 +155,13 @@ def untrained_like(model: MVDPPModel, seed: int = 0) -> MVDPPModel:
     return MVDPPModel(model.config, with_image_encoder=model.image_encoder is not None).eval()
 
 
-def with_ema_unet(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
-    """``model`` with the UNet EMA weights of a training checkpoint folder (step_*/ema.safetensors)."""
+def with_ema_weights(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
+    """``model`` with the EMA weights (UNet, and a trained image encoder) of a training checkpoint folder (step_*/ema.safetensors)."""
     from safetensors.torch import load_file
 
-    from train.models import model_with_unet_weights
+    from train.models import model_with_trained_weights
 
-    return model_with_unet_weights(model, load_file(str(checkpoint_dir / "ema.safetensors"))).eval()
+    return model_with_trained_weights(model, load_file(str(checkpoint_dir / "ema.safetensors"))).eval()
 
 
 def learning_curve(model: MVDPPModel, root: Path, folders: list[Path], cfg: SamplingConfig,
@@ -173,7 +173,7 @@ def learning_curve(model: MVDPPModel, root: Path, folders: list[Path], cfg: Samp
         step = int(ckpt.name.removeprefix("step_"))
         if step % every:
             continue
-        rows = [evaluate_object(with_ema_unet(model, ckpt), f, 1, cfg, with_mesh=False) for f in folders]
+        rows = [evaluate_object(with_ema_weights(model, ckpt), f, 1, cfg, with_mesh=False) for f in folders]
         s = summarize(rows)
         curve.append({"step": step, **{k: s[k]["mean"] for k in ("psnr", "ssim", "mask_iou")}})
         print(f"[curve] step {step}: psnr {s['psnr']['mean']:.3f} mask_iou {s['mask_iou']['mean']:.4f}", flush=True)

@@ -68,3 +68,20 @@ def test_every_shipped_config_loads(path):
         stage = int(path.stem.rsplit("stage", 1)[1])
         assert cfg.stage.prediction_type is (PredictionType.EPSILON if stage == 1 else PredictionType.V_PREDICTION)
         assert cfg.stage.max_cond_views == (10 if stage == 3 else 1)
+
+
+def test_view_embedding_scale_starts_where_configured(tmp_path):
+    """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
+    a bundle keeps its trained scale, so setting one there is refused."""
+    from dataclasses import replace
+
+    from train.config import ModelInitConfig
+    from train.models import build_mvdiff_model
+
+    for scale in (0.0, 1.0):
+        model = build_mvdiff_model(ModelInitConfig(view_embedding_scale=scale), PredictionType.EPSILON)
+        assert model.unet.unet.class_embedding.scale.item() == scale
+    bundle = replace(ModelInitConfig(), source=InitSource.BUNDLE, path=str(tmp_path / "x.safetensors"),
+                     view_embedding_scale=1.0)
+    with pytest.raises(ValueError, match="view_embedding_scale=1.0 applies to new models"):
+        build_mvdiff_model(bundle, PredictionType.EPSILON)

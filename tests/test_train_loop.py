@@ -3,6 +3,7 @@ export that loads and generates, a corrupt data set that trains on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from mvdpp_core.checkpoint import load_checkpoint
-from mvdpp_core.config import PredictionType
+from mvdpp_core.config import PRESETS, PredictionType
 from mvdpp_core.pipeline import generate
 from train.config import TrainConfig, load_config
 from train.data.synthetic import write_synthetic_dataset
+from train.models import build_mvdiff_model
 from train.train_mvdiff import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +106,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
 
 
 def train_init_weights(data: Path, out: Path) -> dict[str, torch.Tensor]:
-    """The initial UNet weights (a 0-step 'run' that only writes its checkpoint)."""
-    from train.models import build_mvdiff_model
-
+    """The initial trained weights, keyed as the checkpoints key them (``unet.*``)."""
     cfg = run_config(data, out)
     model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type)
-    return {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    return {f"unet.{k}": v.detach().clone() for k, v in model.unet.state_dict().items()}
 
 
 def test_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
@@ -124,6 +124,30 @@ def test_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     ema_full = load_file(str(full / "checkpoints" / "step_00000003" / "ema.safetensors"))
     ema_split = load_file(str(split / "checkpoints" / "step_00000003" / "ema.safetensors"))
     assert max_diff(ema_full, ema_split) < 1e-6
+
+
+def test_resume_keeps_the_architecture_the_run_started_with(data_dir, tmp_path, monkeypatch):
+    """A preset edited between start and resume is not applied to the run's weights: a new head
+    split changes no tensor shape (it would silently change the model), a new shape is refused."""
+    out = tmp_path / "arch"
+    small = {"stage.max_cond_views": 1, "optim.batch_size": 1}
+    train(run_config(data_dir, out, **{"optim.max_steps": 1}, **small))
+    started = PRESETS["tiny"].unet
+    new_heads = dataclasses.replace(started, attention_head_dim=(1, 1))
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], unet=new_heads))
+    train(run_config(data_dir, out, **{"optim.max_steps": 2}, **small))
+    model = load_checkpoint(out / "export" / "model.safetensors")
+    assert model.config.unet.attention_head_dim == started.attention_head_dim != new_heads.attention_head_dim
+    attn = model.unet.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn.heads == started.attention_head_dim[0]
+
+    deeper = dataclasses.replace(started, layers_per_block=2)
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], unet=deeper))
+    with pytest.raises(ValueError, match="started with another architecture.*checkpoint.resume=false"):
+        train(run_config(data_dir, out, **{"optim.max_steps": 3}, **small))
+    fresh = train(run_config(data_dir, out, **{"optim.max_steps": 1, "checkpoint.resume": "false"}, **small))
+    assert len(fresh.losses) == 1  # a new run records the new architecture
+    assert load_checkpoint(out / "export" / "model.safetensors").config.unet.layers_per_block == 2
 
 
 def test_sigkill_leaves_a_checkpoint_that_resumes(data_dir, tmp_path):
@@ -172,11 +196,27 @@ def test_export_loads_and_generates_with_the_stage_prediction_type(data_dir, tmp
     assert model.config.image_size == 32
     ema = load_file(str(out / "checkpoints" / "step_00000001" / "ema.safetensors"))
     for name, value in model.unet.named_parameters():
-        torch.testing.assert_close(value, ema[name])  # the bundle holds the EMA weights
+        torch.testing.assert_close(value, ema[f"unet.{name}"])  # the bundle holds the EMA weights
     images, masks = torch.ones(1, 3, 32, 32) * 0.5, torch.zeros(1, 32, 32)
     masks[:, 8:24, 8:24] = 1
     result = generate(model, images, masks, steps=2, sampler="ddim", recenter_inputs=False)
     assert result.images.shape == (32, 3, 32, 32) and torch.isfinite(result.images).all()
+    init = build_mvdiff_model(run_config(data_dir, out).init, PredictionType.V_PREDICTION)
+    assert max_diff(model.image_encoder.state_dict(), init.image_encoder.state_dict()) == 0  # frozen
+
+
+def test_a_trained_image_encoder_learns_and_is_exported(data_dir, tmp_path):
+    """stage.train_image_encoder: gradients reach the encoder, its EMA is exported in the bundle."""
+    out = tmp_path / "encoder"
+    extra = {"stage.train_image_encoder": "true", "stage.cond_dropout": 0.0, "optim.max_steps": 2}
+    train(run_config(data_dir, out, **extra))
+    model = load_checkpoint(out / "export" / "model.safetensors")
+    ema = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    assert {k.split(".")[0] for k in ema} == {"unet", "image_encoder"}
+    for name, value in model.image_encoder.named_parameters():
+        torch.testing.assert_close(value, ema[f"image_encoder.{name}"])
+    init = build_mvdiff_model(run_config(data_dir, out).init, PredictionType.EPSILON)
+    assert max_diff(model.image_encoder.state_dict(), init.image_encoder.state_dict()) > 1e-4
 
 
 def test_corrupt_png_and_missing_view_are_skipped_and_counted(tmp_path, caplog):

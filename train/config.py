@@ -87,6 +87,11 @@ class ModelInitConfig:
     mvae_path: str = ""  # a fine-tuned MVAE (train_mvae.py export) replacing the VAE
     image_size: int = 0  # 0 = the source's own
     seed: int = 0  # weight init of presets
+    # Starting value of the view-index embedding's scale. 0 (the design) keeps an initialised
+    # model equal to its SD base; a from-scratch model has no base to keep, and from 0 its views
+    # stay anonymous for thousands of steps (the scale reached 0.008 after 5500 CPU steps).
+    # Not for source=bundle, which keeps its trained scale.
+    view_embedding_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ class StageConfig:
     max_cond_views: int = 1
     cond_dropout: float = 0.1  # P(condition dropped) per object, for classifier-free guidance
     cond_loss_weight: float = 1.0  # loss weight of the (trivial) condition-view denoising
+    # Train the image encoder with the UNet. Off in the paper's recipe (CLIP stays frozen); on for
+    # an encoder that starts from random weights (the tiny default), whose frozen embeddings
+    # would barely depend on the image.
+    train_image_encoder: bool = False
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def resumes(config: CheckpointConfig, output_dir: Path) -> bool:
+    """Whether a run in ``output_dir`` resumes from a checkpoint (as ``run_loop`` will)."""
+    return config.resume and Checkpointer(Path(output_dir) / "checkpoints", config).latest() is not None
+
+
 @dataclass
 class Hooks:
     """What differs between the trainers: the loss, validation and export."""

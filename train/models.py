@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from mvdpp_core.checkpoint import convert_sd2_inpainting, load_checkpoint, save_checkpoint
-from mvdpp_core.config import ModelConfig, PredictionType, VAEConfig, from_dict, preset
+from mvdpp_core.config import ModelConfig, PredictionType, VAEConfig, from_dict, preset, to_jsonable
+from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.unet import MultiViewUNet
 from mvdpp_core.vae import MaskAwareVAE
@@ -19,6 +21,8 @@ from mvdpp_core.vae import MaskAwareVAE
 from .config import InitSource, ModelInitConfig, MVAEInitConfig, MVAEInitSource
 
 MVAE_FORMAT = "mvdpp-mvae"
+RUN_ARCHITECTURE = "architecture.json"  # in a run's output_dir: the config its weights were trained under
+C = TypeVar("C")
 
 
 def with_prediction_type(model: MVDPPModel, prediction_type: PredictionType) -> MVDPPModel:
@@ -44,8 +48,59 @@ def _rewrap(model: MVDPPModel, config: ModelConfig) -> MVDPPModel:
     )
 
 
+def run_architecture(output_dir: Path, config: C, *, resuming: bool, is_main: bool) -> C:
+    """The architecture config a run trains: the one recorded when it started.
+
+    A new run records ``config`` in ``output_dir/architecture.json``; a resumed run returns the
+    recorded config, so a preset edited between start and resume (e.g. attention heads, which
+    change no tensor shape) cannot silently change what the checkpoint's weights mean.
+    """
+    path = Path(output_dir) / RUN_ARCHITECTURE
+    if resuming and path.is_file():
+        return from_dict(type(config), json.loads(path.read_text()))
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(to_jsonable(dataclasses.asdict(config)), indent=1, sort_keys=True))
+    return config
+
+
+def rebuilt_under(module: nn.Module, config, output_dir: Path) -> nn.Module:
+    """A new module of ``type(module)`` built from ``config`` holding ``module``'s weights."""
+    rebuilt = type(module)(config)
+    try:
+        rebuilt.load_state_dict(module.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the run in {output_dir} was started with another architecture ({RUN_ARCHITECTURE}) whose "
+            f"weights do not fit the one configured now: {str(err).splitlines()[0]} Start a new run "
+            "(another runtime.output_dir, or checkpoint.resume=false)."
+        ) from None
+    return rebuilt
+
+
+def with_architecture(model: MVDPPModel, config: ModelConfig, output_dir: Path) -> MVDPPModel:
+    """``model``'s weights rebuilt under ``config`` (the run's recorded architecture)."""
+    if config == model.config:
+        return model
+    image_encoder = model.image_encoder
+    if image_encoder is not None and config.image_encoder != model.config.image_encoder:
+        image_encoder = rebuilt_under(image_encoder, config.image_encoder, output_dir)
+    return MVDPPModel(
+        config,
+        unet=rebuilt_under(model.unet, config.unet, output_dir) if config.unet != model.config.unet else model.unet,
+        vae=rebuilt_under(model.vae, config.vae, output_dir) if config.vae != model.config.vae else model.vae,
+        image_encoder=image_encoder,
+        with_image_encoder=image_encoder is not None,
+    )
+
+
 def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -> MVDPPModel:
     """The UNet trainer's model from its init config (preset, SD 2 inpainting or a bundle)."""
+    if init.source is InitSource.BUNDLE and init.view_embedding_scale:
+        raise ValueError(
+            f"init.view_embedding_scale={init.view_embedding_scale} applies to new models; a bundle keeps "
+            "its trained scale: leave it at 0 with init.source=bundle."
+        )
     if init.source is InitSource.PRESET:
         torch.manual_seed(init.seed)
         model = MVDPPModel(preset(init.preset))
@@ -72,6 +127,9 @@ def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -
             "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
             "transformers CLIP vision folder (OpenCLIP ViT-H/14), or start from a bundle that includes one."
         )
+    if init.source is not InitSource.BUNDLE:
+        with torch.no_grad():
+            model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
     model = with_image_size(model, init.image_size)
     return with_prediction_type(model, prediction_type)
 
@@ -138,22 +196,39 @@ def load_trained(module: nn.Module, weights: dict[str, Tensor]) -> None:
         )
 
 
-def model_with_unet_weights(model: MVDPPModel, weights: dict[str, Tensor]) -> MVDPPModel:
-    """A CPU copy of ``model`` whose UNet holds ``weights`` (VAE and image encoder shared)."""
+def model_with_trained_weights(model: MVDPPModel, weights: dict[str, Tensor]) -> MVDPPModel:
+    """A CPU copy of ``model`` holding trained weights keyed as ``TrainedModules``: ``unet.*``,
+    and ``image_encoder.*`` when the encoder was trained (else it and the VAE are shared)."""
+    unknown = sorted(k for k in weights if not k.startswith(("unet.", "image_encoder.")))
+    if unknown:
+        raise ValueError(
+            f"trained weights {unknown[:3]} are not keyed unet.* / image_encoder.*: a checkpoint of an older "
+            "layout or of another trainer."
+        )
     unet = MultiViewUNet(model.config.unet)
-    load_trained(unet, weights)
+    load_trained(unet, _under(weights, "unet."))
+    image_encoder = model.image_encoder
+    encoder_weights = _under(weights, "image_encoder.")
+    if encoder_weights:
+        image_encoder = ImageEncoder(model.config.image_encoder)
+        load_trained(image_encoder, encoder_weights)
+        image_encoder = image_encoder.float().eval()
     return MVDPPModel(
         model.config,
         unet=unet.float().eval(),
         vae=model.vae,
-        image_encoder=model.image_encoder,
-        with_image_encoder=model.image_encoder is not None,
+        image_encoder=image_encoder,
+        with_image_encoder=image_encoder is not None,
     )
+
+
+def _under(weights: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def export_bundle(model: MVDPPModel, weights: dict[str, Tensor], path: str | Path, stage: str) -> Path:
     """Write the bundle ``load_checkpoint`` reads, with the trained (EMA) UNet weights."""
-    export = model_with_unet_weights(model, weights)
+    export = model_with_trained_weights(model, weights)
     vae_device = next(model.vae.parameters()).device
     export.vae.to("cpu")
     if export.image_encoder is not None:

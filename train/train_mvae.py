@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from mvdpp_core.vae import MaskAwareVAE
 from train.config import MVAELossConfig, MVAETrainConfig, dump_config, load_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
-from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, run_loop
-from train.models import build_mvae, load_trained, save_mvae
+from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
+from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture, save_mvae
 from train.viz import save_png
 
 _EPS = 1e-4
@@ -133,6 +133,10 @@ def train(cfg: MVAETrainConfig) -> TrainState:
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
     mvae, image_size = build_mvae(cfg.init)
+    recorded = run_architecture(out, mvae.config, resuming=resumes(cfg.checkpoint, out), is_main=acc.is_main_process)
+    if recorded != mvae.config:
+        acc.print(f"resuming under the architecture recorded in {out / RUN_ARCHITECTURE}, not the one configured now")
+        mvae = rebuilt_under(mvae, recorded, out)
     if cfg.runtime.gradient_checkpointing:
         mvae.vae.enable_gradient_checkpointing()
     model = MVAEAutoencoder(mvae).to(acc.device)

@@ -3,8 +3,8 @@
 Stage 1: epsilon prediction, one condition view; stage 2: v-prediction, one view; stage 3:
 v-prediction, 50 % one view and 50 % 2-10 views. Per object and step, 8 of the 32 target
 views survive (view dropout), the condition is dropped with ``stage.cond_dropout`` (guidance),
-and the condition views are denoised too (their trivial task). Only the UNet trains; the
-MVAE and the CLIP image encoder are frozen.
+and the condition views are denoised too (their trivial task). The UNet trains; the MVAE and
+the CLIP image encoder are frozen (``stage.train_image_encoder`` trains a from-scratch encoder too).
 
 Launch (from the repository root):
 
@@ -41,14 +41,23 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from mvdpp_core.model import Condition, MVDPPModel
+from mvdpp_core.image_encoder import ImageEncoder
+from mvdpp_core.model import Condition, MVDPPModel, embed_on_white
+from mvdpp_core.unet import MultiViewUNet
 from mvdpp_core.pipeline import generate
 from train.config import StageConfig, TrainConfig, dump_config, load_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
-from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, run_loop
-from train.models import build_mvdiff_model, export_bundle, model_with_unet_weights
+from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
+from train.models import (
+    RUN_ARCHITECTURE,
+    build_mvdiff_model,
+    export_bundle,
+    model_with_trained_weights,
+    run_architecture,
+    with_architecture,
+)
 from train.viz import rig_grid, save_png
 
 
@@ -96,10 +105,36 @@ def drop_condition(model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tens
     return Condition(latents, embeddings)
 
 
+class TrainedModules(nn.Module):
+    """What the optimiser updates, as one module for accelerate (DDP, FSDP2, EMA, checkpoints):
+    the UNet and, with ``stage.train_image_encoder``, the image encoder (keys ``unet.*`` and
+    ``image_encoder.*``)."""
+
+    def __init__(self, unet: MultiViewUNet, image_encoder: ImageEncoder | None = None):
+        super().__init__()
+        self.unet = unet
+        self.image_encoder = image_encoder
+
+    def forward(
+        self, sample: Tensor, t: Tensor, view_ids: Tensor, context: Tensor, cond_rgb: Tensor, cond_mask: Tensor,
+        drop: Tensor,
+    ) -> Tensor:
+        """UNet output (b, v, 4, h, w); a trained image encoder replaces ``context`` by the
+        embeddings of ``cond_rgb`` / ``cond_mask`` (b, k, c, H, W), zero where ``drop``."""
+        if self.image_encoder is not None:
+            b = cond_rgb.shape[0]
+            flat = embed_on_white(self.image_encoder, cond_rgb.flatten(0, 1), cond_mask.flatten(0, 1))
+            context = torch.where(drop[:, None, None], 0.0, flat.unflatten(0, (b, -1)).to(context.dtype))
+        return self.unet(sample, t, view_ids, context)
+
+
 def diffusion_loss(
-    model: MVDPPModel, unet: torch.nn.Module, batch: dict, empty: Tensor, stage: StageConfig
+    model: MVDPPModel, trained: nn.Module, batch: dict, empty: Tensor, stage: StageConfig
 ) -> tuple[Tensor, dict[str, float]]:
-    """Mean squared error to the stage's target (epsilon or v) over target and condition views."""
+    """Mean squared error to the stage's target (epsilon or v) over target and condition views.
+
+    ``trained`` is the (accelerate-prepared) ``TrainedModules``.
+    """
     x0, cond = encode_views(model, batch)
     b, v = x0.shape[:2]
     seeds = batch["sample_seed"].tolist()
@@ -110,7 +145,7 @@ def diffusion_loss(
     noisy = model.schedule.q_sample(x0, t, noise)
     target = model.schedule.training_target(x0, noise, t)
     sample, view_ids = model.unet_input(noisy, cond, empty, batch["target_ids"])
-    out = unet(sample, t, view_ids, cond.embeddings)  # b v 4 h w
+    out = trained(sample, t, view_ids, cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop)  # b v 4 h w
     per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b v
     weights = torch.ones(v, device=x0.device)
     weights[v - cond.num_views :] = stage.cond_loss_weight
@@ -129,7 +164,7 @@ def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, st
     """Generate the 32 views of the first data object from its cond_00 with the EMA weights."""
     views = first_object(folders=cfg.data.folders, shards=cfg.data.shards)
     rgb, mask = to_tensors(views.cond_rgba, model.config.image_size)
-    reference = model_with_unet_weights(model, weights).to(acc.device)
+    reference = model_with_trained_weights(model, weights).to(acc.device)
     result = generate(
         reference,
         rgb,
@@ -154,14 +189,20 @@ def train(cfg: TrainConfig) -> TrainState:
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
     model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type)
+    recorded = run_architecture(out, model.config, resuming=resumes(cfg.checkpoint, out), is_main=acc.is_main_process)
+    if recorded != model.config:
+        acc.print(f"resuming under the architecture recorded in {out / RUN_ARCHITECTURE}, not the one configured now")
+        model = with_architecture(model, recorded, out)
     model.vae.requires_grad_(False).eval()
-    model.image_encoder.requires_grad_(False).eval()
+    if not cfg.stage.train_image_encoder:
+        model.image_encoder.requires_grad_(False).eval()
     model.to(acc.device)
     model.unet.set_attention_backend(cfg.runtime.attention_backend)
     if cfg.runtime.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    optimizer, scheduler = make_optimizer(list(model.unet.parameters()), cfg.optim)
-    unet, optimizer, scheduler = acc.prepare(model.unet, optimizer, scheduler)
+    modules = TrainedModules(model.unet, model.image_encoder if cfg.stage.train_image_encoder else None)
+    optimizer, scheduler = make_optimizer(list(modules.parameters()), cfg.optim)
+    trained, optimizer, scheduler = acc.prepare(modules, optimizer, scheduler)
     empty = model.empty_latent(1).detach()
     sampling = ViewSampling(cfg.data.num_target_views, cfg.stage.single_view_prob, cfg.stage.max_cond_views)
 
@@ -180,7 +221,7 @@ def train(cfg: TrainConfig) -> TrainState:
         return make_batches(dataset, num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
 
     hooks = Hooks(
-        loss_fn=lambda batch: diffusion_loss(model, unet, to_device(batch, acc.device), empty, cfg.stage),
+        loss_fn=lambda batch: diffusion_loss(model, trained, to_device(batch, acc.device), empty, cfg.stage),
         batches=batches,
         validate=lambda step, weights: validate(model, weights, cfg, step, acc),
         export=lambda weights: export_bundle(
@@ -190,7 +231,7 @@ def train(cfg: TrainConfig) -> TrainState:
     if cfg.logging.tensorboard:
         acc.init_trackers(cfg.stage.name)
     loop = LoopConfig(cfg.optim, cfg.ema, cfg.logging, cfg.checkpoint, out)
-    return run_loop(acc, unet, optimizer, scheduler, hooks, loop)
+    return run_loop(acc, trained, optimizer, scheduler, hooks, loop)
 
 
 def main(argv: list[str] | None = None) -> int:

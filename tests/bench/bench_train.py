@@ -25,7 +25,7 @@ from mvdpp_core.config import PredictionType
 from train.config import ModelInitConfig, StageConfig
 from train.data.dataset import mix_seed
 from train.models import build_mvdiff_model
-from train.train_mvdiff import diffusion_loss
+from train.train_mvdiff import TrainedModules, diffusion_loss
 
 
 def random_batch(batch: int, targets: int, conds: int, size: int, step: int) -> dict:
@@ -64,6 +64,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=1e-5)
     empty = model.empty_latent(1).detach()
     stage = StageConfig()
+    trained = TrainedModules(model.unet)
     size = model.config.image_size
     times = []
     for step in range(args.warmup + args.steps):
@@ -75,7 +76,7 @@ def main() -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss, _ = diffusion_loss(model, model.unet, batch, empty, stage)
+            loss, _ = diffusion_loss(model, trained, batch, empty, stage)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
