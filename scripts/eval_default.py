@@ -7,7 +7,10 @@ at azimuth 0), generate the 32 rig views and masks and measure:
 * view PSNR and SSIM of the generated views composited on white against the true renders;
 * mask IoU (masks thresholded at 0.5, pooled over the 32 views);
 * mesh volume IoU and Chamfer distance of the fast-path reconstruction
-  (``mvdpp_core.reconstruction.reconstruct``) against the true mesh (``mesh.ply``).
+  (``mvdpp_core.reconstruction.reconstruct``) against the true mesh (``mesh.ply``);
+* whether the output follows its input: PSNR and mask IoU of the same generated views against
+  the true renders of *another* held-out object (the next one in the list). A model that
+  ignores its input scores the same against both; one that follows it scores higher on its own.
 
 The same runs for an untrained model of the same shape (seeded random weights: the floor),
 and, with ``--curve``, for the EMA weights of each saved training checkpoint (a learning
@@ -46,8 +49,9 @@ from train.procedural.objects import Split  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
-METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mask_iou": True, "volume_iou": True, "chamfer": False}
+METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer", "psnr_other", "mask_iou_other")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mask_iou": True, "volume_iou": True, "chamfer": False,
+                    "psnr_other": False, "mask_iou_other": False}
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class ObjectMetrics:
     mask_iou: float
     volume_iou: float
     chamfer: float  # NaN when no mesh could be reconstructed
+    psnr_other: float = math.nan  # against another object's true views: the input-ignoring baseline
+    mask_iou_other: float = math.nan
 
 
 def heldout_folders(root: Path, count: int, size: int) -> list[Path]:
@@ -105,7 +111,8 @@ def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: in
 
 
 def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: SamplingConfig,
-                    with_mesh: bool) -> ObjectMetrics:
+                    with_mesh: bool, other: Path | None = None) -> ObjectMetrics:
+    """Metrics of one object; ``other``: a different object whose truth the output is also scored against."""
     views = fmt.read_object_folder(folder, cond_ids=list(range(n_views)))
     size = model.config.image_size
     rgb, mask = to_tensors(views.target_rgba, size)
@@ -116,7 +123,11 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     v_iou, chamfer = (0.0, math.nan)
     if with_mesh:
         v_iou, chamfer = mesh_metrics(result, trimesh.load(folder / "mesh.ply", process=False), cfg.mesh_resolution)
-    return ObjectMetrics(p, s, m, v_iou, chamfer)
+    p_other, m_other = math.nan, math.nan
+    if other is not None:
+        other_rgb, other_mask = to_tensors(fmt.read_object_folder(other, cond_ids=[0]).target_rgba, size)
+        p_other, _, m_other = view_metrics(result, other_rgb, other_mask)
+    return ObjectMetrics(p, s, m, v_iou, chamfer, p_other, m_other)
 
 
 def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
@@ -139,7 +150,8 @@ def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int
     for n in view_counts:
         t0 = time.perf_counter()
         subset = folders[:multi_count] if n > 1 and multi_count else folders
-        rows = [evaluate_object(model, f, n, cfg, with_mesh) for f in subset]
+        rows = [evaluate_object(model, f, n, cfg, with_mesh, other=subset[(i + 1) % len(subset)])
+                for i, f in enumerate(subset)]
         results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "per_object": [asdict(r) for r in rows],
                            "seconds": round(time.perf_counter() - t0, 1)}
         if on_result is not None:
@@ -156,7 +168,8 @@ def untrained_like(model: MVDPPModel, seed: int = 0) -> MVDPPModel:
 
 
 def with_ema_weights(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
-    """``model`` with the EMA weights (UNet, and a trained image encoder) of a training checkpoint folder (step_*/ema.safetensors)."""
+    """``model`` with the EMA weights (the UNet, and a trained image encoder) of a training
+    checkpoint folder (step_*/ema.safetensors)."""
     from safetensors.torch import load_file
 
     from train.models import model_with_trained_weights
@@ -173,9 +186,11 @@ def learning_curve(model: MVDPPModel, root: Path, folders: list[Path], cfg: Samp
         step = int(ckpt.name.removeprefix("step_"))
         if step % every:
             continue
-        rows = [evaluate_object(with_ema_weights(model, ckpt), f, 1, cfg, with_mesh=False) for f in folders]
+        trained = with_ema_weights(model, ckpt)
+        rows = [evaluate_object(trained, f, 1, cfg, with_mesh=False, other=folders[(i + 1) % len(folders)])
+                for i, f in enumerate(folders)]
         s = summarize(rows)
-        curve.append({"step": step, **{k: s[k]["mean"] for k in ("psnr", "ssim", "mask_iou")}})
+        curve.append({"step": step, **{k: s[k]["mean"] for k in ("psnr", "ssim", "mask_iou", "mask_iou_other")}})
         print(f"[curve] step {step}: psnr {s['psnr']['mean']:.3f} mask_iou {s['mask_iou']['mean']:.4f}", flush=True)
     return curve
 
@@ -198,15 +213,18 @@ def matched_rows(report: dict) -> list[tuple[str, str, dict]]:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| model | input views | objects | view PSNR (dB) | view SSIM | mask IoU | mesh volume IoU | Chamfer |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | input views | objects | view PSNR (dB) | view SSIM | mask IoU | mesh volume IoU | Chamfer "
+             "| PSNR vs another object | mask IoU vs another object |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, n, entry in matched_rows(report):
         s = entry["summary"]
         lines.append(f"| {label} | {n} | {entry['objects']} | " + " | ".join(
-            f"{s[k]['mean']:.2f}" if k == "psnr" else f"{s[k]['mean']:.4f}" for k in METRICS) + " |")
+            f"{s[k]['mean']:.2f}" if k.startswith("psnr") else f"{s[k]['mean']:.4f}" for k in METRICS) + " |")
     if report.get("curve"):
-        lines += ["", "| training step | view PSNR (1 view) | mask IoU (1 view) |", "| --- | --- | --- |"]
-        lines += [f"| {c['step']} | {c['psnr']:.2f} | {c['mask_iou']:.4f} |" for c in report["curve"]]
+        lines += ["", "| training step | view PSNR (1 view) | mask IoU (1 view) | mask IoU vs another object |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {c['step']} | {c['psnr']:.2f} | {c['mask_iou']:.4f} | {c.get('mask_iou_other', math.nan):.4f} |"
+                  for c in report["curve"]]
     return "\n".join(lines)
 
 

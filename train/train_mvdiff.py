@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import Condition, MVDPPModel, embed_on_white
-from mvdpp_core.unet import MultiViewUNet
 from mvdpp_core.pipeline import generate
+from mvdpp_core.unet import MultiViewUNet
 from train.config import StageConfig, TrainConfig, dump_config, load_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
