@@ -75,7 +75,7 @@ def test_checkpoint_loads_as_tiny_architecture():
     assert model.config.image_size == 64 and model.config.latent_size == 16
     assert model.config.unet == tiny.unet
     assert model.image_encoder is not None  # the bundle carries its (tiny) image encoder
-    assert read_metadata(CHECKPOINT).get("training_stage") == "stage1"
+    assert read_metadata(CHECKPOINT).get("training_stage") == "default"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -117,8 +117,9 @@ def test_trained_model_beats_untrained_on_heldout_masks(tmp_path):
     assert trained_iou >= untrained_iou + MIN_MASK_IOU_MARGIN, (trained_iou, untrained_iou)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped 2600-step CPU checkpoint learned the silhouette prior of the "
-                   "procedural objects but not yet to follow its input view; remove this marker after a longer run")
+@pytest.mark.xfail(strict=True, reason="the shipped 7500-step CPU checkpoint learned the silhouette prior of the "
+                   "procedural objects but follows its input view only weakly (held-out mask IoU 0.58 against its "
+                   "own object, 0.57 against another); remove this marker after a longer run")
 def test_output_depends_on_the_input_view():
     from mvdpp_core.pipeline import generate
 

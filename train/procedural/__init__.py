@@ -11,10 +11,10 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     python train/train_mvae.py --config train/configs/default_mvae.yaml
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs/mvae/export/mvae.safetensors \
         --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae_calibrated.safetensors --objects 8
-    python train/train_mvdiff.py --config train/configs/default_stage1.yaml
-    cp /tmp/mvdpp_default/runs/stage1/export/model.safetensors models/mvdpp_default.safetensors
+    python train/train_mvdiff.py --config train/configs/default_unet.yaml
+    cp /tmp/mvdpp_default/runs/unet/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
-    python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --multi-count 15 \
-        --baseline-count 10 --curve /tmp/mvdpp_default/runs/stage1/checkpoints --curve-every 500 \
-        --curve-count 4 --out tests/data/default_eval.json
+    python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 \
+        --baseline-count 10 --curve /tmp/mvdpp_default/runs/unet/checkpoints --curve-every 1000 \
+        --curve-count 8 --out tests/data/default_eval.json
 """
