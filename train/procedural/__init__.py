@@ -15,6 +15,6 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     cp /tmp/mvdpp_default/runs/unet/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 \
-        --baseline-count 10 --curve /tmp/mvdpp_default/runs/unet/checkpoints --curve-every 1000 \
+        --baseline-count 10 --curve /tmp/mvdpp_default/runs/unet/checkpoints --curve-every 1500 \
         --curve-count 8 --out tests/data/default_eval.json
 """
