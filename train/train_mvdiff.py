@@ -69,16 +69,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def encode_views(model: MVDPPModel, batch: dict) -> tuple[Tensor, Condition]:
+def encode_views(model: MVDPPModel, batch: dict, embed: bool = True) -> tuple[Tensor, Condition]:
     """Posterior-sampled latents x0 (b, t + k, 4, h, w) of all views, each object with its own
-    seeded generator, and the condition of the k condition views."""
+    seeded generator, and the condition of the k condition views (with zero embeddings when
+    ``embed`` is off: a trained image encoder embeds them in ``TrainedModules``)."""
     latents, conds = [], []
     for i, seed in enumerate(batch["sample_seed"].tolist()):
         generator = torch.Generator().manual_seed(mix_seed(seed, 7))
         rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])  # (t + k) 3 H W
         mask = torch.cat([batch["target_mask"][i], batch["cond_mask"][i]])
         latents.append(model.vae.encode(rgb, mask, sample=True, generator=generator))
-        conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i]))
+        k = batch["cond_rgb"].shape[1]
+        skipped = None if embed else rgb.new_zeros(k, model.config.unet.cross_attention_dim)
+        conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i], skipped))
     cond = Condition(torch.cat([c.latents for c in conds]), torch.cat([c.embeddings for c in conds]))
     return torch.stack(latents), cond
 
@@ -135,7 +138,7 @@ def diffusion_loss(
 
     ``trained`` is the (accelerate-prepared) ``TrainedModules``.
     """
-    x0, cond = encode_views(model, batch)
+    x0, cond = encode_views(model, batch, embed=not stage.train_image_encoder)
     b, v = x0.shape[:2]
     seeds = batch["sample_seed"].tolist()
     t, noise, drop = training_noise(seeds, x0.shape, model.schedule.num_train_timesteps, stage.cond_dropout)
