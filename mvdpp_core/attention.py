@@ -22,6 +22,8 @@ from diffusers.models.attention_processor import Attention
 from einops import rearrange
 from torch import Tensor
 
+from .geometry import tokens_at
+
 
 class AttentionBackend(str, enum.Enum):
     AUTO = "auto"
@@ -75,12 +77,22 @@ def gather_views(x: Tensor, group: torch.distributed.ProcessGroup) -> Tensor:
 class MultiViewAttnProcessor:
     """diffusers attention processor; global over views when ``global_views`` is set.
 
-    ``num_views`` arrives through ``cross_attention_kwargs`` on every UNet call.
+    ``num_views`` (and ``geometry``, the per-view token geometry of ``mvdpp_core.geometry``)
+    arrive through ``cross_attention_kwargs`` on every UNet call. ``geometry_proj`` (owned by
+    the UNet's ``GeometryEncoding``, held here by reference) maps a token's geometry to terms
+    added to its query, key and output: attention can then address views and positions.
     """
 
-    def __init__(self, *, global_views: bool, backend: AttentionBackend = AttentionBackend.SDPA):
+    def __init__(
+        self,
+        *,
+        global_views: bool,
+        backend: AttentionBackend = AttentionBackend.SDPA,
+        geometry_proj: torch.nn.Linear | None = None,
+    ):
         self.global_views = global_views
         self.backend = backend
+        self.geometry_proj = geometry_proj
 
     def __call__(
         self,
@@ -91,6 +103,7 @@ class MultiViewAttnProcessor:
         temb: Tensor | None = None,
         num_views: int = 1,
         view_group: torch.distributed.ProcessGroup | None = None,
+        geometry: Tensor | None = None,
     ) -> Tensor:
         if attention_mask is not None:
             raise ValueError("MultiViewAttnProcessor does not take an attention mask.")
@@ -107,6 +120,11 @@ class MultiViewAttnProcessor:
             context = attn.norm_encoder_hidden_states(context)
 
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        out_geometry = None
+        if is_self and self.geometry_proj is not None and geometry is not None:
+            g = self.geometry_proj(tokens_at(geometry, q.shape[1]).to(q.dtype))  # (b v) l (2 inner + c)
+            q_g, k_g, out_geometry = g.split([q.shape[-1], k.shape[-1], g.shape[-1] - 2 * q.shape[-1]], dim=-1)
+            q, k = q + q_g, k + k_g
         if is_self and self.global_views and num_views > 1:
             # All views of one object attend to each other: one sequence per object.
             q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
@@ -118,6 +136,8 @@ class MultiViewAttnProcessor:
             out = attend(q, k, v, attn.heads, self.backend)
 
         out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if out_geometry is not None:
+            out = out + out_geometry
         if spatial:
             out = rearrange(out, "n (h w) c -> n c h w", h=height, w=width)
         if attn.residual_connection:
@@ -126,12 +146,20 @@ class MultiViewAttnProcessor:
 
 
 def multiview_processors(
-    attn_names: list[str], *, global_attention: bool, backend: AttentionBackend
+    attn_names: list[str],
+    *,
+    global_attention: bool,
+    backend: AttentionBackend,
+    geometry_projs: dict[str, torch.nn.Linear] | None = None,
 ) -> dict[str, MultiViewAttnProcessor]:
-    """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view."""
+    """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view;
+    ``geometry_projs`` by processor name (attn1 layers) when the UNet has a geometry encoding."""
+    geometry_projs = geometry_projs or {}
     return {
         name: MultiViewAttnProcessor(
-            global_views=global_attention and name.endswith("attn1.processor"), backend=backend
+            global_views=global_attention and name.endswith("attn1.processor"),
+            backend=backend,
+            geometry_proj=geometry_projs.get(name),
         )
         for name in attn_names
     }

@@ -48,11 +48,15 @@ class UNetConfig:
     )
     num_view_slots: int = 42  # 32 target + 10 condition view-index embeddings
     global_attention: bool = True  # attn1 over all views of an object (False: per view)
+    # Per-token geometry (rig rays of target views, image position of every view) projected
+    # into each global attention layer's queries, keys and output (mvdpp_core.geometry). Off in
+    # the paper's architecture; zero-initialised it leaves an initialised model equal to its base.
+    geometry_encoding: bool = False
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for ``UNet2DConditionModel(**kwargs)`` (our extras removed)."""
         kwargs = dataclasses.asdict(self)
-        for extra in ("num_view_slots", "global_attention"):
+        for extra in ("num_view_slots", "global_attention", "geometry_encoding"):
             kwargs.pop(extra)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 

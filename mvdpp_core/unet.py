@@ -7,6 +7,11 @@ unchanged) and changes it in exactly two places:
 * ``unet.class_embedding`` is a ``ViewIndexEmbedding``: 42 learnable vectors times a
   trainable scale that starts at 0, which diffusers adds to each view's timestep
   embedding. At initialisation the model is therefore exactly its SD base, per view.
+
+With ``UNetConfig.geometry_encoding`` a third, ``GeometryEncoding``, adds the per-token
+geometry of ``mvdpp_core.geometry`` to every global attention layer through new weights,
+zero at initialisation (the base is kept exactly); a model trained from scratch starts them
+random (``GeometryEncoding.reset_parameters``) so that geometry acts from the first step.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor, nn
 
 from .attention import AttentionBackend, multiview_processors, resolve_backend
 from .config import UNetConfig
+from .geometry import GEOMETRY_CHANNELS, token_geometry
 
 
 class ViewIndexEmbedding(nn.Module):
@@ -33,6 +39,27 @@ class ViewIndexEmbedding(nn.Module):
         return self.scale * self.embedding(view_ids)
 
 
+class GeometryEncoding(nn.Module):
+    """One linear map per global attention layer: token geometry -> (query, key, output) terms."""
+
+    def __init__(self, layer_dims: dict[str, tuple[int, int]]):
+        """``layer_dims``: attn1 processor name -> (inner dim of q / k, output dim)."""
+        super().__init__()
+        self.names = list(layer_dims)
+        self.projs = nn.ModuleList(
+            nn.Linear(GEOMETRY_CHANNELS, 2 * inner + out, bias=False) for inner, out in layer_dims.values()
+        )
+        self.reset_parameters(0.0)
+
+    def reset_parameters(self, std: float) -> None:
+        """Zero (``std=0``: the model equals its base) or normal(0, std) weights."""
+        for proj in self.projs:
+            nn.init.normal_(proj.weight, std=std) if std > 0 else nn.init.zeros_(proj.weight)
+
+    def by_processor(self) -> dict[str, nn.Linear]:
+        return dict(zip(self.names, self.projs))
+
+
 class MultiViewUNet(nn.Module):
     """UNet over all views of an object: input (b, v, 9, h, w) -> output (b, v, 4, h, w)."""
 
@@ -42,7 +69,21 @@ class MultiViewUNet(nn.Module):
         self.unet = unet if unet is not None else UNet2DConditionModel(**config.diffusers_kwargs())
         time_embed_dim = self.unet.time_embedding.linear_2.out_features
         self.unet.class_embedding = ViewIndexEmbedding(config.num_view_slots, time_embed_dim)
+        if config.geometry_encoding:  # inside the diffusers UNet: bundles store its tensors as unet.geometry_encoding.*
+            self.unet.geometry_encoding = GeometryEncoding(self._attn1_dims())
         self.set_attention_backend(AttentionBackend.SDPA)
+
+    @property
+    def geometry(self) -> GeometryEncoding | None:
+        return getattr(self.unet, "geometry_encoding", None)
+
+    def _attn1_dims(self) -> dict[str, tuple[int, int]]:
+        """attn1 processor name -> (inner dim, output dim) of every self-attention layer."""
+        return {
+            f"{name}.processor": (module.inner_dim, module.out_dim)
+            for name, module in self.unet.named_modules()
+            if name.endswith("attn1")
+        }
 
     def set_attention_backend(self, backend: AttentionBackend | str, *, global_attention: bool | None = None) -> None:
         """Install our processors with the given kernel ('auto', 'sdpa' or 'xformers')."""
@@ -53,6 +94,7 @@ class MultiViewUNet(nn.Module):
                 list(self.unet.attn_processors),
                 global_attention=global_attention,
                 backend=resolve_backend(backend, device),
+                geometry_projs=self.geometry.by_processor() if self.geometry is not None else None,
             )
         )
 
@@ -80,12 +122,16 @@ class MultiViewUNet(nn.Module):
         b, v = sample.shape[:2]
         if timesteps.ndim == 1:
             timesteps = repeat(timesteps, "b -> b v", v=v)
+        kwargs = {"num_views": v, "view_group": view_group}
+        if self.geometry is not None:
+            ids = rearrange(view_ids, "b v -> (b v)")
+            kwargs["geometry"] = token_geometry(ids, sample.shape[-1]).to(sample.dtype)  # (b v) g h w
         out = self.unet(
             rearrange(sample, "b v c h w -> (b v) c h w"),
             rearrange(timesteps, "b v -> (b v)"),
             encoder_hidden_states=repeat(context, "b n d -> (b v) n d", v=v),
             class_labels=rearrange(view_ids, "b v -> (b v)"),
-            cross_attention_kwargs={"num_views": v, "view_group": view_group},
+            cross_attention_kwargs=kwargs,
             return_dict=False,
         )[0]
         return rearrange(out, "(b v) c h w -> b v c h w", b=b)

@@ -219,6 +219,33 @@ def test_a_trained_image_encoder_learns_and_is_exported(data_dir, tmp_path):
     assert max_diff(model.image_encoder.state_dict(), init.image_encoder.state_dict()) > 1e-4
 
 
+def test_embedding_dropout_closes_the_image_token_path(data_dir, tmp_path):
+    """stage.embedding_dropout=1: the image tokens are always dropped, so no gradient reaches a
+    trained image encoder (it moves only by weight decay), while the UNet still learns."""
+    out = tmp_path / "embdrop"
+    extra = {"stage.train_image_encoder": "true", "stage.cond_dropout": 0.0, "stage.embedding_dropout": 1.0,
+             "optim.max_steps": 2}
+    train(run_config(data_dir, out, **extra))
+    model = load_checkpoint(out / "export" / "model.safetensors")
+    init = build_mvdiff_model(run_config(data_dir, out).init, PredictionType.EPSILON)
+    assert max_diff(model.image_encoder.state_dict(), init.image_encoder.state_dict()) < 1e-5
+    assert max_diff(model.unet.state_dict(), init.unet.state_dict()) > 1e-4
+
+
+def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
+    """init.architecture switches the geometry encoding on; its trained (EMA) weights reach the bundle."""
+    out = tmp_path / "geometry"
+    extra = {"init.architecture": "{unet: {geometry_encoding: true}}", "init.geometry_init_std": 0.05,
+             "optim.max_steps": 1}
+    train(run_config(data_dir, out, **extra))
+    model = load_checkpoint(out / "export" / "model.safetensors")
+    assert model.config.unet.geometry_encoding and model.unet.geometry is not None
+    ema = load_file(str(out / "checkpoints" / "step_00000001" / "ema.safetensors"))
+    for name, value in model.unet.geometry.named_parameters():
+        torch.testing.assert_close(value, ema[f"unet.unet.geometry_encoding.{name}"])
+    assert 0.03 < torch.cat([p.flatten() for p in model.unet.geometry.parameters()]).std() < 0.07
+
+
 def test_corrupt_png_and_missing_view_are_skipped_and_counted(tmp_path, caplog):
     data = tmp_path / "objects"
     folders = write_synthetic_dataset(data, num_objects=3, image_size=32, num_cond=2, seed=2)

@@ -92,6 +92,13 @@ class ModelInitConfig:
     # stay anonymous for thousands of steps (the scale reached 0.008 after 5500 CPU steps).
     # Not for source=bundle, which keeps its trained scale.
     view_embedding_scale: float = 0.0
+    # Architecture overrides of a preset (source=preset only), as a nested mapping of
+    # mvdpp_core.config.ModelConfig fields, e.g. {unet: {geometry_encoding: true}}; strict.
+    architecture: dict[str, Any] = field(default_factory=dict)
+    # Starting std of the geometry encoding's weights (UNetConfig.geometry_encoding). 0 keeps a
+    # model initialised from SD 2 equal to its base; from scratch there is no base to keep, and
+    # zero-initialised per-slot weights barely move (each slot gets gradient only when sampled).
+    geometry_init_std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,11 @@ class StageConfig:
     # an encoder that starts from random weights (the tiny default), whose frozen embeddings
     # would barely depend on the image.
     train_image_encoder: bool = False
+    # P(the image-embedding tokens are dropped while the condition latents stay), per object.
+    # A trained image encoder offers a shortcut: one cross-attention token can carry the whole
+    # object as a query-independent bias, and the path through the condition view's latent and
+    # global attention (the one that carries geometry) is then never learned. 0 = the paper's.
+    embedding_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

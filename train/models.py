@@ -96,14 +96,20 @@ def with_architecture(model: MVDPPModel, config: ModelConfig, output_dir: Path) 
 
 def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -> MVDPPModel:
     """The UNet trainer's model from its init config (preset, SD 2 inpainting or a bundle)."""
-    if init.source is InitSource.BUNDLE and init.view_embedding_scale:
+    for key in ("view_embedding_scale", "geometry_init_std"):
+        if init.source is InitSource.BUNDLE and getattr(init, key):
+            raise ValueError(
+                f"init.{key}={getattr(init, key)} applies to new models; a bundle keeps its trained "
+                f"weights: leave it at 0 with init.source=bundle."
+            )
+    if init.architecture and init.source is not InitSource.PRESET:
         raise ValueError(
-            f"init.view_embedding_scale={init.view_embedding_scale} applies to new models; a bundle keeps "
-            "its trained scale: leave it at 0 with init.source=bundle."
+            f"init.architecture={init.architecture} overrides a preset's architecture; init.source="
+            f"{init.source.value} brings its own. Use init.source=preset, or leave init.architecture empty."
         )
     if init.source is InitSource.PRESET:
         torch.manual_seed(init.seed)
-        model = MVDPPModel(preset(init.preset))
+        model = MVDPPModel(preset_with(init.preset, init.architecture))
     elif init.source is InitSource.SD2_INPAINTING:
         _require(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
         model = convert_sd2_inpainting(
@@ -130,8 +136,25 @@ def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -
     if init.source is not InitSource.BUNDLE:
         with torch.no_grad():
             model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
+        if model.unet.geometry is not None:
+            model.unet.geometry.reset_parameters(init.geometry_init_std)
     model = with_image_size(model, init.image_size)
     return with_prediction_type(model, prediction_type)
+
+
+def preset_with(name: str, overrides: dict) -> ModelConfig:
+    """Preset ``name`` with nested field overrides applied (strict: unknown keys are named)."""
+    return ModelConfig.from_dict(_merged(preset(name).to_dict(), overrides))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merged(base[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def build_mvae(init: MVAEInitConfig) -> tuple[MaskAwareVAE, int]:

@@ -100,6 +100,12 @@ def training_noise(
     return torch.stack(ts), torch.stack(noises), torch.stack(drops)
 
 
+def embedding_drops(seeds: list[int], p: float) -> Tensor:
+    """Per object (b,): drop only the image-embedding tokens (``stage.embedding_dropout``), from
+    the sample seed's own stream, independent of the condition dropout's."""
+    return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(mix_seed(s, 9))) < p for s in seeds])
+
+
 def drop_condition(model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tensor) -> Condition:
     """Replace the condition of objects with ``drop`` by ``model.null_condition`` (as guidance does)."""
     null = model.null_condition(cond, empty)
@@ -145,10 +151,12 @@ def diffusion_loss(
     t, noise, drop = t.to(x0.device), noise.to(x0.device), drop.to(x0.device)
     empty = empty.expand(b, -1, -1, -1)
     cond = drop_condition(model, cond, empty, drop)
+    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(x0.device)
+    cond = Condition(cond.latents, torch.where(drop_tokens[:, None, None], 0.0, cond.embeddings))
     noisy = model.schedule.q_sample(x0, t, noise)
     target = model.schedule.training_target(x0, noise, t)
     sample, view_ids = model.unet_input(noisy, cond, empty, batch["target_ids"])
-    out = trained(sample, t, view_ids, cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop)  # b v 4 h w
+    out = trained(sample, t, view_ids, cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens)
     per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b v
     weights = torch.ones(v, device=x0.device)
     weights[v - cond.num_views :] = stage.cond_loss_weight

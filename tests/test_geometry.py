@@ -1,0 +1,138 @@
+"""Per-token geometry in global attention: exact rig rays, zero-initialised identity with the
+base, view equivariance, and the training switches that use it."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.config import PredictionType, preset
+from mvdpp_core.geometry import GEOMETRY_CHANNELS, rig_plucker, token_geometry, tokens_at
+from mvdpp_core.unet import MultiViewUNet
+from train.config import InitSource, ModelInitConfig
+from train.models import build_mvdiff_model
+
+CFG = dataclasses.replace(preset("tiny").unet, geometry_encoding=True)
+
+
+def _inputs(b: int, v: int, seed: int = 0, size: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(b, v, 9, size, size, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    ids = torch.stack([torch.randperm(42, generator=g)[:v] for _ in range(b)])
+    ctx = torch.randn(b, 3, CFG.cross_attention_dim, generator=g)
+    return sample, t, ids, ctx
+
+
+def test_plucker_rays_pass_through_their_pixels():
+    """A point along each target pixel's ray, rebuilt from its Plücker coordinates, projects
+    back onto that pixel's centre in the rig camera."""
+    size = 8
+    plucker = rig_plucker(size).double()  # v 6 h w
+    d, m = plucker[:, :3], plucker[:, 3:]
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(NUM_TARGET_VIEWS, size, size, dtype=torch.float64))
+    assert (d * m).sum(1).abs().max() < 1e-6  # a moment is orthogonal to its direction
+    closest = torch.cross(d, m, dim=1)  # the ray's point nearest the origin
+    c2w = rig_c2w(torch.float64)
+    for view in (0, 9, 31):
+        points = (closest[view] + 0.3 * d[view]).permute(1, 2, 0).reshape(-1, 3)  # (h w) 3
+        pixels, depth = project(points, c2w[view : view + 1], intrinsics(size).double())
+        ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+        expected = torch.stack([xs, ys], dim=-1).reshape(-1, 2).double()
+        torch.testing.assert_close(pixels[0], expected, atol=2e-3, rtol=0)  # float32 rays
+        assert (depth > 0).all()
+
+
+def test_condition_views_are_pose_free():
+    geometry = token_geometry(torch.tensor([0, 31, 32, 41]), 4)  # 2 targets, 2 condition views
+    assert geometry.shape == (4, GEOMETRY_CHANNELS, 4, 4)
+    assert (geometry[2:, 2:8] == 0).all(), "condition views must carry no ray (their poses are unknown)"
+    assert (geometry[:2, 2:8] != 0).any()
+    torch.testing.assert_close(geometry[:, :2, 0, 0], torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]))
+    torch.testing.assert_close(geometry[2, 8:], geometry[0, 8:])  # image position: same for every view
+
+
+def test_tokens_pool_square_grids_and_refuse_others():
+    geometry = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    pooled = tokens_at(geometry, 4)  # 2x2 tokens
+    torch.testing.assert_close(pooled[:, 0], geometry[..., :2, :2].mean(dim=(-1, -2)))
+    with pytest.raises(ValueError, match="does not pool to 8 tokens"):
+        tokens_at(geometry, 8)
+
+
+@torch.no_grad()
+def test_zero_initialised_geometry_keeps_the_diffusers_base_exactly():
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**CFG.diffusers_kwargs()).eval()
+    mv = MultiViewUNet(CFG, copy.deepcopy(base)).eval()
+    assert mv.geometry is not None and all((p == 0).all() for p in mv.geometry.parameters())
+    mv.set_attention_backend("sdpa", global_attention=False)
+    sample, t, ids, ctx = _inputs(1, 5)
+    ours = mv(sample, t, ids, ctx)
+    ref = base(sample[0], t.expand(5), encoder_hidden_states=ctx.expand(5, -1, -1)).sample
+    torch.testing.assert_close(ours[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def geometry_unet() -> MultiViewUNet:
+    torch.manual_seed(1)
+    mv = MultiViewUNet(CFG).eval()
+    mv.geometry.reset_parameters(0.1)
+    return mv
+
+
+@torch.no_grad()
+def test_geometry_tells_rig_slots_apart_without_view_embeddings(geometry_unet):
+    """View scale 0: only the geometry encoding can make two target slots differ."""
+    assert geometry_unet.unet.class_embedding.scale.abs().max() == 0
+    sample, t, _, ctx = _inputs(1, 2)
+    out = geometry_unet(sample, t, torch.tensor([[0, 32]]), ctx)
+    moved = geometry_unet(sample, t, torch.tensor([[9, 32]]), ctx)
+    assert (out - moved).abs().max() > 1e-3
+    geometry_unet.geometry.reset_parameters(0.0)
+    assert torch.equal(geometry_unet(sample, t, torch.tensor([[0, 32]]), ctx),
+                       geometry_unet(sample, t, torch.tensor([[9, 32]]), ctx))
+
+
+@torch.no_grad()
+def test_permuting_views_with_their_ids_permutes_outputs_with_geometry(geometry_unet):
+    sample, t, ids, ctx = _inputs(2, 6)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    out = geometry_unet(sample, t, ids, ctx)
+    torch.testing.assert_close(geometry_unet(sample[:, perm], t, ids[:, perm], ctx), out[:, perm],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_geometry_survives_a_backend_switch(geometry_unet):
+    """The processors hold the encoding's weights by reference: re-installing them keeps it."""
+    sample, t, ids, ctx = _inputs(1, 3)
+    with torch.no_grad():
+        before = geometry_unet(sample, t, ids, ctx)
+        geometry_unet.set_attention_backend("sdpa")
+        torch.testing.assert_close(geometry_unet(sample, t, ids, ctx), before)
+    loss = geometry_unet(sample, t, ids, ctx).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in geometry_unet.geometry.parameters())
+
+
+def test_training_init_builds_the_architecture_override_with_random_geometry():
+    init = ModelInitConfig(architecture={"unet": {"geometry_encoding": True}}, geometry_init_std=0.05)
+    model = build_mvdiff_model(init, PredictionType.V_PREDICTION)
+    assert model.config.unet.geometry_encoding
+    std = torch.cat([p.flatten() for p in model.unet.geometry.parameters()]).std().item()
+    assert 0.04 < std < 0.06
+    plain = build_mvdiff_model(ModelInitConfig(), PredictionType.V_PREDICTION)
+    assert plain.unet.geometry is None and not plain.config.unet.geometry_encoding
+
+
+def test_training_init_refuses_bad_architecture_overrides():
+    with pytest.raises(ValueError, match="geometry_encodng.*allowed"):
+        build_mvdiff_model(ModelInitConfig(architecture={"unet": {"geometry_encodng": True}}), PredictionType.EPSILON)
+    with pytest.raises(ValueError, match="init.architecture.*source=bundle"):
+        build_mvdiff_model(
+            ModelInitConfig(source=InitSource.BUNDLE, path="x.safetensors", architecture={"image_size": 32}),
+            PredictionType.EPSILON,
+        )

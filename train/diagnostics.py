@@ -1,0 +1,150 @@
+"""Measurements of how information flows from the condition views to the target views.
+
+* ``attention_flow``: per global attention layer, the softmax mass that target-view queries
+  put on condition-view keys (against the uniform share ``n_cond / v``), and the attention
+  entropy normalised by its maximum (1 = uniform: attention is a global mean over views).
+* ``condition_share``: the x0 error of target views with the object's own condition vs
+  another object's condition, at a fixed noise level: ``1 - err_own / err_other``. 0 means
+  the condition does not inform the targets; near 1, it decides them.
+* ``silhouette_consistency``: carve the visual hull of 32 masks on the rig, project it back
+  and take the IoU with the masks: ~0.99 for the true views of one object; masks that do not
+  describe one 3D object carve to little and score low.
+
+Used by ``scripts/eval_default.py`` and ``scripts/overfit_default.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from mvdpp_core import attention as attention_module
+from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.model import Condition, MVDPPModel
+
+
+@dataclass
+class LayerFlow:
+    """Attention statistics of one global attention layer (means over objects, heads, queries)."""
+
+    cond_mass: float  # mass target queries put on condition keys
+    uniform_mass: float  # what uniform attention would put there: n_cond / v
+    own_view_mass: float  # mass target queries put on their own view's keys
+    entropy: float  # normalised: 1 = uniform over all keys
+
+
+@contextlib.contextmanager
+def recording_attention(num_views: int, num_cond: int) -> Iterator[list[LayerFlow]]:
+    """Record ``LayerFlow`` for every global attention call inside the block (math attention)."""
+    records: list[LayerFlow] = []
+    original = attention_module.attend
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend) -> Tensor:
+        length = q.shape[1]
+        if length != k.shape[1] or length % num_views:  # cross-attention or per-view attention
+            return original(q, k, v, heads, backend)
+        tokens = length // num_views
+        qh, kh = (rearrange(t, "n l (h d) -> n h l d", h=heads).float() for t in (q, k))
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)  # n h lq lk
+        targets = (num_views - num_cond) * tokens
+        p_t = probs[:, :, :targets]  # target queries
+        cond_mass = p_t[..., targets:].sum(-1).mean().item()
+        per_view = rearrange(p_t, "n h (vq lq) (vk lk) -> n h vq lq vk lk", lq=tokens, lk=tokens).sum(-1)
+        own = torch.diagonal(per_view[..., : num_views - num_cond], dim1=2, dim2=4).mean().item()
+        entropy = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean().item() / math.log(length)
+        records.append(LayerFlow(cond_mass, num_cond / num_views, own, entropy))
+        return original(q, k, v, heads, backend)
+
+    attention_module.attend = attend
+    try:
+        yield records
+    finally:
+        attention_module.attend = original
+
+
+def noisy_targets(model: MVDPPModel, x0: Tensor, t: int, seed: int) -> tuple[Tensor, Tensor]:
+    """x_t of latents (1, v, c, h, w) at timestep t with seeded noise, and the timestep tensor."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(x0)
+    tt = torch.full((1,), t, dtype=torch.long)
+    return model.schedule.q_sample(x0, tt, noise), tt
+
+
+@torch.no_grad()
+def target_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, t: int, seed: int = 0) -> float:
+    """MSE of the predicted x0 of the 32 target views (latents x0 (1, 32 + n, c, h, w))."""
+    noisy, tt = noisy_targets(model, x0, t, seed)
+    empty = model.empty_latent(1)
+    out = model.predict(noisy, tt.float(), cond, empty)
+    pred = model.schedule.predict_x0(out, noisy, tt)
+    return (pred[:, :NUM_TARGET_VIEWS] - x0[:, :NUM_TARGET_VIEWS]).pow(2).mean().item()
+
+
+@torch.no_grad()
+def object_latents(model: MVDPPModel, target_rgb: Tensor, target_mask: Tensor, cond_rgb: Tensor,
+                   cond_mask: Tensor) -> tuple[Tensor, Condition]:
+    """Mean latents (1, 32 + n, 4, h, w) of all views and the condition of an object's views."""
+    rgb, mask = torch.cat([target_rgb, cond_rgb]), torch.cat([target_mask, cond_mask])
+    x0 = model.vae.encode(rgb, mask)[None]
+    return x0, model.encode_condition(cond_rgb, cond_mask)
+
+
+@torch.no_grad()
+def condition_share(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t: int) -> dict[str, float]:
+    """x0 error of targets with own vs another object's condition at timestep t (objects: (x0, cond))."""
+    own, other = [], []
+    for i, (x0, cond) in enumerate(objects):
+        own.append(target_x0_error(model, x0, cond, t, seed=i))
+        other.append(target_x0_error(model, x0, objects[(i + 1) % len(objects)][1], t, seed=i))
+    err_own, err_other = sum(own) / len(own), sum(other) / len(other)
+    return {"t": t, "x0_err_own": err_own, "x0_err_other": err_other, "share": 1 - err_own / err_other}
+
+
+@torch.no_grad()
+def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t: int) -> list[dict[str, float]]:
+    """Per global attention layer, ``LayerFlow`` averaged over the objects at timestep t."""
+    per_layer: list[list[LayerFlow]] = []
+    for i, (x0, cond) in enumerate(objects):
+        noisy, tt = noisy_targets(model, x0, t, seed=i)
+        with recording_attention(x0.shape[1], cond.num_views) as records:
+            model.predict(noisy, tt.float(), cond, model.empty_latent(1))
+        per_layer = per_layer or [[] for _ in records]
+        for slot, record in zip(per_layer, records):
+            slot.append(record)
+    return [
+        {field: sum(getattr(r, field) for r in rows) / len(rows) for field in LayerFlow.__dataclass_fields__}
+        for rows in per_layer
+    ]
+
+
+def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
+    """IoU of 32 rig masks (32, H, W) in [0, 1] with the reprojection of their visual hull.
+
+    The hull keeps voxels inside every mask (threshold 0.5) in a [-0.5, 0.5]^3 grid of
+    ``resolution``^3; its projection is rendered per view by splatting voxel centres.
+    """
+    size = masks.shape[-1]
+    inside = masks > 0.5  # v H W
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution - 0.5
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # N 3
+    uv, _ = project(grid, rig_c2w(torch.float32), intrinsics(size))  # v N 2
+    px = uv.floor().long().clamp(-1, size)
+    valid = ((px >= 0) & (px < size)).all(-1)  # v N
+    views = torch.arange(NUM_TARGET_VIEWS)[:, None].expand_as(valid)
+    hit = torch.zeros_like(valid)
+    hit[valid] = inside[views[valid], px[..., 1][valid], px[..., 0][valid]]
+    keep = hit.all(0)  # N: inside every mask
+    ious = []
+    for view in range(NUM_TARGET_VIEWS):
+        sel = keep & valid[view]
+        proj = torch.zeros(size, size, dtype=torch.bool)
+        proj[px[view, sel, 1], px[view, sel, 0]] = True
+        union = (proj | inside[view]).sum().item()
+        ious.append((proj & inside[view]).sum().item() / union if union else 1.0)
+    return float(sum(ious) / len(ious))
