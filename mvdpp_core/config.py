@@ -22,6 +22,16 @@ class PredictionType(str, enum.Enum):
     V_PREDICTION = "v_prediction"
 
 
+class TargetCondition(str, enum.Enum):
+    """What the condition-latent channels of the target views hold."""
+
+    EMPTY = "empty"  # MVAE(white image, zero mask): the paper's
+    # The first condition view's latent, as Zero123 feeds its input view to every target: each
+    # target token sees the input image at its own position from the first layer on, instead
+    # of only through global attention. The branch mask still tells targets from conditions.
+    FIRST_VIEW = "first_view"
+
+
 class BetaSchedule(str, enum.Enum):
     SCALED_LINEAR = "scaled_linear"  # Stable Diffusion's
     LINEAR = "linear"
@@ -128,6 +138,7 @@ class ModelConfig:
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     image_size: int = 512
+    target_condition: TargetCondition = TargetCondition.EMPTY
 
     @property
     def latent_size(self) -> int:

@@ -4,8 +4,8 @@ and the construction of the UNet's 9-channel multi-view input.
 View layout of one object: the 32 target views (rig order, view ids 0..31) followed by
 the n condition views (view ids 32..32+n-1). Per view, channels are, in SD-2-inpainting
 order: noisy latent (4), branch mask (1: ones for condition views, zeros for targets),
-condition latent (4: ``MVAE(image, mask)`` for condition views, ``MVAE(white, 0)`` for
-targets).
+condition latent (4: ``MVAE(image, mask)`` for condition views; for targets ``MVAE(white, 0)``,
+or with ``ModelConfig.target_condition = first_view`` the first condition view's latent).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from einops import repeat
 from torch import Tensor, nn
 
 from .cameras import NUM_TARGET_VIEWS
-from .config import ModelConfig
+from .config import ModelConfig, TargetCondition
 from .image_encoder import ImageEncoder
 from .inputs import check_vae_size
 from .schedule import NoiseSchedule
@@ -131,7 +131,10 @@ class MVDPPModel(nn.Module):
         targets = v - n
         branch = torch.cat([noisy.new_zeros(b, targets), noisy.new_ones(b, n)], dim=1)  # b v
         branch = repeat(branch, "b v -> b v 1 h w", h=noisy.shape[-2], w=noisy.shape[-1])
-        cond_latents = torch.cat([repeat(empty, "b c h w -> b t c h w", t=targets), cond.latents], dim=1)
+        target_latent = empty
+        if self.config.target_condition is TargetCondition.FIRST_VIEW:
+            target_latent = cond.latents[:, 0].to(empty.dtype)  # b c h w; the null condition holds empty here
+        cond_latents = torch.cat([repeat(target_latent, "b c h w -> b t c h w", t=targets), cond.latents], dim=1)
         if target_ids is None:
             target_ids = repeat(torch.arange(targets, device=noisy.device), "t -> b t", b=b)
         cond_ids = repeat(NUM_TARGET_VIEWS + torch.arange(n, device=noisy.device), "n -> b n", b=b)

@@ -136,3 +136,27 @@ def test_training_init_refuses_bad_architecture_overrides():
             ModelInitConfig(source=InitSource.BUNDLE, path="x.safetensors", architecture={"image_size": 32}),
             PredictionType.EPSILON,
         )
+
+
+def test_first_view_target_condition_feeds_the_input_latent_to_every_target():
+    """ModelConfig.target_condition=first_view: every target's condition channels hold the first
+    condition view's latent (Zero123's input concatenation); the null condition holds the empty
+    latent everywhere, so guidance and condition dropout still remove the whole input."""
+    from mvdpp_core.config import TargetCondition
+    from mvdpp_core.model import Condition, MVDPPModel
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)
+    model = MVDPPModel(config, with_image_encoder=False)
+    empty = torch.randn(1, 4, 16, 16)
+    cond = Condition(torch.randn(1, 2, 4, 16, 16), torch.randn(1, 2, 32))
+    noisy = torch.randn(1, 5 + 2, 4, 16, 16)
+    sample, ids = model.unet_input(noisy, cond, empty)
+    for view in range(5):
+        torch.testing.assert_close(sample[0, view, 5:], cond.latents[0, 0])
+        assert (sample[0, view, 4] == 0).all()  # still marked as a target by the branch mask
+    torch.testing.assert_close(sample[0, 5:, 5:], cond.latents[0])
+    null, _ = model.unet_input(noisy, model.null_condition(cond, empty), empty)
+    torch.testing.assert_close(null[0, :, 5:], empty.expand(7, -1, -1, -1))
+    paper = MVDPPModel(preset("tiny"), with_image_encoder=False)
+    torch.testing.assert_close(paper.unet_input(noisy, cond, empty)[0][0, :5, 5:], empty.expand(5, -1, -1, -1))
