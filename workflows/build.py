@@ -3,8 +3,8 @@
     PYTHONPATH=. python workflows/build.py
 
 Writes ``workflows/mvdpp_*.json`` (ComfyUI UI format: drag into the browser) and
-``workflows/inputs/mvdpp_example_*.png`` (128 px RGBA renders of a procedural toy house,
-made with mvdpp_core's renderer on condition-view cameras). The JSON is written from the
+``workflows/inputs/mvdpp_example_*.png`` (128 px RGBA renders of held-out procedural object 4,
+the demo's input, which the embedded default never saw in training, on condition-view cameras). The JSON is written from the
 small graph descriptions below so node ids, links and slot numbers stay consistent.
 """
 
@@ -15,48 +15,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import trimesh
 from PIL import Image
 
 from mvdpp_core import cameras
-from mvdpp_core.reconstruction import render, shapes
+from train.procedural.objects import Split, procedural_object
+from train.procedural.render import render_views
 
 HERE = Path(__file__).resolve().parent
 INPUT_SIZE = 128
 CHECKPOINT = "mvdpp_default.safetensors"
 # (file stem, azimuth deg, elevation deg): the first view defines azimuth 0.
+EXAMPLE_OBJECT = 4
 EXAMPLE_VIEWS = [("front", 0.0, 15.0), ("left", 90.0, 20.0), ("back", 180.0, 15.0), ("right", 270.0, 25.0)]
 
 
-def toy_house() -> trimesh.Trimesh:
-    """A red box, a blue roof and a yellow chimney on one side: no two sides look alike."""
-    body = shapes.box((1.0, 0.8, 0.6), color=(0.85, 0.25, 0.2))
-    body.apply_scale(0.8)
-    roof = shapes.cone(sections=4, color=(0.2, 0.35, 0.85))
-    roof.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 4, (0, 0, 1)))
-    roof.apply_scale((0.7, 0.6, 0.35))
-    roof.apply_translation((0, 0, 0.2 + 0.35 / 2))
-    chimney = shapes.cylinder(radius=0.5, height=1.0, color=(0.95, 0.8, 0.15))
-    chimney.apply_scale((0.12, 0.12, 0.3))
-    chimney.apply_translation((0.22, 0.12, 0.35))
-    return shapes.normalize_mesh(trimesh.util.concatenate([body, roof, chimney]))
+def example_object() -> trimesh.Trimesh:
+    """Held-out procedural object 4 (the demo's input): the embedded default never trained on it."""
+    return procedural_object(Split.HELDOUT, EXAMPLE_OBJECT)[0]
 
 
 def render_examples(mesh: trimesh.Trimesh) -> None:
+    """The example photos: the object on the procedural renderer's lighting, RGBA (alpha = mask)."""
     out = HERE / "inputs"
     out.mkdir(exist_ok=True)
-    colors = torch.from_numpy(shapes.vertex_colors(mesh))
     K = cameras.intrinsics(INPUT_SIZE)
     for stem, az, el in EXAMPLE_VIEWS:
         c2w = cameras.spherical_c2w(torch.tensor([az]), torch.tensor([el]), 1.8)
-        result = render.render_mesh(
-            torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), colors, c2w, K, INPUT_SIZE, INPUT_SIZE,
-            light_dir=torch.tensor([0.4, -0.3, 1.0]), antialias=3,
-        )
-        rgba = torch.cat([result.rgb[0], result.alpha[0, ..., None]], dim=-1)
-        pixels = (rgba.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        pixels = render_views(mesh, c2w, K, INPUT_SIZE)[0]  # H W 4 uint8
         Image.fromarray(pixels, "RGBA").save(out / f"mvdpp_example_{stem}.png", optimize=True)
 
 
@@ -225,7 +212,7 @@ WORKFLOWS = {
 
 
 def main() -> None:
-    render_examples(toy_house())
+    render_examples(example_object())
     for name, build in WORKFLOWS.items():
         (HERE / name).write_text(json.dumps(build().to_json(), indent=1) + "\n")
 
