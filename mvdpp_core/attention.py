@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +68,29 @@ def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBacken
     return rearrange(out, "n h l d -> n l (h d)")
 
 
-def gather_views(x: Tensor, group: torch.distributed.ProcessGroup) -> Tensor:
-    """Concatenate (b, n, c) token sequences of all ranks in ``group`` along n (differentiable)."""
+@dataclass(frozen=True)
+class ViewShards:
+    """View parallelism with unequal shares: rank r of ``group`` holds ``counts[r]`` views of
+    each object (e.g. 32 targets + 10 condition views over 8 ranks: 5, 5, 5, 6, 5, 5, 5, 6)."""
+
+    group: torch.distributed.ProcessGroup
+    counts: tuple[int, ...]
+
+
+def gather_views(x: Tensor, group: torch.distributed.ProcessGroup | ViewShards) -> Tensor:
+    """Concatenate (b, n, c) token sequences of all ranks in ``group`` along n (differentiable).
+
+    A plain process group needs the same n on every rank; ``ViewShards`` pads each rank's
+    tokens to the longest share for the collective and trims the padding off again.
+    """
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous(), group=group), dim=1)
+    if not isinstance(group, ViewShards):
+        return torch.cat(all_gather(x.contiguous(), group=group), dim=1)
+    tokens = x.shape[1] // group.counts[torch.distributed.get_rank(group.group)]  # per view
+    padded = F.pad(x, (0, 0, 0, max(group.counts) * tokens - x.shape[1]))  # b n' c
+    parts = all_gather(padded.contiguous(), group=group.group)
+    return torch.cat([part[:, : count * tokens] for part, count in zip(parts, group.counts)], dim=1)
 
 
 class MultiViewAttnProcessor:
@@ -102,7 +121,7 @@ class MultiViewAttnProcessor:
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
         num_views: int = 1,
-        view_group: torch.distributed.ProcessGroup | None = None,
+        view_group: torch.distributed.ProcessGroup | ViewShards | None = None,
         geometry: Tensor | None = None,
     ) -> Tensor:
         if attention_mask is not None:

@@ -150,6 +150,7 @@ def load_checkpoint(
 def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> None:
     """Load bundle tensors into ``model``; report missing, unexpected and mis-shaped keys."""
     problems: list[str] = []
+    tensors = _upgrade_view_scale(tensors)
     for prefix, module in _components(model).items():
         expected = module.state_dict()
         given = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -174,6 +175,15 @@ def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: s
             f"{'; '.join(problems[:6])}). The file was saved from a different model shape; re-export it "
             "with save_checkpoint from the model that trained it."
         )
+
+
+def _upgrade_view_scale(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Bundles written before the view-index scale became shape (1,) (FSDP2 refuses 0-dim
+    parameters) hold it 0-dim; read it as (1,)."""
+    key = "unet.class_embedding.scale"
+    if key in tensors and tensors[key].ndim == 0:
+        return {**tensors, key: tensors[key].reshape(1)}
+    return tensors
 
 
 def convert_sd2_inpainting(

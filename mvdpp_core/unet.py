@@ -33,7 +33,9 @@ class ViewIndexEmbedding(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_slots, dim)
         nn.init.normal_(self.embedding.weight, std=1.0)
-        self.scale = nn.Parameter(torch.zeros(()))
+        # Shape (1,), not (): FSDP2's fully_shard refuses 0-dim parameters.
+        self.scale = nn.Parameter(torch.zeros(1))
+        self.register_load_state_dict_pre_hook(_scale_as_vector)
 
     def forward(self, view_ids: Tensor) -> Tensor:
         return self.scale * self.embedding(view_ids)
@@ -58,6 +60,13 @@ class GeometryEncoding(nn.Module):
 
     def by_processor(self) -> dict[str, nn.Linear]:
         return dict(zip(self.names, self.projs))
+
+
+def _scale_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load a 0-dim ``scale`` (bundles and checkpoints written before it became (1,)) as (1,)."""
+    key = prefix + "scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 class MultiViewUNet(nn.Module):

@@ -176,6 +176,16 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """View parallelism (train/view_parallel.py): each group of ``view_group_size`` ranks
+    trains the same objects, its ranks holding near-equal shares of every object's views
+    (global attention all-gathers keys and values over the group); data parallel across
+    groups. 1 = off (each rank holds whole objects)."""
+
+    view_group_size: int = 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """train_mvdiff.py: the multi-view UNet."""
 
@@ -187,6 +197,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,16 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def load(self, acc: Accelerator, path: Path, ema: EMA | None) -> TrainState:
-        acc.load_state(str(path))
+    def load(self, acc: Accelerator, path: Path, ema: EMA | None, module: nn.Module | None = None) -> TrainState:
+        if getattr(acc, "is_fsdp2", False) and module is not None:
+            optimizers, acc._optimizers = acc._optimizers, []  # accelerate's FSDP2 optimizer load fails
+            try:
+                acc.load_state(str(path))
+            finally:
+                acc._optimizers = optimizers
+            load_fsdp2_optimizers(acc, module, path)
+        else:
+            acc.load_state(str(path))
         if ema is not None:
             if not (path / "ema.safetensors").is_file():
                 raise ValueError(
@@ -194,6 +202,24 @@ def _write_atomic(path: Path, text: str) -> None:
 def resumes(config: CheckpointConfig, output_dir: Path) -> bool:
     """Whether a run in ``output_dir`` resumes from a checkpoint (as ``run_loop`` will)."""
     return config.resume and Checkpointer(Path(output_dir) / "checkpoints", config).latest() is not None
+
+
+def load_fsdp2_optimizers(acc: Accelerator, module: nn.Module, path: Path) -> None:
+    """Load the sharded optimizer states that ``acc.save_state`` wrote under FSDP2.
+
+    accelerate 1.11 saves them keyed by parameter name (``get_optimizer_state_dict``) but
+    loads them into the optimizer's own index-keyed, still empty state dict, which fails
+    ("Missing key in checkpoint state_dict: optimizer.state.0.step"). Here both sides use
+    torch's keys; ``get_optimizer_state_dict`` also creates the moments to load into.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    for i, wrapped in enumerate(acc._optimizers):
+        optimizer = getattr(wrapped, "optimizer", wrapped)
+        state = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path / f"optimizer_{i}")))
+        set_optimizer_state_dict(module, optimizer, state["optimizer"])
 
 
 @dataclass
@@ -229,7 +255,7 @@ def run_loop(
     state = TrainState()
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest is not None:
-        state = ckpt.load(acc, latest, ema)
+        state = ckpt.load(acc, latest, ema, module)
         acc.print(f"resumed from {latest} at step {state.step}")
     batches = hooks.batches(state.micro_batches)
     module.train()

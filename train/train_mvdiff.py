@@ -58,6 +58,7 @@ from train.models import (
     run_architecture,
     with_architecture,
 )
+from train.view_parallel import ViewGroups, check_parallel, view_parallel_loss
 from train.viz import rig_grid, save_png
 
 
@@ -126,15 +127,16 @@ class TrainedModules(nn.Module):
 
     def forward(
         self, sample: Tensor, t: Tensor, view_ids: Tensor, context: Tensor, cond_rgb: Tensor, cond_mask: Tensor,
-        drop: Tensor,
+        drop: Tensor, view_group=None,
     ) -> Tensor:
         """UNet output (b, v, 4, h, w); a trained image encoder replaces ``context`` by the
-        embeddings of ``cond_rgb`` / ``cond_mask`` (b, k, c, H, W), zero where ``drop``."""
+        embeddings of ``cond_rgb`` / ``cond_mask`` (b, k, c, H, W), zero where ``drop``.
+        ``view_group``: the other ranks holding these objects' views (train/view_parallel.py)."""
         if self.image_encoder is not None:
             b = cond_rgb.shape[0]
             flat = embed_on_white(self.image_encoder, cond_rgb.flatten(0, 1), cond_mask.flatten(0, 1))
             context = torch.where(drop[:, None, None], 0.0, flat.unflatten(0, (b, -1)).to(context.dtype))
-        return self.unet(sample, t, view_ids, context)
+        return self.unet(sample, t, view_ids, context, view_group=view_group)
 
 
 def diffusion_loss(
@@ -196,6 +198,8 @@ def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, st
 def train(cfg: TrainConfig) -> TrainState:
     """Build, resume, train and export; returns the final loop state."""
     acc = make_accelerator(cfg.runtime, cfg.logging)
+    check_parallel(cfg.parallel, acc.num_processes, cfg.data.num_target_views)
+    groups = ViewGroups(cfg.parallel, acc.process_index, acc.num_processes)
     out = Path(cfg.runtime.output_dir)
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
@@ -225,14 +229,22 @@ def train(cfg: TrainConfig) -> TrainState:
             sampling=sampling,
             batch_size=cfg.optim.batch_size,
             seed=cfg.data.seed,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
+            rank=groups.data_rank,  # the ranks of a view group read the same objects
+            world_size=groups.data_world,
             start_batch=start,
         )
-        return make_batches(dataset, num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+        return groups.batches(
+            make_batches(dataset, num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+        )
+
+    def loss_fn(batch: dict) -> tuple[Tensor, dict[str, float]]:
+        batch = to_device(batch, acc.device)
+        if groups.size == 1:
+            return diffusion_loss(model, trained, batch, empty, cfg.stage)
+        return view_parallel_loss(model, trained, batch, empty, cfg.stage, groups, training_noise, drop_condition)
 
     hooks = Hooks(
-        loss_fn=lambda batch: diffusion_loss(model, trained, to_device(batch, acc.device), empty, cfg.stage),
+        loss_fn=loss_fn,
         batches=batches,
         validate=lambda step, weights: validate(model, weights, cfg, step, acc),
         export=lambda weights: export_bundle(
