@@ -142,7 +142,7 @@ def test_few_step_sampling_starts_at_the_top_and_lands_on_the_data(name):
         x_T = torch.randn(20000, generator=g, dtype=torch.float64)
         calls = []
 
-        def spy(x, t):
+        def spy(x, t, calls=calls):
             calls.append(int(t))
             return oracle(x, t)
 
