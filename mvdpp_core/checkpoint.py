@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -43,7 +45,8 @@ def rig_metadata() -> dict:
     }
 
 
-def _components(model: MVDPPModel) -> dict[str, nn.Module]:
+def bundle_modules(model: MVDPPModel) -> dict[str, nn.Module]:
+    """The modules whose state dicts the bundle holds, by tensor-name prefix."""
     parts: dict[str, nn.Module] = {"unet": model.unet.unet, "vae": model.vae.vae}
     if model.image_encoder is not None:
         parts["image_encoder"] = model.image_encoder.model
@@ -54,7 +57,7 @@ def model_state_dict(model: MVDPPModel) -> dict[str, Tensor]:
     """The bundle's tensors: ``<component>.<key>``, contiguous, on the CPU."""
     return {
         f"{prefix}.{key}": value.detach().to("cpu").contiguous()
-        for prefix, module in _components(model).items()
+        for prefix, module in bundle_modules(model).items()
         for key, value in module.state_dict().items()
     }
 
@@ -90,24 +93,48 @@ def _check_not_pickle(path: Path) -> None:
             "and are never loaded. Convert it to .safetensors (mvdpp_core.checkpoint.save_checkpoint "
             "after loading it yourself in a trusted environment)."
         )
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
+    if size < 9:
+        raise ValueError(
+            f"{path.name} is {size} bytes: empty or cut short, not a safetensors bundle; copy or download it again."
+        )
     # A safetensors file starts with a u64 header length and its JSON header ('{'); test that
     # first, since the length's low byte may be anything, pickle's 0x80 protocol mark included.
     header_len = int.from_bytes(head[:8], "little")
-    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 8 + header_len <= path.stat().st_size
-    if not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
+    if head[8:9] == b"{":
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{path.name} is not a valid safetensors file: its header claims {header_len} bytes but the file "
+                f"has {size}, so it is truncated or corrupt; copy or download it again."
+            )
+        return
+    if head[:1] == b"\x80" or head[:2] == b"PK":
         raise ValueError(
             f"{path.name} holds pickled (torch.save) data despite its name; it is refused. "
             "Re-save the weights with safetensors."
         )
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The bundle's metadata, after checking the file is a readable safetensors bundle."""
+def _check_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r} ({type(path).__name__}) must be a str or Path to a .safetensors bundle.")
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        raise ValueError(
+            f"checkpoint {path} is a directory, not a file; give the .safetensors file itself"
+            + (f" (this directory holds {found})." if found else ".")
+        )
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist; put .safetensors bundles in models/mvdpp/.")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The bundle's metadata, after checking the file is a readable safetensors bundle."""
+    path = _check_path(path)
     _check_not_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -121,68 +148,212 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             f"{path.name} is a safetensors file but not an MVDiffusion++ bundle (metadata format="
             f"{meta.get('format')!r}); convert SD 2 inpainting weights with convert_sd2_inpainting first."
         )
-    version = int(meta.get("format_version", "0"))
-    if version > FORMAT_VERSION:
+    raw = meta.get("format_version", "0")
+    if not raw.isdigit():
         raise ValueError(
-            f"{path.name} has format version {version}; this code reads up to {FORMAT_VERSION}. Update the node pack."
+            f"{path.name}: metadata format_version={raw!r} is not an integer (this code writes "
+            f"{FORMAT_VERSION!r}); the metadata was edited or corrupted: re-export the bundle with save_checkpoint."
+        )
+    if int(raw) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path.name} has format version {int(raw)}; this code reads up to {FORMAT_VERSION}. Update the node pack."
         )
     return meta
 
 
-def load_checkpoint(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> MVDPPModel:
-    """Rebuild the model from a bundle's config and load its tensors (strictly)."""
-    path = Path(path)
-    meta = read_metadata(path)
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+               "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_dtype(device: object, dtype: object) -> tuple[torch.device, torch.dtype | None]:
+    """Check a device and dtype before loading: names the node's choices, and CUDA's absence."""
+    allowed = "'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device={device!r} must be a string ({allowed}) or a torch.device.")
     try:
-        config = ModelConfig.from_json(meta["config"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"{path.name}: the stored architecture config is unreadable ({err}).") from None
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device name; allowed: {allowed}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but this machine has no CUDA GPU; use device='cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use 'cuda' or 'cuda:0'."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} was requested but MPS is not available here; use device='cpu'.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not supported; allowed: {allowed}.")
+    if dtype is None:
+        return dev, None
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return dev, DTYPE_NAMES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+        return dev, dtype
+    raise ValueError(
+        f"dtype={dtype!r} is not a weight type this model runs in; allowed: None (as stored), "
+        "'fp32', 'fp16', 'bf16' or torch.float32 / torch.float16 / torch.bfloat16."
+    )
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> MVDPPModel:
+    """Rebuild the model from a bundle's config and load its tensors (strictly).
+
+    ``dtype`` takes a torch dtype or the node's names ('fp32', 'fp16', 'bf16'); None keeps the
+    stored one. The file's tensor names, shapes and types are checked against the config
+    before the model is built, so a file that does not hold the model it describes costs no memory.
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    path = _check_path(path)
+    meta = read_metadata(path)
+    config = _read_config(path, meta)
+    has_encoder = check_bundle_tensors(path, config)
     tensors = load_file(str(path))
-    has_encoder = any(k.startswith("image_encoder.") for k in tensors)
     model = MVDPPModel(config, with_image_encoder=has_encoder)
     load_model_state(model, tensors, source=path.name)
     model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> None:
-    """Load bundle tensors into ``model``; report missing, unexpected and mis-shaped keys."""
-    problems: list[str] = []
-    tensors = _upgrade_view_scale(tensors)
-    for prefix, module in _components(model).items():
-        expected = module.state_dict()
-        given = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        shapes = [
-            f"{prefix}.{k}: file {tuple(given[k].shape)} vs config {tuple(expected[k].shape)}"
-            for k in sorted(set(given) & set(expected))
-            if given[k].shape != expected[k].shape
-        ]
-        problems += [f"missing {prefix}.{k}" for k in missing[:5]] + [
-            f"unexpected {prefix}.{k}" for k in unexpected[:5]
-        ]
-        problems += shapes[:5]
-        if not problems:
-            module.load_state_dict(given, strict=True)
-    stray = sorted({k.split(".")[0] for k in tensors} - set(_components(model)))
-    problems += [f"unexpected component '{p}'" for p in stray]
-    if problems:
+def _read_config(path: Path, meta: dict[str, str]) -> ModelConfig:
+    """The stored ``ModelConfig``, its JSON value types checked before any dataclass is built."""
+    try:
+        data = json.loads(meta["config"])
+        _check_config_values(ModelConfig, data, "")
+        config = ModelConfig.from_dict(data)
+        config.validate()
+    except (KeyError, ValueError, TypeError) as err:
         raise ValueError(
-            f"{source} does not match its architecture config ({len(problems)} problem(s), first: "
-            f"{'; '.join(problems[:6])}). The file was saved from a different model shape; re-export it "
-            "with save_checkpoint from the model that trained it."
+            f"{path.name}: the stored architecture config is unreadable ({err}); re-export the bundle with "
+            "save_checkpoint."
+        ) from None
+    return config
+
+
+def _check_config_values(cls: type, data: object, path: str) -> None:
+    """Type-check a config's JSON against the dataclass hints: ints not negative, floats finite.
+
+    Unknown keys are left to ``from_dict``, which names them with the allowed ones.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or cls.__name__} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name in hints:
+            _check_config_value(hints[name], value, f"{path}.{name}" if path else name)
+
+
+def _check_config_value(hint: object, value: object, path: str) -> None:
+    if dataclasses.is_dataclass(hint):
+        _check_config_values(hint, value, path)
+    elif typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{path}={value!r} must be a non-empty list")
+        for i, item in enumerate(value):
+            _check_config_value(typing.get_args(hint)[0], item, f"{path}[{i}]")
+    elif hint is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{path}={value!r} must be a non-negative integer")
+    elif hint is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ValueError(f"{path}={value!r} must be a finite number")
+    elif hint in (str, bool) and not isinstance(value, hint):
+        raise ValueError(f"{path}={value!r} must be a {hint.__name__}")
+
+
+VIEW_SCALE_KEY = "unet.class_embedding.scale"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_bundle_tensors(path: Path, config: ModelConfig) -> bool:
+    """Compare the file's tensor names, shapes and types (its header) with the model ``config``
+    describes, built on the meta device (no memory); return whether it bundles an image encoder."""
+    with safe_open(str(path), framework="pt") as f:
+        given = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    if given.get(VIEW_SCALE_KEY, ((1,),))[0] == ():  # written before the scale became (1,)
+        given[VIEW_SCALE_KEY] = ((1,), given[VIEW_SCALE_KEY][1])
+    has_encoder = any(k.startswith("image_encoder.") for k in given)
+    try:
+        with torch.device("meta"):
+            skeleton = MVDPPModel(config, with_image_encoder=has_encoder)
+    except Exception as err:  # noqa: BLE001 - any failure means the stored config cannot describe a model
+        raise ValueError(
+            f"{path.name}: the stored architecture config cannot build a model ({type(err).__name__}: {err}); "
+            "re-export the bundle with save_checkpoint."
+        ) from None
+    expected = {
+        f"{prefix}.{k}": (tuple(v.shape), v.dtype)
+        for prefix, module in bundle_modules(skeleton).items()
+        for k, v in module.state_dict().items()
+    }
+    want = sum(math.prod(shape) for shape, _ in expected.values())
+    have = sum(math.prod(shape) for shape, _ in given.values())
+    sizes = "" if want == have else (
+        f" Its config describes {want:,} parameters, but the file holds {have:,} values: the file is truncated "
+        "or its config does not belong to its weights."
+    )
+    _raise_problems(_tensor_problems(expected, given), path.name, sizes)
+    return has_encoder
+
+
+def _tensor_problems(expected: dict[str, tuple], given: dict[str, tuple]) -> list[str]:
+    """Missing, unexpected, mis-shaped and wrongly typed tensors (type: a torch dtype or a
+    safetensors dtype name), at most 5 of each kind."""
+    missing = [f"missing {k}" for k in sorted(set(expected) - set(given))]
+    unexpected = [f"unexpected {k}" for k in sorted(set(given) - set(expected))]
+    shapes, types = [], []
+    for k in sorted(set(given) & set(expected)):
+        (gs, gt), (es, et) = given[k], expected[k]
+        if tuple(gs) != tuple(es):
+            shapes.append(f"{k}: file {tuple(gs)} vs config {tuple(es)}")
+        g_float = gt.is_floating_point if isinstance(gt, torch.dtype) else gt in _FLOAT_DTYPES
+        g_name = str(gt).removeprefix("torch.") if isinstance(gt, torch.dtype) else _safetensors_name(gt)
+        if g_float != et.is_floating_point or (not g_float and g_name != str(et).removeprefix("torch.")):
+            types.append(f"{k}: file holds {g_name}, the model needs {str(et).removeprefix('torch.')}")
+    return missing[:5] + unexpected[:5] + shapes[:5] + types[:5]
+
+
+def _safetensors_name(dtype: str) -> str:
+    return {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
+            "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}.get(dtype, dtype)
+
+
+def _raise_problems(problems: list[str], source: str, note: str = "") -> None:
+    if not problems:
+        return
+    types = [p for p in problems if "file holds" in p]
+    if types and len(types) == len(problems):
+        raise ValueError(
+            f"{source} holds tensors of the wrong type ({'; '.join(types[:4])}): bundles hold float weights "
+            "(quantised or integer tensors are not supported); re-export it with save_checkpoint."
         )
+    raise ValueError(
+        f"{source} does not match its architecture config ({len(problems)} problem(s), first: "
+        f"{'; '.join(problems[:6])}).{note} The file was saved from a different model shape; re-export it "
+        "with save_checkpoint from the model that trained it."
+    )
+
+
+def load_model_state(model: MVDPPModel, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """Load bundle tensors into ``model``; report missing, unexpected, mis-shaped and mistyped keys."""
+    tensors = _upgrade_view_scale(tensors)
+    modules = bundle_modules(model)
+    expected = {
+        f"{prefix}.{k}": (tuple(v.shape), v.dtype) for prefix, module in modules.items()
+        for k, v in module.state_dict().items()
+    }
+    problems = _tensor_problems(expected, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    stray = sorted({k.split(".")[0] for k in tensors} - set(modules))
+    _raise_problems(problems + [f"unexpected component '{p}'" for p in stray], source)
+    for prefix, module in modules.items():
+        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
 def _upgrade_view_scale(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Bundles written before the view-index scale became shape (1,) (FSDP2 refuses 0-dim
     parameters) hold it 0-dim; read it as (1,)."""
-    key = "unet.class_embedding.scale"
-    if key in tensors and tensors[key].ndim == 0:
-        return {**tensors, key: tensors[key].reshape(1)}
+    if VIEW_SCALE_KEY in tensors and tensors[VIEW_SCALE_KEY].ndim == 0:
+        return {**tensors, VIEW_SCALE_KEY: tensors[VIEW_SCALE_KEY].reshape(1)}
     return tensors
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,6 +15,45 @@ from .cameras import MAX_CONDITION_VIEWS
 # Fraction of the image side that the object's longest mask side fills after recentring.
 # A unit object seen at the training distances (1.5-2.2) with FOV 60 fills 0.45-0.65.
 DEFAULT_FILL = 0.55
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds (the node's seed range too)
+
+
+def as_int(name: str, value: object) -> int:
+    """``value`` as a Python int: ints and integer numpy / torch scalars pass, bools, floats
+    and strings raise TypeError naming the value and the fix."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    hint = f" (e.g. {name}={int(value)})" if isinstance(value, numbers.Real) and math.isfinite(value) else ""
+    raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be an integer{hint}.")
+
+
+def as_real(name: str, value: object, example: str) -> float:
+    """``value`` as a Python float: ints, floats and numpy scalars pass; bools, strings and
+    tensors raise TypeError naming the value and an example."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be a number, e.g. {name}={example}.")
+    return float(value)
+
+
+def check_seed(seed: object) -> int:
+    seed = as_int("seed", seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} is out of range; allowed 0..2**64-1 (any integer in it, e.g. seed=0).")
+    return seed
+
+
+def check_guidance(guidance: object) -> float:
+    """Classifier-free guidance scale: finite and >= 0 (1 = off; 2-7 are typical)."""
+    value = as_real("guidance", guidance, "3.0")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"guidance={value} is not allowed; it must be finite and >= 0 (1 = off, 2 to 7 typical, "
+            "the node allows 1 to 20), e.g. guidance=3.0."
+        )
+    return value
 
 
 def check_condition_views(images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,7 +72,8 @@ def check_condition_views(images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor
         )
     n = images.shape[0]
     if not 1 <= n <= MAX_CONDITION_VIEWS:
-        raise ValueError(f"{n} condition views given; the model takes 1 to {MAX_CONDITION_VIEWS}. Pass fewer images.")
+        fix = "Pass at least one image of the object." if n < 1 else "Pass fewer images."
+        raise ValueError(f"{n} condition views given; the model takes 1 to {MAX_CONDITION_VIEWS}. {fix}")
     if masks.ndim == 3:
         masks = masks[:, None]
     if masks.ndim != 4 or masks.shape[1] != 1:

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .cameras import NUM_TARGET_VIEWS
-from .inputs import check_condition_views, recenter, resize
+from .inputs import check_condition_views, check_guidance, check_seed, recenter, resize
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
@@ -86,9 +86,17 @@ def generate(
             framing (turn off for views already framed like the training renders).
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
     """
+    # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
+    if not isinstance(model, MVDPPModel):
+        raise TypeError(
+            f"model is a {type(model).__name__}, not an MVDPPModel; load one with "
+            "mvdpp_core.load_checkpoint('path/to/model.safetensors')."
+        )
     sample_fn = get_sampler(sampler)  # validates the name
     default_steps, spacing = SAMPLER_DEFAULTS[SamplerName(sampler)]
     ts = model.schedule.timesteps(default_steps if steps is None else steps, spacing)
+    seed, guidance = check_seed(seed), check_guidance(guidance)
+    _check_options(embeddings, recenter_inputs, callback)
     images, masks = check_condition_views(images, masks)
     size = model.config.image_size
     if recenter_inputs:
@@ -106,9 +114,46 @@ def generate(
     shape = (1, NUM_TARGET_VIEWS + cond.num_views, model.config.vae.latent_channels, latent, latent)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(model.device)
     x0 = sample_fn(denoiser, x, model.schedule, ts, generator=generator, callback=callback)
+    if not torch.isfinite(x0).all():  # decoding NaN gives 32 blank views: say why instead
+        raise ValueError(nonfinite_cause(model, guidance))
     targets = rearrange(x0[:, :NUM_TARGET_VIEWS], "1 v c h w -> v c h w")
     # Decode a few views at a time: 32 full-size decodes at once need tens of GB.
     decoded = [model.vae.decode(chunk.to(vae_dtype)) for chunk in targets.split(DECODE_CHUNK)]
     rgb = torch.cat([d[0] for d in decoded]).float().cpu()
     mask = torch.cat([d[1] for d in decoded]).float().cpu()
     return MultiViewResult(rgb, mask)
+
+
+def _check_options(embeddings: object, recenter_inputs: object, callback: object) -> None:
+    if embeddings is not None and not isinstance(embeddings, Tensor):
+        raise TypeError(
+            f"embeddings is a {type(embeddings).__name__}; pass a torch tensor (n, d) of CLIP image "
+            "embeddings, or None to use the bundled image encoder."
+        )
+    if not isinstance(recenter_inputs, bool):
+        raise TypeError(f"recenter_inputs={recenter_inputs!r} must be True or False.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
+
+
+def nonfinite_cause(model: MVDPPModel, guidance: float) -> str:
+    """Why sampling produced NaN / inf, most likely cause first (the weights, fp16, the scale)."""
+    from .checkpoint import bundle_modules
+
+    for prefix, module in bundle_modules(model).items():
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                return (
+                    f"sampling produced NaN/inf because the model's weights are not finite ({prefix}.{name} "
+                    "holds NaN or inf): the checkpoint is corrupt or its training diverged. Load another "
+                    "checkpoint (or an earlier one of the run)."
+                )
+    if model.dtype == torch.float16:
+        return (
+            "sampling produced NaN/inf with finite weights while running in fp16, which overflows in this "
+            "model; load it with dtype='bf16' or 'fp32'."
+        )
+    return (
+        f"sampling produced NaN/inf with finite weights and inputs (guidance={guidance}); try guidance 1-7, "
+        "another sampler or more steps, and report it if it persists."
+    )

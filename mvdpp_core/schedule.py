@@ -9,6 +9,7 @@ float64; values are cast to the tensor's dtype where they are used.
 from __future__ import annotations
 
 import enum
+import operator
 
 import torch
 from torch import Tensor
@@ -63,16 +64,15 @@ class NoiseSchedule:
         the spacing (near t = 0), so it may return fewer than ``steps`` timesteps.
         """
         T = self.num_train_timesteps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-            raise ValueError(
-                f"steps={steps}; allowed 1..{T}. Use e.g. 75 (the paper's DDPM) or 20-50 for DDIM / DPM-Solver++."
-            )
+        steps = _check_steps(steps, T)
+        if steps == 1:  # one step: the x0 prediction from pure noise, at the top of the schedule
+            return torch.tensor([T - 1])
         if TimestepSpacing(spacing) is TimestepSpacing.TRAILING:
             return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
         lam = self.log_snr()  # decreasing in t
         targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
         ts = torch.searchsorted(-lam, -targets).clamp(max=T - 1)  # first t with lam_t <= target
-        ts[-1] = 0
+        ts[0], ts[-1] = T - 1, 0  # both ends exactly, whatever the rounding
         return ts.unique_consecutive()
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -106,6 +106,22 @@ class NoiseSchedule:
         if self.prediction_type is PredictionType.EPSILON:
             return noise
         return v_from_x0_eps(x0, noise, self.alpha_bar(t, x0))
+
+
+def _check_steps(steps: object, T: int) -> int:
+    """Steps as an int in 1..T; integer numpy / torch scalars pass, floats and strings do not."""
+    hint = "Use e.g. 75 (the paper's DDPM) or 20-50 for DDIM / DPM-Solver++."
+    if isinstance(steps, bool):
+        raise TypeError(f"steps={steps!r} must be an integer in 1..{T}. {hint}")
+    try:
+        steps = operator.index(steps)
+    except TypeError:
+        example = f" (steps={int(steps)})" if isinstance(steps, float) and steps.is_integer() else ""
+        kind = type(steps).__name__
+        raise TypeError(f"steps={steps!r} ({kind}) must be an integer{example}; allowed 1..{T}. {hint}") from None
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps={steps}; allowed 1..{T}. {hint}")
+    return steps
 
 
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ the exact ODE end point of any starting noise is known in closed form.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +123,45 @@ def test_ddpm_ancestral_samples_the_data_distribution():
     out = get_sampler("ddpm")(oracle, x_T, SCHEDULE, ts, generator=g)
     assert out.mean().item() == pytest.approx(MU, abs=0.01)
     assert out.std().item() == pytest.approx(S, rel=0.03)
+
+
+SPACINGS = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr"}  # as the pipeline places them
+
+
+@pytest.mark.parametrize("name", list(SPACINGS))
+def test_few_step_sampling_starts_at_the_top_and_lands_on_the_data(name):
+    """At 1, 2 and 3 steps every sampler starts from pure noise at t = T-1 and ends at t = 0:
+    one step is the oracle's x0 prediction at T-1; the outputs keep the data's mean and never
+    spread wider than it (a start at t = 0 would return the noise itself, std 1); deterministic
+    samplers get closer to the exact ODE end point with every step added."""
+    full = SCHEDULE.timesteps(1000)
+    errors = []
+    for steps in (1, 2, 3):
+        ts = SCHEDULE.timesteps(steps, SPACINGS[name])
+        g = torch.Generator().manual_seed(3)
+        x_T = torch.randn(20000, generator=g, dtype=torch.float64)
+        calls = []
+
+        def spy(x, t, calls=calls):
+            calls.append(int(t))
+            return oracle(x, t)
+
+        out = get_sampler(name)(spy, x_T, SCHEDULE, ts, generator=g)
+        assert calls[0] == SCHEDULE.num_train_timesteps - 1 and len(calls) == steps
+        assert calls == sorted(calls, reverse=True) and (steps == 1 or calls[-1] == 0)
+        if steps == 1:
+            torch.testing.assert_close(out, oracle(x_T, torch.tensor(999)))
+        assert out.mean().item() == pytest.approx(MU, abs=0.02)
+        assert out.std().item() < S
+        errors.append((out - exact_answer(x_T, full)).abs().mean().item())
+    if name != "ddpm":
+        assert errors[0] >= errors[1] > errors[2], errors
+
+
+def test_steps_accept_integer_scalars_and_refuse_floats():
+    torch.testing.assert_close(SCHEDULE.timesteps(np.int64(5)), SCHEDULE.timesteps(5))
+    with pytest.raises(TypeError, match=r"steps=2.0 \(float\) must be an integer \(steps=2\); allowed 1..1000"):
+        SCHEDULE.timesteps(2.0)
 
 
 def test_samplers_call_back_every_step_and_cancel_by_raising():

@@ -13,7 +13,7 @@ import torch
 
 from mvdpp_core import cameras as cam
 from train.data import format as fmt
-from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches
+from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, to_tensors
 from train.data.shards import object_folders, pack_shards
 from train.data.synthetic import synthetic_object, write_synthetic_dataset
 from train.render.launch import RenderJob, RenderOptions, read_object_list, render_all, slurm_script
@@ -151,3 +151,19 @@ def test_launcher_resumes_logs_failures_and_writes_slurm(objects, tmp_path):
     with pytest.raises(ValueError, match="uid '../escape' is not a safe folder name"):
         read_object_list(bad)
     assert RenderJob("x", Path("y")).uid == "x"
+
+
+@pytest.mark.parametrize("broken", [[0, 1, 2, 3, 4], [1, 2, 3, 4, 5], [0, 2, 3, 4, 5]])
+def test_the_one_readable_object_is_found_whatever_the_epoch_order(tmp_path, broken):
+    """With 5 of 6 objects broken, every sample falls back to the intact one (the fallback
+    stays inside one epoch's ordering, which holds every object once)."""
+    folders = write_synthetic_dataset(tmp_path, num_objects=6, image_size=16, num_cond=1, seed=5)
+    for i in broken:
+        (folders[i] / "cameras.json").write_text("{ not json")
+    intact = next(i for i in range(6) if i not in broken)
+    ds = MultiViewDataset(folders=str(tmp_path), image_size=16, sampling=ViewSampling(), batch_size=1, seed=0)
+    got = items(ds, 12)  # two epochs
+    cond_rgb, _ = to_tensors(fmt.read_object_folder(folders[intact], cond_ids=[0]).cond_rgba, 16)
+    assert sum(it["skipped"] > 0 for it in got) >= 10  # all but the intact object's own draws fell back
+    for it in got:
+        torch.testing.assert_close(it["cond_rgb"][0], cond_rgb[0])  # ... to the intact object

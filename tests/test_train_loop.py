@@ -261,3 +261,76 @@ def test_corrupt_png_and_missing_view_are_skipped_and_counted(tmp_path, caplog):
     assert len(state.losses) == 2 and all(torch.isfinite(torch.tensor(state.losses)))
     assert state.skipped >= 2  # both broken objects were met (4 samples drawn from 3 objects)
     assert "obj_000000" in caplog.text and "obj_000001" in caplog.text and "missing" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data_dir, tmp_path_factory) -> tuple[Path, list[float]]:
+    """A run of 2 steps with a checkpoint after each."""
+    out = tmp_path_factory.mktemp("two_checkpoints")
+    state = train(run_config(data_dir, out, **{"optim.max_steps": 2, "checkpoint.every": 1, **SMALL}))
+    return out, state.losses
+
+
+SMALL = {"stage.max_cond_views": 1, "optim.batch_size": 1}
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "ema.safetensors", "optimizer.bin", "train_state.json"])
+def test_each_truncated_checkpoint_file_fails_verification_with_its_name(two_checkpoints, tmp_path, damaged):
+    import shutil
+
+    from train.config import CheckpointConfig
+    from train.loop import Checkpointer, verify_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints[0], out)
+    folder = out / "checkpoints" / "step_00000002"
+    assert verify_checkpoint(folder) is None
+    victim = folder / damaged
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert damaged in verify_checkpoint(folder)
+    ckpt = Checkpointer(out / "checkpoints", CheckpointConfig())
+    assert ckpt.latest() == out / "checkpoints" / "step_00000001"
+    assert [(p.name, damaged in why) for p, why in ckpt.skipped] == [("step_00000002", True)]
+    for step in (1, 2):  # none left: a clear error naming each, never a silent fresh start
+        (out / "checkpoints" / f"step_{step:08d}" / "train_state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"no checkpoint .* can be resumed .*step_00000002: train_state.json is "
+                                         r"unreadable.*checkpoint.resume=false"):
+        ckpt.latest()
+
+
+def test_a_run_resumes_past_a_truncated_latest_checkpoint(data_dir, two_checkpoints, tmp_path, caplog):
+    """The run resumes from step 1 (the newest checkpoint that verifies), saying which one it skipped and why."""
+    import shutil
+
+    base, losses = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    victim = out / "checkpoints" / "step_00000002" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    caplog.set_level("WARNING")
+    resumed = train(run_config(data_dir, out, **{"optim.max_steps": 3, "checkpoint.every": 1, **SMALL}))
+    assert len(resumed.losses) == 3 and resumed.losses[:1] == losses[:1]  # step 1's history, then 2 new steps
+    assert resumed.losses[1] == pytest.approx(losses[1], abs=1e-6)  # step 2 redone exactly
+    assert "skipped checkpoint step_00000002: model.safetensors has" in caplog.text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_a_checkpoint_that_fails_verification_never_becomes_latest(data_dir, tmp_path, monkeypatch, caplog):
+    """A short write (simulated: the EMA file of step 2 loses its tail) is caught before `latest` moves."""
+    import train.loop as loop
+
+    real_save = loop.save_file
+
+    def short_write(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
+        if "00000002" in str(path):
+            with open(path, "r+b") as f:
+                f.truncate(Path(path).stat().st_size - 100)
+
+    monkeypatch.setattr(loop, "save_file", short_write)
+    caplog.set_level("ERROR")
+    out = tmp_path / "short"
+    train(run_config(data_dir, out, **{"optim.max_steps": 2, "checkpoint.every": 1, **SMALL}))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (out / "checkpoints" / "step_00000002").exists()
+    assert "step_00000002 failed verification (ema.safetensors" in caplog.text

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,13 +220,90 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Build config ``cls`` from a YAML file plus dotted ``key=value`` overrides, strictly."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
-    return from_dict(cls, coerce(cls, data))
+    config = from_dict(cls, coerce(cls, data))
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        shipped = Path(__file__).resolve().parent / "configs"
+        raise ValueError(
+            f"config file {path} does not exist (or is not a file); pass one of train/configs/*.yaml, e.g. "
+            f"{shipped.name}/{min(p.name for p in shipped.glob('*.yaml'))}, or a copy of one."
+        )
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({err}); fix the line named above.") from None
+
+
+# Allowed values per dotted key: (test, what is allowed, how to fix). Floats must also be finite.
+_Rule = tuple[Callable[[Any], bool], str, str]
+
+
+def _at_least(lo: int, fix: str = "") -> _Rule:
+    return (lambda v: v >= lo), f">= {lo}", fix
+
+
+_UNIT = (lambda v: 0.0 <= v <= 1.0), "[0, 1]", "a probability"
+RULES: dict[str, _Rule] = {
+    "data.num_target_views": ((lambda v: 1 <= v <= 32), "[1, 32]", "the paper keeps 8 of the 32 target views"),
+    "data.num_workers": _at_least(0, "0 reads in the main process"),
+    "optim.lr": ((lambda v: v > 0), "> 0", "e.g. 1.0e-5"),
+    "optim.betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "two numbers in [0, 1)",
+                    "e.g. [0.9, 0.999]"),
+    "optim.weight_decay": _at_least(0),
+    "optim.eps": ((lambda v: v > 0), "> 0", "e.g. 1.0e-8"),
+    "optim.warmup_steps": _at_least(0, "0 = no warmup"),
+    "optim.max_grad_norm": _at_least(0, "0 = no clipping"),
+    "optim.batch_size": _at_least(1, "it is per device"),
+    "optim.grad_accum_steps": _at_least(1, "1 = no accumulation"),
+    "optim.max_steps": _at_least(1, "it counts optimizer steps, e.g. 1000"),
+    "init.image_size": _at_least(0, "0 = the source's (or preset's) own size"),
+    "stage.single_view_prob": _UNIT,
+    "stage.max_cond_views": ((lambda v: 1 <= v <= 10), "[1, 10]", "the model takes 1 to 10 condition views"),
+    "stage.cond_dropout": _UNIT,
+    "stage.cond_loss_weight": _at_least(0),
+    "loss.l1_weight": _at_least(0),
+    "loss.l2_weight": _at_least(0),
+    "loss.mask_bce_weight": _at_least(0),
+    "loss.kl_weight": _at_least(0),
+    "ema.decay": ((lambda v: 0 <= v < 1), "[0, 1)", "e.g. 0.9999; set ema.enabled=false for no EMA"),
+    "logging.log_every": _at_least(1, "steps between log lines"),
+    "logging.validate_every": _at_least(0, "0 = never"),
+    "logging.validation_steps": ((lambda v: 1 <= v <= 1000), "[1, 1000]", "e.g. 20"),
+    "logging.validation_sampler": ((lambda v: v in ("ddpm", "ddim", "dpmpp_2m")), "'ddpm', 'ddim' or 'dpmpp_2m'", ""),
+    "logging.validation_guidance": _at_least(0, "1 = off"),
+    "checkpoint.every": _at_least(1, "optimizer steps between checkpoints"),
+    "checkpoint.keep_last": _at_least(1, "the newest checkpoints kept on disk; older ones are deleted"),
+    "checkpoint.export_name": ((lambda v: v.endswith(".safetensors") and Path(v).name == v and v != ".safetensors"),
+                               "a file name ending in .safetensors", "e.g. model.safetensors (written to export/)"),
+    "runtime.output_dir": ((lambda v: bool(v.strip())), "a folder path", "e.g. outputs/run"),
+    "runtime.attention_backend": ((lambda v: v in ("auto", "sdpa", "xformers")), "'auto', 'sdpa' or 'xformers'", ""),
+}
+
+
+def validate(config: Any) -> None:
+    """Check every value of a loaded training config against ``RULES`` (and floats are finite);
+    raise ValueError naming the key, the value, what is allowed and the fix."""
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for f in dataclasses.fields(part):
+            value, path = getattr(part, f.name), f"{section.name}.{f.name}"
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ValueError(f"{path}={value!r} must be a finite number.")
+            rule = RULES.get(path)
+            if rule is not None and not rule[0](value):
+                fix = f" ({rule[2]})" if rule[2] else ""
+                raise ValueError(f"{path}={value!r} is not allowed; allowed: {rule[1]}{fix}.")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -4,13 +4,16 @@ atomic checkpoints with resume, logging, validation and export hooks.
 Checkpoint layout (``<output_dir>/checkpoints/``)::
 
     step_00001000/          accelerate state (model.safetensors, optimizer, scheduler, RNG per
-                            rank), ema.safetensors, train_state.json (step, data position)
+                            rank), ema.safetensors, train_state.json (step, data position,
+                            the size of every file)
     latest                  text: the name of the newest complete checkpoint
 
-A checkpoint is written into ``.tmp_step_*`` and renamed when complete, and ``latest`` is
-replaced atomically after it, so a process killed at any moment leaves the previous
-checkpoint loadable. The accelerate state uses torch.save for optimizer / scheduler / RNG
-(your own training state); exported model bundles are safetensors only.
+A checkpoint is written into ``.tmp_step_*``, verified, and renamed when complete, and
+``latest`` is replaced atomically after it, so a process killed at any moment leaves the
+previous checkpoint loadable. A checkpoint damaged later (a truncated file) is skipped on
+resume, with a warning naming it and why, in favour of the newest one that verifies. The
+accelerate state uses torch.save for optimizer / scheduler / RNG (your own training state);
+exported model bundles are safetensors only.
 Multi-node runs need ``output_dir`` on a file system shared by all nodes.
 """
 
@@ -22,8 +25,9 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -129,21 +133,43 @@ class TrainState:
 
 
 class Checkpointer:
-    """Atomic checkpoint folders under ``root`` with a ``latest`` pointer."""
+    """Atomic checkpoint folders under ``root`` with a ``latest`` pointer.
+
+    ``train_state.json`` records the size of every file of its checkpoint; a checkpoint is
+    verified (sizes, safetensors headers, zip directories) before ``latest`` points to it, and
+    on resume the newest one that verifies is used: truncated files never end a run.
+    """
 
     def __init__(self, root: Path, config: CheckpointConfig):
         self.root, self.config = root, config
+        self.skipped: list[tuple[Path, str]] = []  # checkpoints passed over by ``latest``, and why
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders, newest first: the one ``latest`` names, then by step."""
+        folders = sorted(self.root.glob("step_*"), reverse=True)
+        pointer = self.root / "latest"
+        named = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        if named in folders:
+            folders.remove(named)
+            folders.insert(0, named)
+        return folders
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text().strip()
-            if (candidate / "train_state.json").is_file():
-                return candidate
-        complete = sorted(p for p in self.root.glob("step_*") if (p / "train_state.json").is_file())
-        return complete[-1] if complete else None
+        """The newest checkpoint that verifies (``skipped`` lists the others and why); None when
+        there is none at all. Raises ValueError when checkpoints exist but none verifies."""
+        self.skipped = []
+        for folder in self.candidates():
+            problem = verify_checkpoint(folder)
+            if problem is None:
+                return folder
+            self.skipped.append((folder, problem))
+        if self.skipped:
+            raise ValueError(_none_loads(self.skipped))
+        return None
 
-    def save(self, acc: Accelerator, state: TrainState, ema: EMA | None) -> Path:
+    def save(self, acc: Accelerator, state: TrainState, ema: EMA | None) -> Path | None:
+        """Write checkpoint ``step_<step>``; None (logged) if it fails verification, in which case
+        ``latest`` keeps naming the previous one."""
         final = self.root / f"step_{state.step:08d}"
         tmp = self.root / f".tmp_step_{state.step:08d}"
         if acc.is_main_process:
@@ -152,17 +178,28 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         ema_state = ema.full_state_dict() if ema is not None else None
+        acc.wait_for_everyone()  # every rank's files are on disk before the manifest lists them
+        saved: Path | None = final
         if acc.is_main_process:
             if ema_state is not None:
                 save_file(ema_state, str(tmp / "ema.safetensors"))
-            _write_atomic(tmp / "train_state.json", json.dumps(asdict(state)))
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.root / "latest", final.name)
-            self._prune()
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_atomic(tmp / "train_state.json", json.dumps({**asdict(state), "files": files}))
+            problem = verify_checkpoint(tmp)
+            if problem is not None:
+                logger.error("checkpoint %s failed verification (%s); latest still names the previous one. "
+                             "Check free disk space.", final.name, problem)
+                acc.print(f"checkpoint {final.name} failed verification ({problem}); not used")
+                shutil.rmtree(tmp, ignore_errors=True)
+                saved = None
+            else:
+                if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _write_atomic(self.root / "latest", final.name)
+                self._prune()
         acc.wait_for_everyone()
-        return final
+        return saved
 
     def load(self, acc: Accelerator, path: Path, ema: EMA | None, module: nn.Module | None = None) -> TrainState:
         if getattr(acc, "is_fsdp2", False) and module is not None:
@@ -180,14 +217,74 @@ class Checkpointer:
                     f"{path} has no ema.safetensors but ema.enabled is true; resume with ema.enabled=false."
                 )
             ema.load_full_state_dict(load_file(str(path / "ema.safetensors")))
-        return TrainState(**json.loads((path / "train_state.json").read_text()))
+        doc = json.loads((path / "train_state.json").read_text())
+        return TrainState(**{f.name: doc[f.name] for f in fields(TrainState) if f.name in doc})
 
     def _prune(self) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if (p / "train_state.json").is_file())
+        complete = sorted(p for p in self.root.glob("step_*") if verify_checkpoint(p) is None)
         for old in complete[: max(0, len(complete) - self.config.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _none_loads(skipped: list[tuple[Path, str]]) -> str:
+    reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:5])
+    return (
+        f"no checkpoint in {skipped[0][0].parent} can be resumed ({reasons}). Delete the broken folders, or set "
+        "checkpoint.resume=false (or another runtime.output_dir) to start over."
+    )
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when ``folder`` is a complete checkpoint, else what is wrong with it.
+
+    Checks that train_state.json parses, every file it lists has its recorded size (older
+    checkpoints list none), safetensors files end where their header says, and zip files
+    (torch.save) have their central directory.
+    """
+    try:
+        doc = json.loads((folder / "train_state.json").read_text())
+    except FileNotFoundError:
+        return "train_state.json is missing (the save did not finish)"
+    except (OSError, ValueError) as err:
+        return f"train_state.json is unreadable ({err})"
+    if not isinstance(doc, dict) or not isinstance(doc.get("step"), int):
+        return "train_state.json holds no step"
+    for name, size in (doc.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or replaced)"
+    for path in sorted(folder.rglob("*")):
+        problem = _file_problem(path) if path.is_file() else None
+        if problem is not None:
+            return f"{path.relative_to(folder)}: {problem}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Structural check of one checkpoint file: safetensors extent, zip directory."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            try:
+                header = json.loads(f.read(int.from_bytes(head, "little")))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError):
+                return "the safetensors header is unreadable"
+            if 8 + int.from_bytes(head, "little") + end != path.stat().st_size:
+                return "the safetensors data does not end where its header says (truncated)"
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"the zip archive is damaged ({err})"
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -253,10 +350,8 @@ def run_loop(
     ckpt = Checkpointer(cfg.output_dir / "checkpoints", cfg.checkpoint)
     ema = EMA(acc.unwrap_model(module), cfg.ema) if cfg.ema.enabled else None
     state = TrainState()
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        state = ckpt.load(acc, latest, ema, module)
-        acc.print(f"resumed from {latest} at step {state.step}")
+    if cfg.checkpoint.resume:
+        state = _resume(acc, ckpt, ema, module) or state
     batches = hooks.batches(state.micro_batches)
     module.train()
     accum, tick = cfg.optim.grad_accum_steps, time.time()
@@ -290,6 +385,27 @@ def run_loop(
         _on_main(acc, module, ema, hooks.export)
     acc.end_training()
     return state
+
+
+def _resume(acc: Accelerator, ckpt: Checkpointer, ema: EMA | None, module: nn.Module) -> TrainState | None:
+    """Load the newest checkpoint that verifies and loads, logging each one skipped and why."""
+    latest, skipped = ckpt.latest(), list(ckpt.skipped)
+    while latest is not None:
+        try:
+            state = ckpt.load(acc, latest, ema, module)
+        except Exception as err:  # noqa: BLE001 - a damaged file the structural check missed: try an older one
+            skipped.append((latest, f"loading failed ({type(err).__name__}: {err})"))
+            older = [p for p in ckpt.candidates() if p.name < latest.name and verify_checkpoint(p) is None]
+            latest = older[0] if older else None
+            continue
+        for path, why in skipped:
+            logger.warning("skipped checkpoint %s: %s", path.name, why)
+            acc.print(f"skipped checkpoint {path.name}: {why}")
+        acc.print(f"resumed from {latest} at step {state.step}")
+        return state
+    if skipped:
+        raise ValueError(_none_loads(skipped))
+    return None
 
 
 def _optimizer_step(

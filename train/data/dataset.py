@@ -162,22 +162,23 @@ class MultiViewDataset(IterableDataset):
         n = len(self.folders)
         perms: dict[int, list[int]] = {}
 
-        def object_at(g: int) -> Path:
-            epoch = g // n
+        def object_at(epoch: int, position: int) -> Path:
             if epoch not in perms:
                 perms.clear()
                 perms[epoch] = torch.randperm(
                     n, generator=torch.Generator().manual_seed(mix_seed(self.seed, 3, epoch))
                 ).tolist()
-            return self.folders[perms[epoch][g % n]]
+            return self.folders[perms[epoch][position]]
 
         def read(s: int, k: int, decode: bool) -> dict | None:
             if not decode:
                 return None
             g = s * self.world_size + self.rank
             sample_seed = mix_seed(self.seed, 4, g)
-            for attempt in range(n):  # a broken object is replaced by the next one in the epoch order
-                folder = object_at(g + attempt)
+            # A broken object is replaced by the next one in the same epoch's order, wrapping
+            # around: the n attempts visit every object once, so a readable one is always found.
+            for attempt in range(n):
+                folder = object_at(g // n, (g + attempt) % n)
                 try:
                     views = fmt.read_object_folder(folder, select=self._selector(sample_seed, k))
                     return self._item(views, sample_seed, attempt)
