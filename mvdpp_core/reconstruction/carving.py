@@ -5,12 +5,14 @@ is the smallest vote. Sampling the soft mask instead of thresholding gives a con
 field whose 0.5 level sits at the sub-pixel silhouette, so marching cubes is smooth.
 Views that do not see a point (it projects outside the frame) do not vote against it.
 
-Robustness: "keep a voxel if all but k views agree" done per view rather than per voxel.
-On a coarse grid we take the k-robust hull ((k+1)-th smallest vote), find the views whose
-masks contradict it (a mask missing part of the object calls a large share of it
-background) and drop at most k of them; the hull of the remaining views is exact. A
-per-voxel order statistic would instead loosen the hull everywhere (a cube's IoU drops
-from 0.94 to 0.84 with k = 2), since each part of the surface is carved by few views.
+Robustness: "keep a voxel if the views agree", decided per view rather than per voxel.
+On a coarse grid, each view's mask is scored against the consensus of the others and the
+views that contradict it are dropped (how many is found from the masks, see
+:func:`find_outlier_views`); the hull of the remaining views is exact. A per-voxel order
+statistic or vote would instead loosen the hull everywhere (a cube's IoU drops from 0.94
+to 0.84 when each voxel may ignore 2 views), since each part of the surface is carved by
+few views. Masks a few pixels off are handled before carving, by snapping their outlines
+to the colour edge of the views (:mod:`.silhouettes`).
 
 The field is computed coarse to fine: a full grid at low resolution, then at each finer
 level only the voxels near the coarse surface are evaluated exactly (the rest are
@@ -29,6 +31,7 @@ from torch import Tensor
 
 _CHUNK = 262_144
 _COARSEST = 32
+OUTLIER_THRESHOLD = 0.15  # share of the consensus volume a view may call background
 
 
 @dataclass(frozen=True)
@@ -72,35 +75,42 @@ def view_votes(points: Tensor, masks: Tensor, c2w: Tensor, K: Tensor) -> Tensor:
     return torch.where(seen, vals, torch.ones_like(vals))
 
 
-def mask_field(points: Tensor, masks: Tensor, c2w: Tensor, K: Tensor, outlier_views: int = 0) -> Tensor:
-    """Occupancy in [0, 1] of world points (n, 3): the (k+1)-th smallest vote of the views."""
-    out = []
-    for chunk in points.split(_CHUNK):
-        votes = view_votes(chunk, masks, c2w, K)
-        if outlier_views == 0:
-            out.append(votes.amin(0))
-        else:  # topk is ~2x faster than kthvalue here
-            out.append(torch.topk(votes, outlier_views + 1, dim=0, largest=False).values[-1])
+def mask_field(points: Tensor, masks: Tensor, c2w: Tensor, K: Tensor) -> Tensor:
+    """Occupancy in [0, 1] of world points (n, 3): the smallest vote of the views."""
+    out = [view_votes(chunk, masks, c2w, K).amin(0) for chunk in points.split(_CHUNK)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def find_outlier_views(votes: Tensor, outlier_views: int, threshold: float) -> list[int]:
-    """Views whose masks contradict the robust hull, worst first (at most ``outlier_views``).
+def find_outlier_views(
+    votes: Tensor, *, max_views: int | None = None, threshold: float = OUTLIER_THRESHOLD
+) -> list[int]:
+    """Views whose masks contradict the others, found without being told how many there are.
 
-    The robust hull keeps points where all but k views see foreground. A view's score is
-    the fraction of the robust hull it calls background: ~0-5% for a correct mask (the
-    robust hull is a little looser than the exact one), 25-50% for a mask missing a large
-    part of the object. Views above ``threshold`` are dropped.
+    ``votes`` (v, n): each view's mask value at n sample points. A view's score is the share
+    of the consensus volume it calls background. Round 1 takes as consensus the points that
+    at least 3/4 of the views call object (it contains the object while fewer than a quarter
+    of the masks are wrong, however wrong they are); round 2 takes the exact hull of the
+    views kept in round 1 and scores every view again, so a correct view dropped in round 1
+    comes back. Correct views score ~0-5% (the consensus is a little looser than the exact
+    hull); a mask missing a large part of the object, or showing something else, 20-90%.
+    ``max_views`` caps the count (None: up to a quarter of the views; 0: none).
     """
-    if outlier_views == 0:
+    v = votes.shape[0]
+    cap = v // 4 if max_views is None else max_views
+    if cap <= 0:
         return []
-    robust = torch.topk(votes, outlier_views + 1, dim=0, largest=False).values[-1]
-    inside = robust > 0.5
-    if not inside.any():
-        return []
-    score = (votes[:, inside] < 0.5).float().mean(1)  # v
-    worst = torch.argsort(score, descending=True)[:outlier_views]
-    return sorted(int(i) for i in worst if score[i] > threshold)
+    inside = votes > 0.5  # v n
+    consensus = inside.float().mean(0) >= 0.75
+    dropped: list[int] = []
+    for _ in range(2):
+        if not consensus.any():
+            return dropped
+        score = (~inside[:, consensus]).float().mean(1)  # v
+        worst = torch.argsort(score, descending=True)[:cap]
+        dropped = sorted(int(i) for i in worst if score[i] > threshold)
+        keep = [i for i in range(v) if i not in dropped]
+        consensus = inside[keep].all(0)
+    return dropped
 
 
 def _levels(resolution: int) -> list[int]:
@@ -127,28 +137,31 @@ def carve(
     *,
     resolution: int,
     bound: float = 0.6,
-    outlier_views: int = 2,
-    outlier_threshold: float = 0.15,
+    outlier_views: int | None = None,
+    outlier_threshold: float = OUTLIER_THRESHOLD,
 ) -> CarveResult:
     """Visual hull of the views on a grid over [-bound, bound]^3, robust to bad masks.
 
-    Up to ``outlier_views`` (k) views whose masks contradict the k-robust hull (see
-    :func:`find_outlier_views`) are dropped, then a point is kept when every remaining view
-    sees foreground there: with clean masks this is the exact hull (as tight as k = 0),
-    with up to k wrong masks it is the hull of the consistent views.
+    Views whose masks contradict the others (see :func:`find_outlier_views`; how many is
+    found from the masks, ``outlier_views`` only caps it, 0 trusts every mask) are dropped,
+    then a point is kept when every remaining view sees foreground there: with clean masks
+    this is the exact hull, with wrong masks the hull of the consistent views.
 
     Args:
         masks: (v, h, w) foreground masks in [0, 1] of the views c2w (v, 4, 4), K (3, 3).
         resolution: grid cells per axis (the grid has resolution + 1 points per axis);
             ``2^k * m`` sizes (e.g. 128, 256) get the coarse-to-fine speed-up.
     """
-    if not 0 <= outlier_views < len(masks) // 2:
-        raise ValueError(f"outlier_views={outlier_views}; allowed 0..{len(masks) // 2 - 1} (default 2).")
+    if outlier_views is not None and not 0 <= outlier_views < len(masks) // 2:
+        raise ValueError(
+            f"outlier_views={outlier_views}; allowed None (found from the masks, the default) "
+            f"or 0..{len(masks) // 2 - 1} (at most that many)."
+        )
     levels = _levels(resolution + 1)
     grid = Grid(levels[0], bound)
     idx = torch.stack(torch.meshgrid(*[torch.arange(grid.resolution)] * 3, indexing="ij"), dim=-1)
     votes = view_votes(grid.points(idx.reshape(-1, 3)), masks, c2w, K)  # v n
-    dropped = find_outlier_views(votes, outlier_views, outlier_threshold)
+    dropped = find_outlier_views(votes, max_views=outlier_views, threshold=outlier_threshold)
     keep = [i for i in range(len(masks)) if i not in dropped]
     masks, c2w = masks[keep], c2w[keep]
     field = votes[keep].amin(0).reshape([grid.resolution] * 3)

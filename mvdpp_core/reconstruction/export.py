@@ -19,6 +19,8 @@ from .mesh import MeshFormat, ReconstructedMesh, parse_enum
 # (x, y, z) -> (x, z, -y): our +Z-up world to glTF's +Y-up.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 Y_UP_TO_Z_UP = Z_UP_TO_Y_UP.T
+# Suffixes that name a mesh format: one of these that disagrees with ``format`` is an error.
+_MESH_SUFFIXES = frozenset({"glb", "gltf", "obj", "ply", "stl", "fbx", "usd", "usdz", "off", "dae", "3mf"})
 
 
 def _resolve(path: str | Path, fmt: MeshFormat | str | None) -> tuple[Path, MeshFormat]:
@@ -28,7 +30,14 @@ def _resolve(path: str | Path, fmt: MeshFormat | str | None) -> tuple[Path, Mesh
             raise ValueError(f"cannot tell the format of {str(path)!r}; add a .glb/.obj/.ply suffix or pass format=.")
         fmt = path.suffix
     fmt = parse_enum(MeshFormat, fmt, "format")
-    if path.suffix.lower() != f".{fmt.value}":
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in _MESH_SUFFIXES and suffix != fmt.value:
+        # Appending would write "m.obj.glb": a file no one asked for, under a misleading name.
+        raise ValueError(
+            f"path {str(path)!r} ends in .{suffix} but format={fmt.value!r}; make them agree: "
+            f"write to {str(path.with_suffix('.' + fmt.value))!r}, pass format={suffix!r}, or omit format."
+        )
+    if suffix != fmt.value:
         path = path.with_name(path.name + f".{fmt.value}")
     return path, fmt
 
@@ -39,7 +48,8 @@ def export_mesh(
     """Write ``mesh`` (in our +Z-up frame) to ``path``; returns the path written.
 
     ``format``: "glb", "obj" or "ply" (default: from the suffix; the suffix is added when
-    missing). GLB is rotated to +Y up, (x, y, z) -> (x, z, -y), and embeds the UV texture
+    missing; a mesh suffix that disagrees with ``format``, e.g. ``m.obj`` with "glb", is an
+    error). GLB is rotated to +Y up, (x, y, z) -> (x, z, -y), and embeds the UV texture
     or vertex colours. OBJ writes ``name.obj`` + ``material.mtl`` + a PNG texture next to it
     when textured (else per-vertex colours on the ``v`` lines). PLY stores vertex colours
     only (a textured mesh is exported with its per-vertex colours).

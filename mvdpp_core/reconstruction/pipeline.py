@@ -13,9 +13,10 @@ from ..cameras import intrinsics, rig_c2w
 from .carving import Grid, carve, keep_largest
 from .mesh import Method, ReconstructedMesh, parse_enum
 from .meshing import clean_mesh, field_to_mesh, reduce_mesh
-from .sdf import SDFConfig, fit_sdf
+from .sdf import SDFConfig, carve_with_sdf, fit_sdf
+from .silhouettes import snap_masks_to_color
 from .texturing import ViewSet, bake_texture, color_points, uv_atlas
-from .validation import normalize_masks, normalize_views
+from .validation import check_resolution, normalize_masks, normalize_views
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_TEXTURED_FACES = 10_000
@@ -49,7 +50,8 @@ def reconstruct(
     resolution: int = 128,
     texture_size: int = 0,
     max_faces: int | None = None,
-    outlier_views: int = 2,
+    outlier_views: int | None = None,
+    snap_masks: bool = True,
     smooth_iterations: int = 3,
     sdf_config: SDFConfig | None = None,
     callback: ProgressFn | None = None,
@@ -60,14 +62,20 @@ def reconstruct(
         views: (32, H, W, 3) or (32, 3, H, W) float in [0, 1], rig order ``i = e * 8 + a``
             (``mvdpp_core.cameras``); the background may be anything, masks decide.
         masks: (32, H, W) float in [0, 1], 1 = object.
-        method: ``"fast"`` (visual-hull carving, seconds) or ``"quality"`` (carving, then a
-            NeuS-style SDF fit to the views that recovers concavities; ``sdf_config``).
+        method: ``"fast"`` (robust visual-hull carving, seconds) or ``"quality"`` (carving,
+            then a NeuS-style SDF fit to the views' colours that carves the concavities the
+            hull closes over; it only removes volume, so it keeps the fast result elsewhere;
+            ``sdf_config``, CUDA when available).
         resolution: carving grid cells per axis over [-0.6, 0.6]^3 (128: ~9 mm cells).
         texture_size: 0 for per-vertex colours only; N > 0 also bakes an N x N UV texture
             (xatlas) on a mesh reduced to ``max_faces`` (default 10k) faces.
         max_faces: reduce the mesh to at most this many faces (None: keep it dense).
-        outlier_views: up to this many views whose masks contradict the others are ignored
-            (robustness to a few bad masks; 0 trusts every mask).
+        outlier_views: None (default) finds and ignores the views whose masks contradict
+            the others, however many (up to a quarter of the views); N caps it at N; 0
+            trusts every mask (with ``snap_masks=False``: the plain hard visual hull).
+        snap_masks: move each mask's outline (by at most ~3 px at 256 px) to the colour edge
+            between object and a plain backdrop, which undoes masks a few pixels too large
+            or small; views whose backdrop is not plain are left as they are.
         smooth_iterations: Taubin smoothing passes after marching cubes.
         callback: ``callback(step, total)`` after each step; raise inside it to cancel.
     Returns:
@@ -76,8 +84,9 @@ def reconstruct(
     method = parse_enum(Method, method, "method")
     views = normalize_views(views)
     masks = normalize_masks(masks, views)
-    if resolution < 16 or resolution > 1024:
-        raise ValueError(f"resolution={resolution}; allowed 16..1024 grid cells (128 is a good default).")
+    resolution = check_resolution(resolution)
+    if isinstance(texture_size, bool) or not isinstance(texture_size, (int, np.integer)):
+        raise TypeError(f"texture_size={texture_size!r}; pass a whole number: 0 (vertex colours) or e.g. 1024.")
     if texture_size < 0:
         raise ValueError(f"texture_size={texture_size}; use 0 (vertex colours) or a positive size like 1024.")
     if texture_size and max_faces is None:
@@ -88,17 +97,18 @@ def reconstruct(
 
     h, w = views.shape[1:3]
     c2w, K = rig_c2w(), intrinsics(w, h)
+    if snap_masks:
+        masks, _ = snap_masks_to_color(views, masks)
     carved = carve(masks, c2w, K, resolution=resolution, outlier_views=outlier_views)
-    occupancy, grid = keep_largest(carved.occupancy), carved.grid
+    field, fgrid = keep_largest(carved.occupancy), carved.grid
     keep = [i for i in range(len(views)) if i not in carved.dropped_views]  # views with trusted masks
     views, masks, c2w = views[keep], masks[keep], c2w[keep]
     progress.advance()
     if method is Method.QUALITY:
-        field, fgrid = fit_sdf(views, masks, c2w, K, occupancy, grid, config, progress.sub(progress.done))
+        sdf, sgrid = fit_sdf(views, masks, c2w, K, field, fgrid, config, progress.sub(progress.done))
         progress.done += sdf_steps
-        field, fgrid, level, high = -field, fgrid, 0.0, True  # negate: inside-high like occupancy
-    else:
-        field, fgrid, level, high = occupancy, grid, 0.5, True
+        field = carve_with_sdf(field, fgrid, sdf, sgrid)
+    level, high = 0.5, True  # occupancy-like field: inside is high
     verts, faces = field_to_mesh(field, fgrid, level=level, inside_is_high=high)
     mesh = clean_mesh(verts, faces, smooth_iterations=smooth_iterations)
     if max_faces is not None:

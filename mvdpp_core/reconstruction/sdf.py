@@ -51,7 +51,7 @@ class SDFConfig:
     smooth_weight: float = 0.02
     foreground_fraction: float = 0.75  # share of rays drawn inside (dilated) masks
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when available, else CPU
 
     @classmethod
     def full(cls, device: str = "cuda") -> SDFConfig:
@@ -187,6 +187,12 @@ def _initial_sdf(occupancy: np.ndarray, grid: Grid, cells: int) -> tuple[Tensor,
     return torch.from_numpy(occupancy_to_sdf(inside, cgrid.spacing)), cgrid
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def fit_sdf(
     views: Tensor,
     masks: Tensor,
@@ -198,8 +204,28 @@ def fit_sdf(
     callback: ProgressFn | None = None,
 ) -> tuple[np.ndarray, Grid]:
     """Fit the SDF to views (v, h, w, 3) + masks (v, h, w), starting from the carved
-    ``occupancy`` on ``grid``. Returns the SDF (n, n, n) float32 (negative inside) and its grid."""
-    dev = torch.device(config.device)
+    ``occupancy`` on ``grid``. Returns the SDF (n, n, n) float32 (negative inside) and its grid.
+
+    Works under any ambient grad mode: ComfyUI runs nodes under ``torch.inference_mode()``,
+    so the fit switches autograd back on for itself and copies its inputs out of inference
+    mode (inference tensors cannot be saved for backward).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        views, masks, c2w, K = (t.detach().clone() for t in (views, masks, c2w, K))
+        return _fit(views, masks, c2w, K, occupancy, grid, config, callback)
+
+
+def _fit(
+    views: Tensor,
+    masks: Tensor,
+    c2w: Tensor,
+    K: Tensor,
+    occupancy: np.ndarray,
+    grid: Grid,
+    config: SDFConfig,
+    callback: ProgressFn | None,
+) -> tuple[np.ndarray, Grid]:
+    dev = _device(config.device)
     init, sgrid = _initial_sdf(occupancy, grid, config.grid_cells)
     model = SDFGrid(init.to(dev), sgrid.bound, config.coarse_factors).to(dev)
     with torch.no_grad():
@@ -234,3 +260,24 @@ def fit_sdf(
             callback(it + 1, config.iterations)
     with torch.no_grad():
         return model.sdf_volume()[0, 0].cpu().numpy().astype(np.float32), sgrid
+
+
+def carve_with_sdf(
+    occupancy: np.ndarray, grid: Grid, sdf: np.ndarray, sgrid: Grid, *, margin_cells: float = 1.0
+) -> np.ndarray:
+    """The carved ``occupancy`` (r, r, r) on ``grid`` with the fitted SDF's concavities removed.
+
+    Only volume is removed: where the fit moved the surface inwards by more than
+    ``margin_cells`` SDF cells (a lid sinking into a cup), the SDF's surface replaces the
+    hull's, in a 2-cell neighbourhood; everywhere else the finer carved field is kept as is.
+    The true object lies inside the visual hull of correct masks, so growing it would only
+    add error, and the SDF grid is coarser than the carving grid.
+    """
+    from scipy import ndimage
+
+    cells = grid.resolution - 1
+    fine_sdf, _ = resample_field(sdf, sgrid, cells)
+    moved = ndimage.binary_dilation(sdf > margin_cells * sgrid.spacing, iterations=2)
+    region, _ = resample_field(moved.astype(np.float32), sgrid, cells)
+    inside = np.clip(0.5 - fine_sdf / (2 * grid.spacing), 0.0, 1.0)  # 0.5 at the SDF's zero level
+    return np.where(region > 0, np.minimum(occupancy, inside), occupancy).astype(np.float32)

@@ -134,6 +134,49 @@ def bowl(
     return _finish(mesh, color, 1.0)  # already fine; subdividing would add T-junctions
 
 
+def cup(
+    *, radius: float = 0.4, height: float = 0.9, wall: float = 0.06, base: float = 0.08, sections: int = 96,
+    color: tuple[float, float, float] | None = None,
+) -> trimesh.Trimesh:
+    """A cup (hollow cylinder with a floor) opening towards +Z: a deep hollow whose floor the
+    60 deg views see but whose inside no silhouette reveals."""
+    h, r_in = height / 2, radius - wall
+    points = [(0.0, -h), (radius, -h), (radius, h), (r_in, h), (r_in, -h + base), (0.0, -h + base)]
+    profile = _profile(points, DEFAULT_MAX_EDGE * height)
+    return _finish(trimesh.creation.revolve(profile, sections=sections), color, 1.0)
+
+
+def _union_of_boxes(boxes: list[tuple[tuple[float, float, float], tuple[float, float, float]]]) -> trimesh.Trimesh:
+    """Boxes (centre, extents) with disjoint interiors (they may touch), as one mesh."""
+    parts = []
+    for center, extents in boxes:
+        part = trimesh.creation.box(extents=extents)
+        part.apply_translation(center)
+        while part.edges_unique_length.max() > DEFAULT_MAX_EDGE:
+            part = part.subdivide()
+        parts.append(part)
+    return trimesh.util.concatenate(parts)
+
+
+def table(*, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh:
+    """A table: a top slab on four legs (a composed shape with thin parts and a gap under it)."""
+    top = ((0.0, 0.0, 0.3), (1.0, 0.7, 0.08))
+    legs = [((sx * 0.42, sy * 0.27, -0.07), (0.08, 0.08, 0.66)) for sx in (-1, 1) for sy in (-1, 1)]
+    mesh = _union_of_boxes([top, *legs])
+    normalize_mesh(mesh)
+    paint(mesh, np.full((len(mesh.vertices), 3), color if color is not None else (0.7, 0.7, 0.7)))
+    return mesh
+
+
+def stacked(*, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh:
+    """Three boxes stacked off-centre (steps and overhangs)."""
+    boxes = [((0.0, 0.0, -0.3), (1.0, 0.8, 0.3)), ((0.15, 0.1, 0.0), (0.6, 0.5, 0.3)), ((-0.1, 0.1, 0.25), (0.3, 0.3, 0.2))]
+    mesh = _union_of_boxes(boxes)
+    normalize_mesh(mesh)
+    paint(mesh, np.full((len(mesh.vertices), 3), color if color is not None else (0.7, 0.7, 0.7)))
+    return mesh
+
+
 def patterned(mesh: trimesh.Trimesh, *, frequency: float = 9.0) -> trimesh.Trimesh:
     """Paint a smooth 3D colour pattern so photo-consistency can locate the surface (in place)."""
     p = np.asarray(mesh.vertices)

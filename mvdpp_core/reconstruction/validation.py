@@ -8,6 +8,9 @@ from torch import Tensor
 
 from ..cameras import NUM_TARGET_VIEWS
 
+MIN_VIEW_SIZE = 32  # below this a pixel spans > 5 cm of the unit object: the hull is meaningless
+FULL_MASK_FRACTION = 0.99  # a mask covering this share of its frame carves nothing
+
 
 def _as_tensor(x: object, name: str) -> Tensor:
     if isinstance(x, Tensor):
@@ -33,6 +36,12 @@ def normalize_views(views: object) -> Tensor:
             f"views has shape {tuple(t.shape)}; expected 3 RGB channels (drop alpha and pass it as masks)."
         )
     _check_finite_unit(t, "views")
+    h, w = t.shape[1:3]
+    if min(h, w) < MIN_VIEW_SIZE:
+        raise ValueError(
+            f"views are {w}x{h} px; reconstruction needs at least {MIN_VIEW_SIZE}x{MIN_VIEW_SIZE} px per view "
+            "(smaller views cannot place the surface). Pass the sampler's full-size views (e.g. 256x256)."
+        )
     return t.contiguous()
 
 
@@ -58,7 +67,28 @@ def normalize_masks(masks: object, views: Tensor) -> Tensor:
             "masks are empty (no pixel > 0.5 in any of the 32 views), so there is no object to reconstruct; "
             "check that masks are foreground = 1 (invert them if the background is 1)."
         )
+    coverage = (t > 0.5).flatten(1).float().mean(1)  # v
+    if bool((coverage >= FULL_MASK_FRACTION).all()):
+        raise ValueError(
+            f"masks are 1 (object) over at least {FULL_MASK_FRACTION:.0%} of the frame in all "
+            f"{NUM_TARGET_VIEWS} views, so they outline nothing and the object cannot be carved out; "
+            "pass masks with the object = 1 and the background = 0 (an all-one placeholder mask or an "
+            "inverted mask whose object is 0 gives this)."
+        )
     return t.contiguous()
+
+
+def check_resolution(resolution: object) -> int:
+    """An integer grid resolution in 16..1024 (integer-like numpy scalars accepted)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
+        raise TypeError(
+            f"resolution={resolution!r} ({type(resolution).__name__}); pass a whole number of grid cells "
+            "in 16..1024, e.g. resolution=128."
+        )
+    resolution = int(resolution)
+    if not 16 <= resolution <= 1024:
+        raise ValueError(f"resolution={resolution}; allowed 16..1024 grid cells (128 is a good default).")
+    return resolution
 
 
 def _check_finite_unit(t: Tensor, name: str) -> None:
