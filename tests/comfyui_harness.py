@@ -49,6 +49,18 @@ def comfyui_path() -> Path | None:
     return Path(value)
 
 
+def frontend_root() -> Path | None:
+    """A frontend build to serve instead of the pinned package (MVDPP_FRONTEND_ROOT: the
+    ``static`` folder of another comfyui-frontend-package, e.g. one installed with
+    ``pip install --no-deps --target DIR comfyui-frontend-package==X``), or None."""
+    value = os.environ.get("MVDPP_FRONTEND_ROOT")
+    if not value:
+        return None
+    if not (Path(value) / "index.html").is_file():
+        raise FileNotFoundError(f"MVDPP_FRONTEND_ROOT={value} has no index.html; point it at the package's static/")
+    return Path(value)
+
+
 def workflow_files() -> list[Path]:
     return sorted(WORKFLOW_DIR.glob("*.json"))
 
@@ -124,14 +136,17 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, comfy_dir: Path, base: Path, extra_model_paths: Path, timeout: float = 120.0) -> ComfyServer:
+    def start(
+        cls, comfy_dir: Path, base: Path, extra_model_paths: Path, timeout: float = 120.0, extra_args: tuple = ()
+    ) -> ComfyServer:
+        """Start ``main.py``; ``extra_args`` go to it (e.g. ``("--front-end-root", folder)``)."""
         port = free_port()
         log = base / "server.log"
         command = [
             sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--base-directory", str(base), "--user-directory", str(base / "user"),
             "--extra-model-paths-config", str(extra_model_paths),
-            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes",
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes", *extra_args,
         ]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         with open(log, "wb") as out:
