@@ -106,7 +106,8 @@ def free_port() -> int:
 
 def prepare_base(base: Path, checkpoint: Path, extra_models: Path) -> Path:
     """A ComfyUI base directory: the pack linked in, the checkpoint as the default name,
-    example inputs, a user dir without the tutorial dialog, and an extra_model_paths.yaml
+    example inputs, a user dir without the tutorial dialog and with workflow schema
+    validation on, and an extra_model_paths.yaml
     naming ``extra_models`` as an mvdpp folder. Returns the yaml's path."""
     for sub in ("custom_nodes", "models/mvdpp", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,9 @@ def prepare_base(base: Path, checkpoint: Path, extra_models: Path) -> Path:
     shutil.copy(checkpoint, base / "models" / "mvdpp" / DEFAULT_CHECKPOINT)
     for image in EXAMPLE_INPUTS.glob("*.png"):
         shutil.copy(image, base / "input" / image.name)
-    settings = {"Comfy.TutorialCompleted": True}
+    # Schema validation of loaded workflows is on by default up to frontend ~1.3x and off in
+    # newer ones (1.58): turn it on, so the frontend tests check the files against the schema.
+    settings = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))
     extra_models.mkdir(parents=True, exist_ok=True)
     yaml_path = base / "extra_model_paths.yaml"
