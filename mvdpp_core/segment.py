@@ -10,6 +10,8 @@ that says so instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from einops import rearrange
@@ -23,6 +25,8 @@ BORDER_FRACTION = 0.03
 MAX_BORDER_OUTLIERS = 0.15
 # Connected foreground pieces smaller than this fraction of the image are noise.
 MIN_PIECE_FRACTION = 0.001
+# A mask whose border is at least this much foreground is almost surely inverted.
+INVERTED_BORDER_FRACTION = 0.9
 
 
 def border_pixels(images: Tensor, width: int) -> Tensor:
@@ -44,7 +48,9 @@ def estimate_background(images: Tensor) -> Tensor:
     return border.median(dim=1).values
 
 
-def segment_uniform_background(images: Tensor, *, tolerance: float = 0.1) -> Tensor:
+def segment_uniform_background(
+    images: Tensor, *, tolerance: float = 0.1, view_numbers: Sequence[int] | None = None
+) -> Tensor:
     """Masks of objects photographed on a plain, uniformly coloured backdrop.
 
     A pixel is foreground when any channel differs from the backdrop colour (the median
@@ -55,6 +61,7 @@ def segment_uniform_background(images: Tensor, *, tolerance: float = 0.1) -> Ten
         images: (n, 3, H, W) RGB in [0, 1].
         tolerance: colour distance (max over channels, in [0, 1] units) that separates the
             object from the backdrop; raise it for noisy or gradient backdrops.
+        view_numbers: the caller's number of each image, for error messages (default 0..n-1).
     Returns:
         (n, 1, H, W) float masks in {0, 1}, 1 = object.
     Raises:
@@ -69,7 +76,8 @@ def segment_uniform_background(images: Tensor, *, tolerance: float = 0.1) -> Ten
     distance = (images - background[:, :, None, None]).abs().amax(dim=1)  # n h w
     outliers = _border_outlier_fraction(distance, tolerance)
     masks = []
-    for i, (dist, outlier) in enumerate(zip(distance, outliers, strict=True)):
+    numbers = list(range(len(images))) if view_numbers is None else list(view_numbers)
+    for i, dist, outlier in zip(numbers, distance, outliers, strict=True):
         if outlier > MAX_BORDER_OUTLIERS:
             raise ValueError(
                 f"view {i}: {outlier:.0%} of its border differs from the border's median colour, so it is not "
@@ -112,3 +120,17 @@ def border_foreground_fraction(masks: Tensor) -> Tensor:
         masks = masks[:, None]
     border = border_pixels(masks.float(), border_width(*masks.shape[-2:]))  # n p 1
     return (border[..., 0] > 0.5).float().mean(dim=1)
+
+
+def inverted_views(masks: Tensor) -> list[int]:
+    """Indices of masks (n, 1, H, W) or (n, H, W) that look inverted (1 = background).
+
+    A view of an object (a photo or a rig view) has backdrop at its border, so a mask whose
+    border is almost all foreground while some pixel inside is background is the complement
+    of an object mask. A mask that is foreground everywhere outlines nothing and is not
+    counted here (it is blank, not inverted).
+    """
+    flat = masks.flatten(1).float()
+    has_background = flat.amin(dim=1) < 0.5
+    border_is_object = border_foreground_fraction(masks) >= INVERTED_BORDER_FRACTION
+    return (border_is_object & has_background).nonzero().flatten().tolist()

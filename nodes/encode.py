@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
+from ._checks import check_choice, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, io
 from ._convert import check_image, check_mask, image_from_core, image_to_core, mask_to_core
 from .loader import LoadedModel
@@ -13,8 +15,8 @@ from .loader import LoadedModel
 FOREGROUND_ONE = "foreground=1 (background removal nodes)"
 ALPHA_INVERTED = "alpha-inverted (LoadImage MASK)"
 MASK_CONVENTIONS = [FOREGROUND_ONE, ALPHA_INVERTED]
-# A mask whose border is at least this much foreground is almost surely inverted.
-INVERTED_BORDER_FRACTION = 0.9
+# Core LoadImage's MASK for a picture without alpha, whatever the picture's size.
+PLACEHOLDER_SIZE = (64, 64)
 
 
 @dataclass
@@ -43,12 +45,25 @@ def check_view_count(n: int) -> None:
         )
 
 
-def masks_from_input(mask: Tensor, images: Tensor, convention: str) -> Tensor:
-    """MASK (m, H, W) -> foreground masks (n, 1, H, W) after checking count, size and polarity."""
-    from ..mvdpp_core.segment import border_foreground_fraction
+def is_loadimage_placeholder(mask: Tensor, height: int, width: int) -> bool:
+    """True for core LoadImage's MASK of a picture without alpha (a JPG): 64x64 zeros
+    whatever the picture's size. It is a placeholder, not a mask."""
+    return tuple(mask.shape[-2:]) == PLACEHOLDER_SIZE != (height, width) and not bool(mask.any())
+
+
+def masks_from_input(mask: Tensor, images: Tensor, convention: str) -> Tensor | None:
+    """MASK (m, H, W) -> foreground masks (n, 1, H, W) after checking count, size and polarity.
+
+    None for LoadImage's placeholder (no mask at all). A view whose mask is object
+    everywhere (an opaque picture's MASK) comes back all ones: it outlines nothing, and
+    ``foreground_masks`` cuts that view out as if no mask were connected.
+    """
+    from ..mvdpp_core.segment import inverted_views
 
     mask = check_mask(mask)
     n, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+    if is_loadimage_placeholder(mask, height, width):
+        return None
     if mask.shape[0] != n:
         raise ValueError(
             f"{mask.shape[0]} mask(s) for {n} image(s); give one mask per image (batch the masks in the same "
@@ -62,16 +77,17 @@ def masks_from_input(mask: Tensor, images: Tensor, convention: str) -> Tensor:
     if convention not in MASK_CONVENTIONS:
         raise ValueError(f"mask_convention {convention!r} is not one of {MASK_CONVENTIONS}.")
     masks = mask_to_core(mask)
-    blank = is_blank(masks).nonzero().flatten().tolist()
-    if blank:
-        raise ValueError(
-            f"the mask of view(s) {blank} has the same value everywhere, so it outlines no object (LoadImage gives "
-            "such a mask for pictures without transparency). Add a background-removal node and connect its MASK, "
-            "or disconnect 'mask' to cut out a plain backdrop automatically."
-        )
     if convention == ALPHA_INVERTED:
         masks = 1.0 - masks
-    inverted = (border_foreground_fraction(masks) >= INVERTED_BORDER_FRACTION).nonzero().flatten().tolist()
+    empty = (is_blank(masks) & (masks.flatten(1).amax(dim=1) < 0.5)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"the mask of view(s) {empty} has the same value everywhere and marks no pixel as object for "
+            f"mask_convention '{convention}', so it outlines no object. Check mask_convention, add a "
+            "background-removal node and connect its MASK, or disconnect 'mask' to cut out a plain backdrop "
+            "automatically."
+        )
+    inverted = inverted_views(masks)
     if inverted:
         other = ALPHA_INVERTED if convention == FOREGROUND_ONE else FOREGROUND_ONE
         raise ValueError(
@@ -91,17 +107,25 @@ def is_blank(masks: Tensor) -> Tensor:
 def foreground_masks(images: Tensor, mask: Tensor | None, convention: str, tolerance: float) -> tuple[Tensor, Tensor]:
     """RGB (n, 3, H, W) and masks (n, 1, H, W): from MASK, else alpha, else a plain backdrop.
 
-    A fully opaque alpha channel (an RGBA file saved without transparency) carries no
-    outline, so it counts as no alpha.
+    Decided per view: a mask or alpha channel that is object everywhere (a picture without
+    transparency: LoadImage's MASK of an opaque PNG, a JPG's placeholder, an opaque alpha)
+    carries no outline, so the next source is used for that view.
     """
     from ..mvdpp_core.segment import segment_uniform_background
 
     rgb, alpha = image_to_core(images)
-    if mask is not None:
-        return rgb, masks_from_input(mask, rgb, convention)
-    if alpha is not None and not is_blank(alpha).all():
-        return rgb, alpha
-    return rgb, segment_uniform_background(rgb, tolerance=tolerance)
+    masks = masks_from_input(mask, rgb, convention) if mask is not None else None
+    if masks is None:
+        masks = torch.ones_like(rgb[:, :1])
+    if alpha is not None:
+        use_alpha = is_blank(masks) & ~is_blank(alpha)
+        masks = torch.where(use_alpha[:, None, None, None], alpha, masks)
+    unmasked = is_blank(masks)
+    if unmasked.any():
+        masks = masks.clone()
+        numbers = unmasked.nonzero().flatten().tolist()
+        masks[unmasked] = segment_uniform_background(rgb[unmasked], tolerance=tolerance, view_numbers=numbers)
+    return rgb, masks
 
 
 def clip_embeddings(clip_vision: object, images: Tensor, masks: Tensor, dim: int) -> Tensor:
@@ -168,6 +192,10 @@ class MaskAwareEncode(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, mask_convention: str | None = None) -> bool | str:
+        return first_error(lambda: check_choice("mask_convention", mask_convention, MASK_CONVENTIONS))
 
     @classmethod
     def execute(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ._checks import check_choice, first_error
 from ._comfy import io
 from ._convert import check_image, check_mask, image_from_core, image_to_core, mask_to_core
 
@@ -46,6 +47,22 @@ class ViewGrid(io.ComfyNode):
                 ),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The grid image, or the picked views as a batch.")],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls, mode: str | None = None, elevation: str | None = None, indices: str | None = None,
+        background: str | None = None,
+    ) -> bool | str:
+        """Refuse unknown options, unreadable indices (in 'views' mode) and colours before the
+        upstream sampling runs."""
+        from ..mvdpp_core import grid
+
+        return first_error(
+            lambda: check_choice("mode", mode, MODES),
+            lambda: check_choice("elevation", elevation, ELEVATION_CHOICES),
+            lambda: indices is None or mode not in (None, "views") or grid.parse_view_indices(indices),
+            lambda: background is None or grid.parse_hex_color(background),
         )
 
     @classmethod

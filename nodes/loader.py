@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 
+from ._checks import check_choice, first_error
 from ._comfy import MVDPPModelSocket, folder_paths, io, model_management
 
 FOLDER_NAME = "mvdpp"
 # The small checkpoint the pack ships (DESIGN section 7); listed only when the file exists.
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPE_CHOICES = ["auto", *DTYPES]
+ATTENTION_CHOICES = ["auto", "sdpa", "xformers"]
 # Working memory on top of the weights while sampling: activations of 2 x (32 + n) views.
 LOAD_HEADROOM = 1.5
 
@@ -121,15 +125,15 @@ class LoadMVDPP(io.ComfyNode):
                     "extra_model_paths.yaml). mvdpp_default.safetensors is the small model shipped with the pack.",
                 ),
                 io.Combo.Input(
-                    "device", options=["auto", "cpu", "cuda"], default="auto",
+                    "device", options=DEVICES, default="auto",
                     tooltip="Where the model runs. 'auto' follows ComfyUI's device choice (GPU if present).",
                 ),
                 io.Combo.Input(
-                    "dtype", options=["auto", *DTYPES], default="auto",
+                    "dtype", options=DTYPE_CHOICES, default="auto",
                     tooltip="Weight precision. 'auto': bf16 or fp16 on GPUs that support it, fp32 on the CPU.",
                 ),
                 io.Combo.Input(
-                    "attention", options=["auto", "sdpa", "xformers"], default="auto",
+                    "attention", options=ATTENTION_CHOICES, default="auto",
                     tooltip="Attention kernel. 'auto' uses xformers on CUDA when installed, else PyTorch SDPA.",
                 ),
                 io.ClipVision.Input(
@@ -142,17 +146,21 @@ class LoadMVDPP(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, checkpoint: str) -> bool | str:
-        """Refuse missing, pickled and corrupt files before the prompt runs (reads the header only)."""
+    def validate_inputs(
+        cls, checkpoint: str | None, device: str | None = None, dtype: str | None = None,
+        attention: str | None = None,
+    ) -> bool | str:
+        """Refuse unknown options and missing, pickled or corrupt files before the prompt runs
+        (reads the checkpoint's header only)."""
         from ..mvdpp_core.checkpoint import read_metadata
 
-        if checkpoint is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            read_metadata(checkpoint_path(checkpoint))
-        except ValueError as err:
-            return str(err)
-        return True
+        return first_error(
+            lambda: check_choice("device", device, DEVICES),
+            lambda: check_choice("dtype", dtype, DTYPE_CHOICES),
+            lambda: check_choice("attention", attention, ATTENTION_CHOICES),
+            # None: linked from another node, checked when it runs
+            lambda: checkpoint is None or read_metadata(checkpoint_path(checkpoint)),
+        )
 
     @classmethod
     def execute(

@@ -10,44 +10,91 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, first_error
 from ._comfy import MESH, comfy_utils, folder_paths, io, model_management
 from ._convert import check_image, check_mask
 
 METHODS = ["fast", "quality"]
 FORMATS = ["glb", "obj", "ply"]
+MAX_NAME_BYTES = 255  # NAME_MAX of the common file systems
+FILE_SUFFIX_BYTES = 16  # "_00001_.glb" plus room for a longer counter
+MAX_PREFIX_BYTES = 1024
+# reconstruct() ignores up to this many views whose masks contradict the others.
+MAX_OUTLIER_VIEWS = 2
 
 
 def check_prefix(filename_prefix: str) -> str:
-    """Refuse prefixes that would leave the output folder; subfolders are fine."""
+    """Refuse prefixes that would leave the output folder or that no file system takes
+    (control characters such as NUL, over-long names); subfolders are fine."""
     prefix = filename_prefix.strip()
     if not prefix:
         raise ValueError("filename_prefix is empty; give a name such as 'mvdpp/mesh'.")
+    bad = sorted({c for c in prefix if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(
+            f"filename_prefix {filename_prefix!r} contains the control character(s) {bad}, which file names "
+            "cannot hold; remove them (e.g. 'mvdpp/mesh')."
+        )
     for pure in (PurePosixPath(prefix), PureWindowsPath(prefix)):
         if pure.is_absolute() or pure.anchor or ".." in pure.parts:
             raise ValueError(
                 f"filename_prefix {filename_prefix!r} points outside ComfyUI's output folder; use a relative "
                 "name such as 'mvdpp/mesh' (subfolders are allowed, '..' and absolute paths are not)."
             )
+    parts = PureWindowsPath(prefix).parts  # splits on both '/' and '\\'
+    longest = max(len(part.encode()) for part in parts[:-1]) if len(parts) > 1 else 0
+    if len(parts[-1].encode()) > MAX_NAME_BYTES - FILE_SUFFIX_BYTES or longest > MAX_NAME_BYTES:
+        raise ValueError(
+            f"filename_prefix has a name part of {max(longest, len(parts[-1].encode()))} bytes; file systems allow "
+            f"{MAX_NAME_BYTES} per name, and the counter and extension need {FILE_SUFFIX_BYTES}. Shorten it to at "
+            f"most {MAX_NAME_BYTES - FILE_SUFFIX_BYTES} characters per part (e.g. 'mvdpp/mesh')."
+        )
+    if len(prefix.encode()) > MAX_PREFIX_BYTES:
+        raise ValueError(
+            f"filename_prefix is {len(prefix.encode())} bytes long; give at most {MAX_PREFIX_BYTES} "
+            "(e.g. 'mvdpp/mesh')."
+        )
     return prefix
+
+
+def check_inside(folder: Path, root: Path, filename_prefix: str) -> None:
+    """Raise unless ``folder`` (existing or not) resolves inside ``root``: a symlinked
+    subfolder cannot lead out of the output folder."""
+    if not folder.resolve().is_relative_to(root):
+        raise ValueError(
+            f"filename_prefix {filename_prefix!r} resolves to {folder.resolve()}, outside the output folder "
+            f"{root}; use a subfolder that is a real folder inside it."
+        )
 
 
 def output_path(filename_prefix: str, extension: str) -> tuple[Path, str, str]:
     """The next free ``<prefix>_<counter>_.<ext>`` in the output folder.
 
-    Returns the full path, the subfolder and the file name; the resolved path is checked
-    to lie inside the output folder (a symlinked subfolder cannot lead out of it).
+    Returns the full path, the subfolder and the file name. The folder is checked to lie
+    inside the output folder before ComfyUI's ``get_save_image_path`` creates it.
     """
     output_dir = folder_paths.get_output_directory()
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(check_prefix(filename_prefix), output_dir)
+    prefix = check_prefix(filename_prefix)
+    root = Path(output_dir).resolve()
+    check_inside((Path(output_dir) / prefix).parent, root, filename_prefix)
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
     filename = f"{name}_{counter:05}_.{extension}"
     path = Path(folder) / filename
-    root = Path(output_dir).resolve()
-    if not path.resolve().is_relative_to(root):
-        raise ValueError(
-            f"filename_prefix {filename_prefix!r} resolves to {path.resolve()}, outside the output folder {root}; "
-            "use a subfolder that is a real folder inside it."
-        )
+    check_inside(path.parent, root, filename_prefix)
     return path, subfolder, filename
+
+
+def check_not_inverted(masks: Tensor) -> None:
+    """Refuse rig masks that mark the background as object (they would carve a speck)."""
+    from ..mvdpp_core.segment import inverted_views
+
+    inverted = inverted_views(masks)
+    if len(inverted) > MAX_OUTLIER_VIEWS:
+        raise ValueError(
+            f"the masks of {len(inverted)} views (e.g. {inverted[:8]}) mark the image border as object, so they "
+            "look inverted (1 must be the object). Connect the masks output of the multi-view sampler, or add an "
+            "InvertMask node (core LoadImage's MASK is 1 where the picture is transparent)."
+        )
 
 
 def progress_callback() -> Callable[..., None]:
@@ -80,7 +127,8 @@ class MeshExport(io.ComfyNode):
             node_id="MVDPP_MeshExport",
             display_name="MVDiffusion++ Mesh Export",
             category="MVDiffusion++/3d",
-            description="Reconstructs a coloured mesh from the 32 views and masks and saves it in the output folder.",
+            description="Reconstructs a coloured mesh from the 32 views and masks and saves it, with its colours, in "
+            "the output folder; the MESH output is geometry only (ComfyUI's MESH type has no colours).",
             is_output_node=True,
             inputs=[
                 io.Image.Input("views", tooltip="The 32 views from the multi-view sampler, in rig order."),
@@ -101,23 +149,31 @@ class MeshExport(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Mesh.Output(display_name="mesh", tooltip="The mesh (glTF axes, +Y up), e.g. for Save GLB."),
+                io.Mesh.Output(
+                    display_name="mesh",
+                    tooltip="The mesh geometry (glTF axes, +Y up) for core MESH nodes such as Save GLB. ComfyUI's "
+                    "MESH type holds no colours, so Save GLB writes it uncoloured; the file this node saves keeps "
+                    "the vertex colours (connect 'path' to Preview 3D for a coloured preview).",
+                ),
                 io.String.Output(
                     display_name="path",
-                    tooltip="The saved file, relative to the output folder (connect to Preview 3D's model_file).",
+                    tooltip="The saved file with its colours, relative to the output folder (connect it to Preview "
+                    "3D's model_file for a coloured preview).",
                 ),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix: str | None) -> bool | str:
-        if filename_prefix is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            check_prefix(filename_prefix)
-        except ValueError as err:
-            return str(err)
-        return True
+    def validate_inputs(
+        cls, filename_prefix: str | None = None, method: str | None = None, format: str | None = None
+    ) -> bool | str:
+        """Refuse unknown options and unusable prefixes before the upstream sampling runs."""
+        return first_error(
+            lambda: check_choice("method", method, METHODS),
+            lambda: check_choice("format", format, FORMATS),
+            # None: linked from another node, checked when it runs
+            lambda: filename_prefix is None or check_prefix(filename_prefix),
+        )
 
     @classmethod
     def execute(
@@ -125,10 +181,13 @@ class MeshExport(io.ComfyNode):
     ) -> io.NodeOutput:
         from ..mvdpp_core.reconstruction import export_mesh, reconstruct
 
+        masks = check_mask(masks, "masks")
+        check_not_inverted(masks)
         path, subfolder, filename = output_path(filename_prefix, format)
         mesh = reconstruct(
-            check_image(views, "views")[..., :3], check_mask(masks, "masks"),
+            check_image(views, "views")[..., :3], masks,
             method=method, resolution=resolution, callback=progress_callback(),
+            outlier_views=MAX_OUTLIER_VIEWS,
         )
         export_mesh(mesh, path, format=format)
         relative = os.path.join(subfolder, filename).replace(os.sep, "/")

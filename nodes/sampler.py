@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ._checks import check_choice, check_number, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
 from ._convert import image_from_core, mask_from_core
 from .encode import ConditionViews
 from .loader import LoadedModel
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
+CFG_MIN, CFG_MAX = 1.0, 20.0
 
 
 def step_callback(total: int) -> Callable[[int, int, Tensor], None]:
@@ -54,7 +56,7 @@ class MultiViewSampler(io.ComfyNode):
                     "DPM-Solver++(2M), good results in few steps.",
                 ),
                 io.Float.Input(
-                    "cfg", default=3.0, min=1.0, max=20.0, step=0.1,
+                    "cfg", default=3.0, min=CFG_MIN, max=CFG_MAX, step=0.1,
                     tooltip="Classifier-free guidance on the condition views (1 = off; higher follows the "
                     "photos more closely).",
                 ),
@@ -67,6 +69,14 @@ class MultiViewSampler(io.ComfyNode):
                 ),
                 io.Mask.Output(display_name="masks", tooltip="The 32 foreground masks (1 = object)."),
             ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler: str | None = None, cfg: float | None = None) -> bool | str:
+        """Refuse an unknown sampler and a NaN / out-of-range cfg before sampling."""
+        return first_error(
+            lambda: check_choice("sampler", sampler, SAMPLERS),
+            lambda: check_number("cfg", cfg, CFG_MIN, CFG_MAX),
         )
 
     @classmethod

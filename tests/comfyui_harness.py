@@ -49,6 +49,18 @@ def comfyui_path() -> Path | None:
     return Path(value)
 
 
+def frontend_root() -> Path | None:
+    """A frontend build to serve instead of the pinned package (MVDPP_FRONTEND_ROOT: the
+    ``static`` folder of another comfyui-frontend-package, e.g. one installed with
+    ``pip install --no-deps --target DIR comfyui-frontend-package==X``), or None."""
+    value = os.environ.get("MVDPP_FRONTEND_ROOT")
+    if not value:
+        return None
+    if not (Path(value) / "index.html").is_file():
+        raise FileNotFoundError(f"MVDPP_FRONTEND_ROOT={value} has no index.html; point it at the package's static/")
+    return Path(value)
+
+
 def workflow_files() -> list[Path]:
     return sorted(WORKFLOW_DIR.glob("*.json"))
 
@@ -94,7 +106,8 @@ def free_port() -> int:
 
 def prepare_base(base: Path, checkpoint: Path, extra_models: Path) -> Path:
     """A ComfyUI base directory: the pack linked in, the checkpoint as the default name,
-    example inputs, a user dir without the tutorial dialog, and an extra_model_paths.yaml
+    example inputs, a user dir without the tutorial dialog and with workflow schema
+    validation on, and an extra_model_paths.yaml
     naming ``extra_models`` as an mvdpp folder. Returns the yaml's path."""
     for sub in ("custom_nodes", "models/mvdpp", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -102,7 +115,9 @@ def prepare_base(base: Path, checkpoint: Path, extra_models: Path) -> Path:
     shutil.copy(checkpoint, base / "models" / "mvdpp" / DEFAULT_CHECKPOINT)
     for image in EXAMPLE_INPUTS.glob("*.png"):
         shutil.copy(image, base / "input" / image.name)
-    settings = {"Comfy.TutorialCompleted": True}
+    # Schema validation of loaded workflows is on by default up to frontend ~1.3x and off in
+    # newer ones (1.58): turn it on, so the frontend tests check the files against the schema.
+    settings = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))
     extra_models.mkdir(parents=True, exist_ok=True)
     yaml_path = base / "extra_model_paths.yaml"
@@ -124,14 +139,17 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, comfy_dir: Path, base: Path, extra_model_paths: Path, timeout: float = 120.0) -> ComfyServer:
+    def start(
+        cls, comfy_dir: Path, base: Path, extra_model_paths: Path, timeout: float = 120.0, extra_args: tuple = ()
+    ) -> ComfyServer:
+        """Start ``main.py``; ``extra_args`` go to it (e.g. ``("--front-end-root", folder)``)."""
         port = free_port()
         log = base / "server.log"
         command = [
             sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--base-directory", str(base), "--user-directory", str(base / "user"),
             "--extra-model-paths-config", str(extra_model_paths),
-            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes",
+            "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes", *extra_args,
         ]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         with open(log, "wb") as out:

@@ -1,5 +1,7 @@
 """The real ComfyUI 0.3.75 server runs the shipped workflows and turns bad input into node
 errors that say what to do, while it keeps serving; Cancel stops sampling within a step.
+The quality mesh (an SDF fit needing autograd under ComfyUI's inference mode) and a JPG
+without alpha through the single-view workflow run here too.
 
 One server for the module (started in a temporary base directory; the ComfyUI folder is
 never written to), a tiny random checkpoint under the default name, sampling cut to 1 step.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import time
 import uuid
@@ -34,6 +37,9 @@ from PIL import Image
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 SIZE = 64  # tiny preset
 EXTRA_CHECKPOINT = "extra_tiny.safetensors"
+SPHERE_PNG = "sphere.png"
+SPHERE_RADIUS = 0.35
+FRONT_JPG = "mvdpp_example_front.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +51,36 @@ def server(comfyui_dir: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.Te
     models = base / "models" / "mvdpp"
     torch.save({"state_dict": torch.zeros(3)}, models / "pickled.ckpt")
     (models / "corrupt.safetensors").write_bytes(b"\xff" * 300)
+    write_sphere_png(base / "input" / SPHERE_PNG)
+    write_jpg(base / "input" / "mvdpp_example_front.png", base / "input" / FRONT_JPG)
     comfy = ComfyServer.start(comfyui_dir, base, yaml_path)
     yield comfy
     comfy.stop()
+
+
+def write_sphere_png(path: Path, size: int = SIZE) -> None:
+    """An RGBA picture of a sphere (radius SPHERE_RADIUS at the origin) as every rig camera
+    sees it: the same disc from all 32 views, so 32 copies are a consistent object."""
+    import numpy as np
+
+    from mvdpp_core import cameras
+
+    c2w = cameras.rig_c2w(torch.float64)[:1]
+    origins, dirs = cameras.pixel_rays(c2w, cameras.intrinsics(size), size, size)
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - SPHERE_RADIUS**2
+    alpha = (b * b - c > 0)[0].numpy()
+    rgba = np.zeros((size, size, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 120, 60)
+    rgba[..., 3] = alpha * 255
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def write_jpg(png: Path, jpg: Path) -> None:
+    """The example photo on a plain white backdrop, as a JPG (no alpha)."""
+    rgba = Image.open(png).convert("RGBA")
+    backdrop = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    Image.alpha_composite(backdrop, rgba).convert("RGB").save(jpg, quality=95)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +203,56 @@ def _escaping_prefix() -> dict[str, Any]:
     return prompt
 
 
+def _sampled(**sampler: Any) -> dict[str, Any]:
+    """small_prompt with a 1-step sampler whose views are the only output."""
+    prompt = small_prompt()
+    prompt["5"] = {"class_type": "MVDPP_MultiViewSampler",
+                   "inputs": {"model": ["2", 0], "cond": ["3", 0], "seed": 0, "steps": 1, "sampler": "ddim",
+                              "cfg": 1.0, **sampler}}
+    prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}
+    return prompt
+
+
+def _loader(**values: Any) -> dict[str, Any]:
+    prompt = small_prompt()
+    prompt["2"]["inputs"].update(values)
+    return prompt
+
+
+def _view_grid(**grid: Any) -> dict[str, Any]:
+    prompt = small_prompt()
+    prompt["6"] = {"class_type": "MVDPP_ViewGrid",
+                   "inputs": {"views": ["1", 0], "mode": "views", "elevation": "0", "indices": "0",
+                              "background": "#FFFFFF", **grid}}
+    prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
+    return prompt
+
+
+def _mesh_prefix(prefix: str) -> dict[str, Any]:
+    prompt = _escaping_prefix()
+    prompt["8"]["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+def sphere_mesh_prompt(method: str, invert: bool = True, prefix: str = "sphere/mesh") -> dict[str, Any]:
+    """32 copies of the sphere picture (a consistent object on the rig) -> Mesh Export.
+
+    LoadImage's MASK is 1 where the picture is transparent; InvertMask makes it the object
+    mask (invert=False keeps it inverted)."""
+    mask = ["2", 0] if invert else ["1", 1]
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SPHERE_PNG}},
+        "2": {"class_type": "InvertMask", "inputs": {"mask": ["1", 1]}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": mask}},
+        "4": {"class_type": "RepeatImageBatch", "inputs": {"image": ["3", 0], "amount": 32}},
+        "5": {"class_type": "ImageToMask", "inputs": {"image": ["4", 0], "channel": "red"}},
+        "6": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 32}},
+        "7": {"class_type": "MVDPP_MeshExport",
+              "inputs": {"views": ["6", 0], "masks": ["5", 0], "method": method, "resolution": 32, "format": "ply",
+                         "filename_prefix": prefix}},
+    }
+
+
 # (case, prompt, rejected at validation (HTTP 400) or at run time, fragments of the message)
 BAD_INPUTS = [
     ("eleven_images", _eleven_images, False, ["11 condition images", "1 to 10", "Remove 1 image"]),
@@ -179,6 +262,16 @@ BAD_INPUTS = [
     ("pickled_checkpoint", lambda: small_prompt("pickled.ckpt"), True, ["pickle", "never loaded", ".safetensors"]),
     ("corrupt_checkpoint", lambda: small_prompt("corrupt.safetensors"), True, ["corrupt"]),
     ("escaping_prefix", _escaping_prefix, True, ["outside ComfyUI's output folder", "'..'"]),
+    ("nul_prefix", lambda: _mesh_prefix("mvdpp/me\x00sh"), True, ["control character", "remove"]),
+    ("long_prefix", lambda: _mesh_prefix("mvdpp/" + "m" * 300), True, ["300 bytes", "at most 239"]),
+    ("cfg_nan", lambda: _sampled(cfg=math.nan), True, ["cfg=nan is not a finite number", "1.0 to 20.0"]),
+    ("unknown_sampler", lambda: _sampled(sampler="euler"), True, ["sampler 'euler' is not one of"]),
+    ("unknown_dtype", lambda: _loader(dtype="float16"), True, ["dtype 'float16' is not one of", "'bf16'"]),
+    ("unknown_device", lambda: _loader(device="gpu"), True, ["device 'gpu' is not one of", "'cpu'"]),
+    ("grid_indices_typo", lambda: _view_grid(indices="0, 8, 1b"), True, ["cannot read view index '1b'"]),
+    ("grid_background", lambda: _view_grid(mode="grid", background="white"), True, ["'white' is not a hex colour"]),
+    ("inverted_mesh_masks", lambda: sphere_mesh_prompt("fast", invert=False, prefix="inverted/mesh"), False,
+     ["masks of 32 views", "look inverted", "InvertMask"]),
 ]
 
 
@@ -198,10 +291,57 @@ def test_bad_input_gets_a_node_error_that_tells_the_fix_and_the_server_keeps_ser
     for fragment in fragments:
         assert fragment in message, f"{case}: {fragment!r} not in {message!r}"
     assert not (server.base / "escaped").exists()
+    assert not list((server.base / "output").glob("inverted*"))
     # the next good prompt runs (a new object_fill so nothing is served from the cache)
-    fill = 0.4 + 0.05 * [c[0] for c in BAD_INPUTS].index(case)
+    fill = 0.31 + 0.04 * [c[0] for c in BAD_INPUTS].index(case)
     entry = server.run(small_prompt(fill=fill))
     assert entry["status"]["status_str"] == "success", execution_error(entry)
+
+
+def test_quality_mesh_runs_in_the_engine_and_recovers_the_sphere(server):
+    """ComfyUI runs nodes under torch.inference_mode(); the SDF fit needs autograd."""
+    import trimesh
+
+    started = time.monotonic()
+    entry = server.run(sphere_mesh_prompt("quality", prefix="quality/sphere"), timeout=840)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    (saved,) = entry["outputs"]["7"]["3d"]
+    mesh = trimesh.load(server.base / "output" / saved["subfolder"] / saved["filename"], force="mesh")
+    radii = (mesh.vertices ** 2).sum(axis=1) ** 0.5
+    seconds = time.monotonic() - started
+    print(f"quality mesh: {len(mesh.faces)} faces, mean radius {radii.mean():.3f}, {seconds:.1f} s")
+    assert len(mesh.faces) > 100
+    assert abs(radii.mean() - SPHERE_RADIUS) < 0.06 and radii.std() < 0.05
+
+
+def framed_preview(server: ComfyServer, entry: dict[str, Any], prompt: dict[str, Any]) -> Any:
+    """The framed condition view that the PreviewImage after MaskAwareEncode shows, as an array."""
+    import numpy as np
+
+    encoders = nodes_of_type(prompt, "MVDPP_MaskAwareEncode")
+    (node,) = [n for n in nodes_of_type(prompt, "PreviewImage") if prompt[n]["inputs"]["images"][0] in encoders]
+    (image,) = entry["outputs"][node]["images"]
+    return np.asarray(Image.open(server.base / image["type"] / image["subfolder"] / image["filename"]), dtype=float)
+
+
+def test_single_view_workflow_takes_a_jpg_without_alpha(server, object_info):
+    """LoadImage gives a 64x64 all-zero placeholder MASK for a JPG: the backdrop is cut by colour,
+    and the object is framed as from the PNG's alpha."""
+    (path,) = [p for p in workflow_files() if p.stem == "mvdpp_single_view"]
+    frames = {}
+    for image in ("mvdpp_example_front.png", FRONT_JPG):
+        prompt = fast(workflow_to_prompt(json.loads(path.read_text()), object_info), f"jpg_{Path(image).suffix[1:]}")
+        (loader,) = nodes_of_type(prompt, "LoadImage")
+        prompt[loader]["inputs"]["image"] = image
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        frames[image] = framed_preview(server, entry, prompt)
+        (mesh_node,) = nodes_of_type(prompt, "MVDPP_MeshExport")
+        assert entry["outputs"][mesh_node]["3d"]
+    png, jpg = (frames[k].min(axis=-1) < 200 for k in ("mvdpp_example_front.png", FRONT_JPG))  # object pixels
+    iou = (png & jpg).sum() / (png | jpg).sum()
+    print(f"framed object from the JPG vs the PNG's alpha: IoU {iou:.3f}")
+    assert png.sum() > 100 and iou > 0.9
 
 
 async def _interrupt_during_sampling(server: ComfyServer, prompt: dict[str, Any], sampler_id: str) -> dict[str, Any]:

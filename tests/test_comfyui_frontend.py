@@ -2,6 +2,11 @@
 no missing node type and no schema alert, converts it to the same prompt as our test
 converter, and its Run executes it to success. Screenshots go to test-artifacts/.
 
+Another frontend build: set MVDPP_FRONTEND_ROOT to its ``static`` folder, e.g.
+``pip install --no-deps --target /tmp/fe comfyui-frontend-package==1.58.1`` then
+``MVDPP_FRONTEND_ROOT=/tmp/fe/comfyui_frontend_package/static bash scripts/test.sh tests/test_comfyui_frontend.py``
+(the server runs with ``--front-end-root``; screenshots get the version in their name).
+
 Chromium is Debian's (/usr/bin/chromium, ``apt-get install -y chromium``); playwright is
 only the driver (never ``playwright install``).
 """
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfyui_harness import REPO, ComfyServer, prepare_base, workflow_files, workflow_to_prompt
+from comfyui_harness import REPO, ComfyServer, frontend_root, prepare_base, workflow_files, workflow_to_prompt
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,7 +32,10 @@ SCHEMA_ALERT = "Invalid workflow against zod schema"
 @pytest.fixture(scope="module")
 def server(comfyui_dir: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfy_frontend")
-    comfy = ComfyServer.start(comfyui_dir, base, prepare_base(base, tiny_checkpoint, base / "extra"))
+    root = frontend_root()
+    extra_args = ("--front-end-root", str(root)) if root else ()
+    comfy = ComfyServer.start(comfyui_dir, base, prepare_base(base, tiny_checkpoint, base / "extra"),
+                              extra_args=extra_args)
     yield comfy
     comfy.stop()
 
@@ -55,6 +63,8 @@ def page(server: ComfyServer):
         page.goto(server.url)
         page.wait_for_function("() => window.app && window.app.graph && window.comfyAPI?.api?.api", timeout=120_000)
         page.evaluate(WATCH_RUNS)
+        page.frontend_version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+        print(f"frontend {page.frontend_version}")
         yield page
         browser.close()
 
@@ -143,6 +153,7 @@ def test_workflow_loads_converts_and_runs_in_the_browser(page, server, path):
     page.evaluate("() => document.querySelectorAll('.p-toast-close-button').forEach(b => b.click())")
     page.evaluate("() => window.app.extensionManager?.command?.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
-    page.screenshot(path=str(ARTIFACTS / f"frontend_{path.stem}.png"))
+    suffix = f"_{page.frontend_version}" if frontend_root() else ""
+    page.screenshot(path=str(ARTIFACTS / f"frontend_{path.stem}{suffix}.png"))
     # the run's files are there: a GLB under the output folder
     assert list((server.base / "output" / "mvdpp").glob("mesh_*.glb"))

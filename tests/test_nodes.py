@@ -233,17 +233,49 @@ def test_plain_backdrop_is_segmented_without_mask_or_alpha(comfy, loaded):
     torch.testing.assert_close(encode(comfy, loaded, opaque)[0].masks, segmented.masks)
 
 
-def test_blank_mask_from_an_image_without_transparency_is_explained(comfy, loaded):
+def test_blank_mask_of_an_opaque_picture_cuts_the_backdrop_and_an_empty_one_is_explained(comfy, loaded):
     enc = comfy.pack.nodes.encode
     rgb = rgba_batch(1)[..., :3]
-    jpeg_mask = torch.zeros(1, 96, 96)  # LoadImage's MASK of a JPEG
+    opaque_mask = torch.zeros(1, 96, 96)  # LoadImage's MASK of an opaque PNG: nothing transparent
+    segmented = encode(comfy, loaded, rgb)[0]
+    torch.testing.assert_close(encode(comfy, loaded, rgb, opaque_mask, enc.ALPHA_INVERTED)[0].masks, segmented.masks)
+    torch.testing.assert_close(encode(comfy, loaded, rgb, 1 - opaque_mask, enc.FOREGROUND_ONE)[0].masks,
+                               segmented.masks)
+    # the same mask read as foreground=1 says "no object at all": refused, not guessed around
+    with pytest.raises(ValueError, match="same value everywhere.*no pixel as object.*mask_convention.*"
+                       "background-removal node.*disconnect 'mask'"):
+        encode(comfy, loaded, rgb, opaque_mask, enc.FOREGROUND_ONE)
+
+
+def test_loadimage_placeholder_mask_of_a_jpg_counts_as_no_mask(comfy, loaded):
+    """Core LoadImage gives a 64x64 all-zero MASK for a picture without alpha, whatever its size."""
+    enc = comfy.pack.nodes.encode
+    rgb = rgba_batch(1)[..., :3]
+    placeholder = torch.zeros(1, 64, 64)
+    segmented = encode(comfy, loaded, rgb)[0]
     for convention in (enc.ALPHA_INVERTED, enc.FOREGROUND_ONE):
-        with pytest.raises(ValueError, match="same value everywhere.*background-removal node.*disconnect 'mask'"):
-            encode(comfy, loaded, rgb, jpeg_mask, convention)
+        torch.testing.assert_close(encode(comfy, loaded, rgb, placeholder, convention)[0].masks, segmented.masks)
+    # a 64x64 mask with content is a real mask of the wrong size: still refused
+    with pytest.raises(ValueError, match="mask size 64x64 differs from image size 96x96"):
+        encode(comfy, loaded, rgb, disc(64)[None])
+
+
+def test_views_without_outline_are_cut_out_view_by_view(comfy, loaded):
+    """Two photos, one masked and one opaque (its mask all object): each keeps its own source."""
+    enc = comfy.pack.nodes.encode
+    rgb = rgba_batch(2)[..., :3]
+    small = disc(96, radius=0.15)
+    loadimage_masks = torch.stack([1 - small, torch.zeros(96, 96)])  # view 1: an opaque picture
+    cond = encode(comfy, loaded, rgb, loadimage_masks, enc.ALPHA_INVERTED)[0]
+    torch.testing.assert_close(cond.masks[0], encode(comfy, loaded, rgb[:1], small[None])[0].masks[0])
+    torch.testing.assert_close(cond.masks[1], encode(comfy, loaded, rgb[1:])[0].masks[0])
+    clutter = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="^view 1: .*not a plain backdrop"):  # numbered as in the batch
+        encode(comfy, loaded, torch.cat([rgb[:1], clutter]), loadimage_masks, enc.ALPHA_INVERTED)
 
 
 def test_segment_recovers_disc_and_refuses_clutter():
-    from mvdpp_core.segment import border_foreground_fraction, segment_uniform_background
+    from mvdpp_core.segment import border_foreground_fraction, inverted_views, segment_uniform_background
 
     mask = disc(80)
     holed = mask.clone()
@@ -255,6 +287,7 @@ def test_segment_recovers_disc_and_refuses_clutter():
     assert torch.equal(found[0, 0] > 0.5, mask > 0.5)  # hole filled, noise ignored
     assert border_foreground_fraction(found).item() == 0.0
     assert border_foreground_fraction(1 - found).item() == 1.0
+    assert inverted_views(torch.cat([found, 1 - found, torch.ones_like(found)])) == [1]  # all-object is blank
     clutter = torch.rand(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="not a plain backdrop.*background-removal node"):
         segment_uniform_background(clutter)
@@ -417,6 +450,56 @@ def test_grid_errors_name_the_problem_and_the_fix(comfy):
         node.execute(views, "elevation row", "45", "", "#FFFFFF")
 
 
+# --- queue-time validation -----------------------------------------------------------------
+# ComfyUI 0.3.75 checks neither V3 option lists nor NaN, and skips its min / max check for
+# inputs a node's validate_inputs names: every value below must be refused there.
+
+BAD_WIDGETS = [
+    ("MVDPP_LoadModel", {"checkpoint": "tiny.safetensors", "device": "gpu"}, ["device 'gpu'", "'auto', 'cpu'"]),
+    ("MVDPP_LoadModel", {"checkpoint": "tiny.safetensors", "dtype": "float16"}, ["dtype 'float16'", "'bf16'"]),
+    ("MVDPP_LoadModel", {"checkpoint": "tiny.safetensors", "attention": "flash"}, ["attention 'flash'", "'sdpa'"]),
+    ("MVDPP_MaskAwareEncode", {"mask_convention": "inverted"}, ["mask_convention 'inverted'", "foreground=1"]),
+    ("MVDPP_MultiViewSampler", {"sampler": "euler", "cfg": 3.0}, ["sampler 'euler'", "'dpmpp_2m'"]),
+    ("MVDPP_MultiViewSampler", {"sampler": "ddim", "cfg": math.nan}, ["cfg=nan is not a finite number", "1.0 to 20.0"]),
+    ("MVDPP_MultiViewSampler", {"sampler": "ddim", "cfg": math.inf}, ["cfg=inf is not a finite number"]),
+    ("MVDPP_MultiViewSampler", {"sampler": "ddim", "cfg": 0.5}, ["cfg=0.5 is outside the allowed range 1.0 to 20.0"]),
+    ("MVDPP_ViewGrid", {"mode": "views", "indices": "1, abc"}, ["cannot read view index 'abc'", "16-19"]),
+    ("MVDPP_ViewGrid", {"mode": "views", "indices": "3, 32"}, ["view indices [32] are outside the rig"]),
+    ("MVDPP_ViewGrid", {"mode": "grid", "background": "red"}, ["'red' is not a hex colour", "'#RRGGBB'"]),
+    ("MVDPP_ViewGrid", {"mode": "tiles"}, ["mode 'tiles' is not one of", "'elevation row'"]),
+    ("MVDPP_ViewGrid", {"mode": "elevation row", "elevation": "45"}, ["elevation '45' is not one of"]),
+    ("MVDPP_MeshExport", {"filename_prefix": "mvdpp/me\x00sh"}, ["control character", "'\\x00'", "remove"]),
+    ("MVDPP_MeshExport", {"filename_prefix": "mvdpp/" + "m" * 300}, ["300 bytes", "255 per name", "at most 239"]),
+    ("MVDPP_MeshExport", {"filename_prefix": "a/" * 600}, ["1200 bytes long; give at most 1024"]),
+    ("MVDPP_MeshExport", {"method": "best"}, ["method 'best' is not one of ['fast', 'quality']"]),
+    ("MVDPP_MeshExport", {"format": "stl"}, ["format 'stl' is not one of ['glb', 'obj', 'ply']"]),
+]
+
+
+@pytest.mark.parametrize(("node_id", "values", "fragments"), BAD_WIDGETS, ids=lambda v: str(v)[:40])
+def test_bad_widget_values_are_refused_at_queue_time(comfy, loaded, node_id, values, fragments):
+    message = comfy.nodes[node_id].validate_inputs(**values)
+    assert isinstance(message, str), f"{node_id} accepted {values}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+GOOD_WIDGETS = [
+    ("MVDPP_LoadModel", {"checkpoint": "tiny.safetensors", "device": "cpu", "dtype": "bf16", "attention": "sdpa"}),
+    ("MVDPP_MultiViewSampler", {"sampler": "dpmpp_2m", "cfg": 1.0}),
+    ("MVDPP_MultiViewSampler", {"sampler": None, "cfg": None}),  # linked from other nodes: checked at run time
+    ("MVDPP_ViewGrid", {"mode": "grid", "elevation": "60", "indices": "unused in grid", "background": "#0a0B0c"}),
+    ("MVDPP_ViewGrid", {"mode": "views", "indices": "0, 8, 16-19"}),
+    ("MVDPP_MeshExport", {"filename_prefix": "mvdpp/" + "m" * 239, "method": "quality", "format": "ply"}),
+    ("MVDPP_MaskAwareEncode", {"mask_convention": "alpha-inverted (LoadImage MASK)"}),
+]
+
+
+@pytest.mark.parametrize(("node_id", "values"), GOOD_WIDGETS, ids=lambda v: str(v)[:40])
+def test_good_widget_values_pass_queue_time_validation(comfy, loaded, node_id, values):
+    assert comfy.nodes[node_id].validate_inputs(**values) is True
+
+
 # --- MeshExport ------------------------------------------------------------------------------
 
 
@@ -437,14 +520,24 @@ def test_mesh_prefix_subfolders_stay_inside(comfy):
     assert filename == "mesh_00001_.obj"
 
 
-def test_mesh_symlink_out_of_the_output_folder_is_refused(comfy, tmp_path):
+def test_mesh_symlink_out_of_the_output_folder_is_refused_before_any_folder_is_made(comfy, tmp_path):
     output = Path(comfy.folder_paths.get_output_directory())
     (output / "sneaky").symlink_to(tmp_path, target_is_directory=True)
     try:
         with pytest.raises(ValueError, match="outside the output folder"):
             comfy.pack.nodes.mesh.output_path("sneaky/mesh", "glb")
+        with pytest.raises(ValueError, match="outside the output folder"):
+            comfy.pack.nodes.mesh.output_path("sneaky/deeper/mesh", "glb")
+        assert list(tmp_path.iterdir()) == []  # ComfyUI's makedirs never ran for the refused prefix
     finally:
         (output / "sneaky").unlink()
+
+
+def test_longest_allowed_prefix_writes_a_file(comfy):
+    """The length limit is no stricter than the file system: a 239-byte name part saves."""
+    path, _, filename = comfy.pack.nodes.mesh.output_path("tests/" + "m" * 239, "glb")
+    path.write_bytes(b"ok")
+    assert path.read_bytes() == b"ok" and len(filename.encode()) <= 255
 
 
 def rig_sphere_views(size: int = 48, radius: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,6 +577,24 @@ def test_mesh_export_saves_inside_output_and_gives_a_y_up_mesh(comfy):
     v = torch.as_tensor(saved.vertices, dtype=torch.float32)
     assert math.isclose(v[:, 2].max().item(), mesh.vertices[0, :, 1].max().item(), abs_tol=1e-4)
     assert math.isclose(v[:, 1].max().item(), -mesh.vertices[0, :, 2].min().item(), abs_tol=1e-4)
+
+
+def test_mesh_export_refuses_inverted_masks_before_writing(comfy):
+    views, masks = rig_sphere_views()
+    with pytest.raises(ValueError, match="masks of 32 views.*look inverted.*InvertMask"):
+        comfy.nodes["MVDPP_MeshExport"].execute(views, 1 - masks, "fast", 48, "glb", "tests/inverted")
+    assert not list(Path(comfy.folder_paths.get_output_directory()).glob("tests/inverted*"))
+    # up to 2 bad views are what reconstruct drops as outliers: still a sphere
+    few = masks.clone()
+    few[[3, 17]] = 1 - few[[3, 17]]
+    mesh, _ = comfy.nodes["MVDPP_MeshExport"].execute(views, few, "fast", 48, "ply", "tests/two_bad").args
+    assert abs(mesh.vertices[0].norm(dim=-1).mean().item() - 0.35) < 0.06
+
+
+def test_mesh_output_tooltip_says_save_glb_has_no_colours(comfy):
+    outputs = {o.display_name: o.tooltip for o in comfy.nodes["MVDPP_MeshExport"].GET_SCHEMA().outputs}
+    assert "Save GLB" in outputs["mesh"] and "no colours" in outputs["mesh"] and "Preview 3D" in outputs["mesh"]
+    assert "colours" in outputs["path"] and "Preview 3D" in outputs["path"]
 
 
 def test_mesh_export_cancel_stops_reconstruction(comfy):
