@@ -57,7 +57,7 @@ class GeometryEncoding(nn.Module):
             nn.init.normal_(proj.weight, std=std) if std > 0 else nn.init.zeros_(proj.weight)
 
     def by_processor(self) -> dict[str, nn.Linear]:
-        return dict(zip(self.names, self.projs))
+        return dict(zip(self.names, self.projs, strict=True))
 
 
 class MultiViewUNet(nn.Module):
