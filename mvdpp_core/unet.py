@@ -59,7 +59,7 @@ class GeometryEncoding(nn.Module):
             nn.init.normal_(proj.weight, std=std) if std > 0 else nn.init.zeros_(proj.weight)
 
     def by_processor(self) -> dict[str, nn.Linear]:
-        return dict(zip(self.names, self.projs))
+        return dict(zip(self.names, self.projs, strict=True))
 
 
 def _scale_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -77,15 +77,26 @@ def measure(model: MVDPPModel, folders: list[Path], steps: int, guidance: float)
         objects.append(object_latents(model, rgb, mask, cond_rgb, cond_mask))
         truths.append((rgb, mask, cond_rgb, cond_mask))
     for i, (rgb, mask, cond_rgb, cond_mask) in enumerate(truths):
-        result = generate(model, cond_rgb, cond_mask, seed=0, steps=steps, sampler="dpmpp_2m",
-                          guidance=guidance, recenter_inputs=False)
+        result = generate(
+            model,
+            cond_rgb,
+            cond_mask,
+            seed=0,
+            steps=steps,
+            sampler="dpmpp_2m",
+            guidance=guidance,
+            recenter_inputs=False,
+        )
         other_rgb, other_mask = truths[(i + 1) % len(truths)][:2]
-        rows.append({
-            "mask_iou": mask_iou(result.masks, mask), "mask_iou_other": mask_iou(result.masks, other_mask),
-            "psnr": psnr_on_white(result.images, result.masks, rgb),
-            "psnr_other": psnr_on_white(result.images, result.masks, other_rgb),
-            "silhouette_consistency": silhouette_consistency(result.masks[:, 0]),
-        })
+        rows.append(
+            {
+                "mask_iou": mask_iou(result.masks, mask),
+                "mask_iou_other": mask_iou(result.masks, other_mask),
+                "psnr": psnr_on_white(result.images, result.masks, rgb),
+                "psnr_other": psnr_on_white(result.images, result.masks, other_rgb),
+                "silhouette_consistency": silhouette_consistency(result.masks[:, 0]),
+            }
+        )
     summary = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {
         "generation": summary,
@@ -113,24 +124,43 @@ def main(argv: list[str] | None = None) -> int:
     folders = subset_folder(args.data, args.objects, args.out / "objects")
     run = args.out / "run"
     overrides = [
-        f"data.folders={args.out / 'objects'}", f"optim.max_steps={args.steps}", f"runtime.output_dir={run}",
-        f"checkpoint.every={args.steps}", "logging.tensorboard=false", "logging.validate_every=0", *args.set,
+        f"data.folders={args.out / 'objects'}",
+        f"optim.max_steps={args.steps}",
+        f"runtime.output_dir={run}",
+        f"checkpoint.every={args.steps}",
+        "logging.tensorboard=false",
+        "logging.validate_every=0",
+        *args.set,
     ]
     t0 = time.perf_counter()
     if not args.eval_only:
         train(load_config(TrainConfig, args.config, overrides))
     trained_s = time.perf_counter() - t0
     model = load_checkpoint(run / "export" / "model.safetensors").eval()
-    report = {"overrides": args.set, "objects": args.objects, "steps": args.steps,
-              "train_seconds": round(trained_s, 1), **measure(model, folders, args.sample_steps, args.guidance)}
+    report = {
+        "overrides": args.set,
+        "objects": args.objects,
+        "steps": args.steps,
+        "train_seconds": round(trained_s, 1),
+        **measure(model, folders, args.sample_steps, args.guidance),
+    }
     (args.out / "overfit.json").write_text(json.dumps(report, indent=1))
     gen, shares = report["generation"], report["condition_share"]
     flow = report["attention_t900"]
-    print(json.dumps({"overrides": args.set, **{k: round(v, 4) for k, v in gen.items()},
-                      "share_t900": round(shares[0]["share"], 4), "share_t500": round(shares[1]["share"], 4),
-                      "cond_mass": [round(f["cond_mass"], 4) for f in flow],
-                      "uniform": round(flow[0]["uniform_mass"], 4),
-                      "entropy": [round(f["entropy"], 3) for f in flow], "train_s": round(trained_s, 1)}))
+    print(
+        json.dumps(
+            {
+                "overrides": args.set,
+                **{k: round(v, 4) for k, v in gen.items()},
+                "share_t900": round(shares[0]["share"], 4),
+                "share_t500": round(shares[1]["share"], 4),
+                "cond_mass": [round(f["cond_mass"], 4) for f in flow],
+                "uniform": round(flow[0]["uniform_mass"], 4),
+                "entropy": [round(f["entropy"], 3) for f in flow],
+                "train_s": round(trained_s, 1),
+            }
+        )
+    )
     return 0
 
 

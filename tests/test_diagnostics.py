@@ -3,9 +3,9 @@ separates one object's views from views of different objects, and the attention 
 exactly the uniform share from attention that cannot tell keys apart."""
 
 import torch
+from tiny_models import tiny_model
 
 from mvdpp_core.model import Condition
-from tiny_models import tiny_model
 from train.data.dataset import to_tensors
 from train.diagnostics import attention_flow, condition_share, silhouette_consistency
 from train.procedural.render import render_object
@@ -31,8 +31,12 @@ def test_attention_recorder_reads_the_uniform_share_from_blind_attention():
         if "attn1.to_q" in name or "attn1.to_k" in name:
             param.zero_()
     g = torch.Generator().manual_seed(0)
-    objects = [(torch.randn(1, 34, 4, 16, 16, generator=g),
-                Condition(torch.randn(1, 2, 4, 16, 16, generator=g), torch.randn(1, 2, 32, generator=g)))]
+    objects = [
+        (
+            torch.randn(1, 34, 4, 16, 16, generator=g),
+            Condition(torch.randn(1, 2, 4, 16, 16, generator=g), torch.randn(1, 2, 32, generator=g)),
+        )
+    ]
     flow = attention_flow(model, objects, 900)
     assert len(flow) == 4  # the tiny UNet's global attention layers
     for layer in flow:
@@ -46,8 +50,13 @@ def test_condition_share_is_exactly_zero_when_the_condition_cannot_matter():
     model = tiny_model(0, view_scale=0.5)
     model.unet.set_attention_backend("sdpa", global_attention=False)  # targets never see the condition views
     g = torch.Generator().manual_seed(1)
-    objects = [(torch.randn(1, 33, 4, 16, 16, generator=g),
-                Condition(torch.randn(1, 1, 4, 16, 16, generator=g), torch.zeros(1, 1, 32))) for _ in range(2)]
+    objects = [
+        (
+            torch.randn(1, 33, 4, 16, 16, generator=g),
+            Condition(torch.randn(1, 1, 4, 16, 16, generator=g), torch.zeros(1, 1, 32)),
+        )
+        for _ in range(2)
+    ]
     assert condition_share(model, objects, 500)["share"] == 0.0  # bit-identical target outputs
     model.unet.set_attention_backend("sdpa", global_attention=True)
     assert abs(condition_share(model, objects, 500)["share"]) > 1e-7  # small: untrained attention is near uniform

@@ -93,8 +93,9 @@ def test_geometry_tells_rig_slots_apart_without_view_embeddings(geometry_unet):
     moved = geometry_unet(sample, t, torch.tensor([[9, 32]]), ctx)
     assert (out - moved).abs().max() > 1e-3
     geometry_unet.geometry.reset_parameters(0.0)
-    assert torch.equal(geometry_unet(sample, t, torch.tensor([[0, 32]]), ctx),
-                       geometry_unet(sample, t, torch.tensor([[9, 32]]), ctx))
+    assert torch.equal(
+        geometry_unet(sample, t, torch.tensor([[0, 32]]), ctx), geometry_unet(sample, t, torch.tensor([[9, 32]]), ctx)
+    )
 
 
 @torch.no_grad()
@@ -102,8 +103,7 @@ def test_permuting_views_with_their_ids_permutes_outputs_with_geometry(geometry_
     sample, t, ids, ctx = _inputs(2, 6)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     out = geometry_unet(sample, t, ids, ctx)
-    torch.testing.assert_close(geometry_unet(sample[:, perm], t, ids[:, perm], ctx), out[:, perm],
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(geometry_unet(sample[:, perm], t, ids[:, perm], ctx), out[:, perm], atol=1e-5, rtol=1e-4)
 
 
 def test_geometry_survives_a_backend_switch(geometry_unet):

@@ -87,8 +87,9 @@ def target_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, t: int, seed
 
 
 @torch.no_grad()
-def object_latents(model: MVDPPModel, target_rgb: Tensor, target_mask: Tensor, cond_rgb: Tensor,
-                   cond_mask: Tensor) -> tuple[Tensor, Condition]:
+def object_latents(
+    model: MVDPPModel, target_rgb: Tensor, target_mask: Tensor, cond_rgb: Tensor, cond_mask: Tensor
+) -> tuple[Tensor, Condition]:
     """Mean latents (1, 32 + n, 4, h, w) of all views and the condition of an object's views."""
     rgb, mask = torch.cat([target_rgb, cond_rgb]), torch.cat([target_mask, cond_mask])
     x0 = model.vae.encode(rgb, mask)[None]
@@ -115,7 +116,7 @@ def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t
         with recording_attention(x0.shape[1], cond.num_views) as records:
             model.predict(noisy, tt.float(), cond, model.empty_latent(1))
         per_layer = per_layer or [[] for _ in records]
-        for slot, record in zip(per_layer, records):
+        for slot, record in zip(per_layer, records, strict=True):
             slot.append(record)
     return [
         {field: sum(getattr(r, field) for r in rows) / len(rows) for field in LayerFlow.__dataclass_fields__}
