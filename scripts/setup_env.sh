@@ -30,6 +30,14 @@ ensure_bpy() {
   touch "$env_dir/bpy/.ready-$bpy_key"
 }
 
+# One build at a time: a second caller waits here instead of wiping the first one's .tmp folder.
+mkdir -p "$cache"
+exec 9>"$cache/.lock-${key}"
+if ! flock -n 9; then
+  log "another setup of $env_dir is running; waiting for it"
+  flock 9
+fi
+
 if [ -f "$env_dir/.ready" ]; then
   ensure_bpy
   echo "$env_dir"
