@@ -41,6 +41,7 @@ from torch import Tensor
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_VIEWS = 10
 DONE = "done.json"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
 
 
 @dataclass(frozen=True)
@@ -226,13 +227,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MVDiffusion++ batch generation: objects -> 32 views, masks, grid, GLB.")
     p.add_argument("--inputs", type=Path, required=True, help="folder (sub-folder per object) or CSV object,image")
     p.add_argument("--out", type=Path, required=True, help="output folder (shared by all processes)")
-    p.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a .safetensors bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--mesh-resolution", type=int, default=128)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU, else fp32")
     return p.parse_args(argv)
 
 

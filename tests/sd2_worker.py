@@ -47,7 +47,8 @@ def sd2_forward_and_generate(out_file: str) -> None:
     torch.manual_seed(0)
     with default_dtype(dtype):
         model = MVDPPModel(preset("sd2")).eval()
-    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "vae", "image_encoder")}
+    parts = ("unet", "vae", "image_encoder")
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in parts}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
         model.unet.unet.class_embedding.scale.fill_(0.5)  # the view ids take part
@@ -70,7 +71,8 @@ def sd2_forward_and_generate(out_file: str) -> None:
     generate_s = time.perf_counter() - start
     report = {
         "dtype": str(dtype), "params": counts, "weight_bytes": weight_bytes,
-        "out_shape": list(out.shape), "out_finite": bool(torch.isfinite(out).all()), "out_std": out.float().std().item(),
+        "out_shape": list(out.shape), "out_finite": bool(torch.isfinite(out).all()),
+        "out_std": out.float().std().item(),
         "images_shape": list(result.images.shape), "masks_shape": list(result.masks.shape),
         "result_finite": bool(torch.isfinite(result.images).all() and torch.isfinite(result.masks).all()),
         "forward_s": forward_s, "generate_s": generate_s, "peak_rss_bytes": peak_rss_bytes(),

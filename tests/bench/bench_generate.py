@@ -60,11 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        generate(model, image, mask, steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance, recenter_inputs=False)
+        generate(
+            model, image, mask, steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance, recenter_inputs=False
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    cuda = args.device.startswith("cuda")
     one()  # warm-up: kernels, allocator
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_object": round(seconds, 3),
         "seconds_per_33_view_forward_upper_bound": round(seconds / forwards, 4),
         "achieved_tflops": round(FORWARD_TFLOP * scale * forwards / seconds, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device.startswith("cuda") else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
     print(json.dumps(report))
     return report
