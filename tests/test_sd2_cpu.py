@@ -54,3 +54,20 @@ def test_sd2_inpainting_full_size_folder_converts_and_reproduces_the_base_per_vi
     unet_fp32 = SD2_UNET_PARAMS * 4
     budget = 2 * unet_fp32 + 1.5 * GIB
     assert r["peak_rss_bytes"] < budget, f"peak {r['peak_rss_bytes'] / GIB:.2f} GiB > budget {budget / GIB:.2f} GiB"
+
+
+def test_a_bf16_image_encoder_embeds_on_the_cpu():
+    """generate() with a bf16 model on a CPU once failed in the encoder's antialiased resize."""
+    import torch
+
+    from mvdpp_core.config import preset
+    from mvdpp_core.image_encoder import ImageEncoder
+
+    torch.manual_seed(0)
+    encoder = ImageEncoder(preset("tiny").image_encoder).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = encoder(images)
+        half = encoder.to(torch.bfloat16)(images.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == ref.shape
+    torch.testing.assert_close(half.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.05)
