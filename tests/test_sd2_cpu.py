@@ -18,7 +18,7 @@ import pytest
 import torch.multiprocessing as mp
 from sd2_worker import GIB, sd2_convert_round_trip, sd2_forward_and_generate
 
-SD2_UNET_PARAMS = 865_910_724  # SD 2 inpainting UNet (865.9 M) + our 42 x 1280 view embeddings + scale
+SD2_UNET_PARAMS = 865_978_885  # SD 2 inpainting UNet (865,925,124) + our 42 x 1280 view embeddings + 1 scale
 
 
 def run_in_fresh_process(target, *args) -> None:
