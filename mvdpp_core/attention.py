@@ -90,7 +90,7 @@ def gather_views(x: Tensor, group: torch.distributed.ProcessGroup | ViewShards) 
     tokens = x.shape[1] // group.counts[torch.distributed.get_rank(group.group)]  # per view
     padded = F.pad(x, (0, 0, 0, max(group.counts) * tokens - x.shape[1]))  # b n' c
     parts = all_gather(padded.contiguous(), group=group.group)
-    return torch.cat([part[:, : count * tokens] for part, count in zip(parts, group.counts)], dim=1)
+    return torch.cat([part[:, : count * tokens] for part, count in zip(parts, group.counts, strict=True)], dim=1)
 
 
 class MultiViewAttnProcessor:

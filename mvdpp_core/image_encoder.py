@@ -99,7 +99,8 @@ class ImageEncoder(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """Resize (bicubic, antialiased) to the encoder's size and normalise."""
         size = self.config.image_size
-        x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        # float32: the CPU's antialiased bicubic has no bf16 kernel (a bf16 model on a CPU failed here)
+        x = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         return (x.clamp(0, 1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, images: Tensor) -> Tensor:

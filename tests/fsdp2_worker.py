@@ -96,16 +96,17 @@ def sharded(rank: int):
 
 def full_params(module) -> dict[str, torch.Tensor]:
     """Gathered parameters (a collective)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in module.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in module.named_parameters()
+    }
 
 
 def rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    from accelerate import PartialState
     from accelerate.utils.fsdp_utils import load_fsdp_model, save_fsdp_model, save_fsdp_optimizer
 
     from train.loop import load_fsdp2_optimizers
     from train.models import export_bundle
-
-    from accelerate import PartialState
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)

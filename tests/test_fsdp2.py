@@ -69,11 +69,11 @@ def test_bundles_with_a_0_dim_view_scale_still_load(tmp_path):
     """Before FSDP2 forced the scale to shape (1,) it was 0-dim, as in the shipped default."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+    from tiny_models import tiny_model
 
     from mvdpp_core.checkpoint import model_state_dict
     from mvdpp_core.config import ModelConfig
     from mvdpp_core.unet import MultiViewUNet
-    from tiny_models import tiny_model
 
     shipped = REPO / "models" / "mvdpp_default.safetensors"
     with safe_open(str(shipped), framework="pt") as f:
@@ -86,7 +86,8 @@ def test_bundles_with_a_0_dim_view_scale_still_load(tmp_path):
     tensors["unet.class_embedding.scale"] = torch.tensor(0.25)  # as written before the change
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=dict(_bundle_metadata(model)))
     loaded = load_checkpoint(tmp_path / "old.safetensors")
-    assert loaded.unet.unet.class_embedding.scale.shape == (1,) and loaded.unet.unet.class_embedding.scale.item() == 0.25
+    scale = loaded.unet.unet.class_embedding.scale
+    assert scale.shape == (1,) and scale.item() == 0.25
     # A plain module load (training resume, EMA export) of an old 0-dim state dict too.
     unet = MultiViewUNet(ModelConfig.from_json(model.config.to_json()).unet)
     state = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}

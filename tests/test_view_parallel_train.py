@@ -84,7 +84,8 @@ def test_views_split_over_two_ranks_match_one_process_and_resume(tmp_path):
     launch_two(data, split, **{"optim.max_steps": 2})  # resumes from step 1
 
     cfg = load_config(TrainConfig, CONFIG, settings(data, one))
-    init = {f"unet.{k}": v for k, v in build_mvdiff_model(cfg.init, cfg.stage.prediction_type).unet.state_dict().items()}
+    unet = build_mvdiff_model(cfg.init, cfg.stage.prediction_type).unet
+    init = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     g_one, g_split = grads_from_step(init, weights(one, 1)), grads_from_step(init, weights(split, 1))
     largest = max(g.abs().max().item() for g in g_one.values())
     assert largest > 1e-3  # real gradients, so equality below is not 0 == 0
@@ -105,7 +106,7 @@ def test_view_shares_tile_the_views_and_bad_group_sizes_are_refused():
     shares = view_shares(42, 8)  # 32 targets + 10 condition views over 8 GPUs
     assert [s.stop - s.start for s in shares] == [5, 5, 5, 6, 5, 5, 5, 6]
     assert shares[0].start == 0 and shares[-1].stop == 42
-    assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+    assert all(a.stop == b.start for a, b in zip(shares, shares[1:], strict=False))
     with pytest.raises(ValueError, match="divide the number of processes"):
         check_parallel(ParallelConfig(view_group_size=3), 8, 32)
     with pytest.raises(ValueError, match="num_target_views"):

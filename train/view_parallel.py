@@ -93,7 +93,8 @@ def encode_own_views(
         num_views = batch["target_rgb"].shape[1] + batch["cond_rgb"].shape[1]
         posterior = model.vae.vae.encode(torch.cat([rgb, mask], dim=1) * 2 - 1).latent_dist
         noise = torch.randn((num_views, *posterior.mean.shape[1:]), generator=generator, dtype=posterior.mean.dtype)
-        latents.append((posterior.mean + posterior.std * noise[mine].to(posterior.mean.device)) * model.vae.scaling_factor)
+        sampled = posterior.mean + posterior.std * noise[mine].to(posterior.mean.device)
+        latents.append(sampled * model.vae.scaling_factor)
         k = batch["cond_rgb"].shape[1]
         skipped = None if embed else rgb.new_zeros(k, model.config.unet.cross_attention_dim)
         conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i], skipped))
