@@ -161,8 +161,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-               "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The node's dtype names, torch's, and float64 for numerical checks.
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
+               "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
 
 
 def resolve_device_dtype(device: object, dtype: object) -> tuple[torch.device, torch.dtype | None]:

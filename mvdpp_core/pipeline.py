@@ -87,7 +87,8 @@ def generate(
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
-    if not isinstance(model, MVDPPModel):
+    if not all(hasattr(model, a) for a in ("schedule", "encode_condition", "config")):  # duck-typed: the
+        # node pack may import this package under another name, giving MVDPPModel a second identity
         raise TypeError(
             f"model is a {type(model).__name__}, not an MVDPPModel; load one with "
             "mvdpp_core.load_checkpoint('path/to/model.safetensors')."
