@@ -150,7 +150,9 @@ def test_workflow_loads_converts_and_runs_in_the_browser(page, server, path):
     assert run["ok"], json.dumps(run["detail"])[:3000]
     page.wait_for_timeout(1500)  # let the previews draw
     ARTIFACTS.mkdir(exist_ok=True)
-    page.evaluate("() => document.querySelectorAll('.p-toast-close-button').forEach(b => b.click())")
+    # close toasts (1.32: PrimeVue's close button; 1.58: its own toast's close button)
+    page.evaluate("""() => document.querySelectorAll('.p-toast-close-button, [data-testid="toast-close"]')
+        .forEach(b => b.click())""")
     page.evaluate("() => window.app.extensionManager?.command?.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
     suffix = f"_{page.frontend_version}" if frontend_root() else ""
