@@ -52,6 +52,10 @@ class SDFConfig:
     foreground_fraction: float = 0.75  # share of rays drawn inside (dilated) masks
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
+    # Only remove volume from the carved hull (:func:`carve_with_sdf`) instead of meshing the
+    # fitted SDF. Off by default: on a bowl it lost the fit's gain, on a cup it was still
+    # worse than the hull (issue 14, not solved yet).
+    carve_only: bool = False
 
     @classmethod
     def full(cls, device: str = "cuda") -> SDFConfig:
