@@ -63,7 +63,9 @@ def test_snapping_moves_outlines_back_to_the_colour_edge(stacked_views, px: int)
     after = ((snapped > 0.5) != truth).sum().item()
     assert after < 0.1 * before, (before, after)
     clean, _ = snap_masks_to_color(views, masks)
-    assert ((clean > 0.5) != truth).float().mean().item() < 0.002
+    # Clean masks: only antialiased outline pixels near 0.5 may flip (measured 0.45% of the
+    # pixels at 96 px; a 2-px outline error is ~6%).
+    assert ((clean > 0.5) != truth).float().mean().item() < 0.01
 
 
 def test_snapping_leaves_a_busy_backdrop_alone() -> None:
@@ -101,8 +103,11 @@ def test_k_wrong_views_are_found_without_a_setting(stacked_views, k: int) -> Non
     rec = reconstruct(views, bad, resolution=GRID)
     assert set(wrong) <= set(rec.dropped_views) and len(rec.dropped_views) <= k + 1, rec.dropped_views
     assert volume_iou(rec.to_trimesh(), mesh) >= clean - 0.02  # clean: ~0.85 at 96 px, 64^3
-    trusting = reconstruct(views, bad, resolution=GRID, outlier_views=0)
-    assert volume_iou(trusting.to_trimesh(), mesh) < 0.7
+    try:  # trusting every mask carves most of the object away, or all of it (an error)
+        trusting = volume_iou(reconstruct(views, bad, resolution=GRID, outlier_views=0).to_trimesh(), mesh)
+    except ValueError:
+        trusting = 0.0
+    assert trusting < 0.7
 
 
 def test_clean_views_drop_no_view(stacked_views) -> None:

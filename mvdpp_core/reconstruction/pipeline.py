@@ -63,9 +63,8 @@ def reconstruct(
             (``mvdpp_core.cameras``); the background may be anything, masks decide.
         masks: (32, H, W) float in [0, 1], 1 = object.
         method: ``"fast"`` (robust visual-hull carving, seconds) or ``"quality"`` (carving,
-            then a NeuS-style SDF fit to the views' colours that carves the concavities the
-            hull closes over; it only removes volume, so it keeps the fast result elsewhere;
-            ``sdf_config``, CUDA when available).
+            then a NeuS-style SDF fit to the views' colours that recovers concavities the
+            hull closes over; ``sdf_config``, CUDA when available).
         resolution: carving grid cells per axis over [-0.6, 0.6]^3 (128: ~9 mm cells).
         texture_size: 0 for per-vertex colours only; N > 0 also bakes an N x N UV texture
             (xatlas) on a mesh reduced to ``max_faces`` (default 10k) faces.
@@ -104,11 +103,14 @@ def reconstruct(
     keep = [i for i in range(len(views)) if i not in carved.dropped_views]  # views with trusted masks
     views, masks, c2w = views[keep], masks[keep], c2w[keep]
     progress.advance()
+    level, high = 0.5, True  # occupancy: inside is high
     if method is Method.QUALITY:
         sdf, sgrid = fit_sdf(views, masks, c2w, K, field, fgrid, config, progress.sub(progress.done))
         progress.done += sdf_steps
-        field = carve_with_sdf(field, fgrid, sdf, sgrid)
-    level, high = 0.5, True  # occupancy-like field: inside is high
+        if config.carve_only:
+            field = carve_with_sdf(field, fgrid, sdf, sgrid)
+        else:
+            field, fgrid, level = -sdf, sgrid, 0.0  # negate: inside-high like occupancy
     verts, faces = field_to_mesh(field, fgrid, level=level, inside_is_high=high)
     mesh = clean_mesh(verts, faces, smooth_iterations=smooth_iterations)
     if max_faces is not None:

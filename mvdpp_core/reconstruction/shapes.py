@@ -170,7 +170,11 @@ def table(*, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh
 
 def stacked(*, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh:
     """Three boxes stacked off-centre (steps and overhangs)."""
-    boxes = [((0.0, 0.0, -0.3), (1.0, 0.8, 0.3)), ((0.15, 0.1, 0.0), (0.6, 0.5, 0.3)), ((-0.1, 0.1, 0.25), (0.3, 0.3, 0.2))]
+    boxes = [
+        ((0.0, 0.0, -0.3), (1.0, 0.8, 0.3)),
+        ((0.15, 0.1, 0.0), (0.6, 0.5, 0.3)),
+        ((-0.1, 0.1, 0.25), (0.3, 0.3, 0.2)),
+    ]
     mesh = _union_of_boxes(boxes)
     normalize_mesh(mesh)
     paint(mesh, np.full((len(mesh.vertices), 3), color if color is not None else (0.7, 0.7, 0.7)))
