@@ -115,6 +115,17 @@ def drop_condition(model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tens
     return Condition(latents, embeddings)
 
 
+def apply_dropout(
+    model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tensor, seeds: list[int], stage: StageConfig
+) -> tuple[Condition, Tensor]:
+    """Condition dropout (``drop``: the whole condition, as guidance drops it), then the image
+    tokens alone (``stage.embedding_dropout``). Returns the condition and the objects (b,)
+    whose tokens are dropped."""
+    cond = drop_condition(model, cond, empty, drop)
+    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(drop.device)
+    return Condition(cond.latents, torch.where(drop_tokens[:, None, None], 0.0, cond.embeddings)), drop_tokens
+
+
 class TrainedModules(nn.Module):
     """What the optimiser updates, as one module for accelerate (DDP, FSDP2, EMA, checkpoints):
     the UNet and, with ``stage.train_image_encoder``, the image encoder (keys ``unet.*`` and
@@ -152,9 +163,7 @@ def diffusion_loss(
     t, noise, drop = training_noise(seeds, x0.shape, model.schedule.num_train_timesteps, stage.cond_dropout)
     t, noise, drop = t.to(x0.device), noise.to(x0.device), drop.to(x0.device)
     empty = empty.expand(b, -1, -1, -1)
-    cond = drop_condition(model, cond, empty, drop)
-    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(x0.device)
-    cond = Condition(cond.latents, torch.where(drop_tokens[:, None, None], 0.0, cond.embeddings))
+    cond, drop_tokens = apply_dropout(model, cond, empty, drop, seeds, stage)
     noisy = model.schedule.q_sample(x0, t, noise)
     target = model.schedule.training_target(x0, noise, t)
     sample, view_ids = model.unet_input(noisy, cond, empty, batch["target_ids"])
@@ -241,7 +250,7 @@ def train(cfg: TrainConfig) -> TrainState:
         batch = to_device(batch, acc.device)
         if groups.size == 1:
             return diffusion_loss(model, trained, batch, empty, cfg.stage)
-        return view_parallel_loss(model, trained, batch, empty, cfg.stage, groups, training_noise, drop_condition)
+        return view_parallel_loss(model, trained, batch, empty, cfg.stage, groups, training_noise, apply_dropout)
 
     hooks = Hooks(
         loss_fn=loss_fn,

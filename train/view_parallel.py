@@ -114,7 +114,7 @@ def view_parallel_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """``train_mvdiff.diffusion_loss`` over this rank's share of every object's views, times N.
 
-    ``noise_fn`` / ``drop_fn`` are train_mvdiff's ``training_noise`` / ``drop_condition``.
+    ``noise_fn`` / ``drop_fn`` are train_mvdiff's ``training_noise`` / ``apply_dropout``.
     """
     targets, k = batch["target_rgb"].shape[1], batch["cond_rgb"].shape[1]
     num_views = targets + k
@@ -126,7 +126,7 @@ def view_parallel_loss(
     t, noise, drop = noise_fn(seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout)
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
     empty = empty.expand(b, -1, -1, -1)
-    cond = drop_fn(model, cond, empty, drop)
+    cond, drop_tokens = drop_fn(model, cond, empty, drop, seeds, stage)
     noisy = model.schedule.q_sample(x0, t, noise)
     target = model.schedule.training_target(x0, noise, t)
     # The 9-channel input of all views (other ranks' noisy latents are placeholders), then ours.
@@ -134,7 +134,7 @@ def view_parallel_loss(
     placeholder[:, mine] = noisy
     sample, view_ids = model.unet_input(placeholder, cond, empty, batch["target_ids"])
     out = trained(
-        sample[:, mine], t, view_ids[:, mine], cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop,
+        sample[:, mine], t, view_ids[:, mine], cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens,
         view_group=shards,
     )  # b own 4 h w
     per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b own
