@@ -16,5 +16,5 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 \
         --baseline-count 10 --curve /tmp/mvdpp_default/runs/unet/checkpoints --curve-every 1500 \
-        --curve-count 8 --out tests/data/default_eval.json
+        --curve-count 8 --out report.json
 """
