@@ -245,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtypes.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.set_grad_enabled(False)
     jobs = list_jobs(args.inputs)
-    model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-    settings = BatchSettings(args.seed, args.steps, args.sampler, args.guidance, args.mesh_resolution)
-    counts = run_batch(model, jobs, args.out, settings, rank, world)
+    with torch.no_grad():  # scoped: a caller (e.g. a test) keeps its own grad mode
+        model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        settings = BatchSettings(args.seed, args.steps, args.sampler, args.guidance, args.mesh_resolution)
+        counts = run_batch(model, jobs, args.out, settings, rank, world)
     print(json.dumps({"rank": rank, "world_size": world, "objects": len(jobs[rank::world]), **counts}), flush=True)
     return 0
 

@@ -10,6 +10,19 @@ import pytest
 # pyproject's `pythonpath = [".", "tests"]`.
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_left_as_found():
+    """A test (or code it calls in-process, e.g. a command's main) that switches torch's global
+    grad mode off breaks every later training test; fail the test that did it, not the victims."""
+    import torch
+
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    torch.set_grad_enabled(before)
+    assert after == before, "the test left torch's global grad mode changed; use a torch.no_grad() block"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded ``tiny``-preset MVDiffusion++ bundle (with its image encoder) on disk."""
