@@ -6,15 +6,18 @@
 
 The default checkpoint (``models/mvdpp_default.safetensors``), from the repository root::
 
-    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 860
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 791 --size 64
     python -m train.procedural.generate --out /tmp/mvdpp_default/data/heldout --split heldout --count 64
     python train/train_mvae.py --config train/configs/default_mvae.yaml
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs/mvae/export/mvae.safetensors \
         --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae_calibrated.safetensors --objects 8
+    python train/train_mvae.py --config train/configs/default_mvae_2.yaml
+    python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs2/mvae/export/mvae.safetensors \
+        --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae2_calibrated.safetensors --objects 8
     python train/train_mvdiff.py --config train/configs/default_unet.yaml
-    cp /tmp/mvdpp_default/runs/unet/export/model.safetensors models/mvdpp_default.safetensors
+    python train/train_mvdiff.py --config train/configs/default_unet_2.yaml
+    cp /tmp/mvdpp_default/runs2/unet/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
-    python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 \
-        --baseline-count 10 --curve /tmp/mvdpp_default/runs/unet/checkpoints --curve-every 1500 \
-        --curve-count 8 --out report.json
+    python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --views 1 2 4 \
+        --multi-count 6 --no-baseline --copy-count 0 --out report.json
 """
