@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
+from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
 from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
@@ -124,8 +125,8 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     size = model.config.image_size
     rgb, mask = to_tensors(views.target_rgba, size)
     cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
-    result = generate(model, cond_rgb, cond_mask, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
-                      guidance=cfg.guidance, recenter_inputs=False)
+    result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
+                      sampler=cfg.sampler, guidance=cfg.guidance)
     p, s, m = view_metrics(result, rgb, mask)
     v_iou, chamfer = (0.0, math.nan)
     if with_mesh:
@@ -144,8 +145,8 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
     for folder in folders:
         views = fmt.read_object_folder(folder, target_ids=[COPY_VIEW], cond_ids=[0])
         rgb, mask = to_tensors(views.target_rgba, size)  # 1 3 S S: the input and the answer
-        result = generate(model, rgb, mask, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
-                          guidance=cfg.guidance, recenter_inputs=False)
+        result = generate(model, ConditionViews.framed(rgb, mask), seed=cfg.seed, steps=cfg.steps,
+                          sampler=cfg.sampler, guidance=cfg.guidance)
         out = MultiViewResult(result.images[COPY_VIEW : COPY_VIEW + 1], result.masks[COPY_VIEW : COPY_VIEW + 1])
         p, _, m = view_metrics(out, rgb, mask)
         psnrs.append(p)

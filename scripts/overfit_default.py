@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
+from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from train.config import TrainConfig, load_config  # noqa: E402
 from train.data import format as fmt  # noqa: E402
@@ -78,14 +79,8 @@ def measure(model: MVDPPModel, folders: list[Path], steps: int, guidance: float)
         truths.append((rgb, mask, cond_rgb, cond_mask))
     for i, (rgb, mask, cond_rgb, cond_mask) in enumerate(truths):
         result = generate(
-            model,
-            cond_rgb,
-            cond_mask,
-            seed=0,
-            steps=steps,
-            sampler="dpmpp_2m",
+            model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=steps, sampler="dpmpp_2m",
             guidance=guidance,
-            recenter_inputs=False,
         )
         other_rgb, other_mask = truths[(i + 1) % len(truths)][:2]
         rows.append(

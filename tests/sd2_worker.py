@@ -40,6 +40,7 @@ def sd2_forward_and_generate(out_file: str) -> None:
 
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     torch.set_grad_enabled(False)
@@ -67,7 +68,7 @@ def sd2_forward_and_generate(out_file: str) -> None:
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
     start = time.perf_counter()
-    result = generate(small, image, mask, steps=1, sampler="ddim", guidance=1.0, recenter_inputs=False)
+    result = generate(small, ConditionViews.framed(image, mask), steps=1, sampler="ddim", guidance=1.0)
     generate_s = time.perf_counter() - start
     report = {
         "dtype": str(dtype), "params": counts, "weight_bytes": weight_bytes,

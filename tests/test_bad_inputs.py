@@ -190,8 +190,6 @@ API = [
     Case("embeddings_shape", lambda c: c.generate(embeddings=torch.zeros(1, 7)), ValueError,
          ("(1, 7)", "(1, 32)", "CLIP")),
     Case("embeddings_type", lambda c: c.generate(embeddings=[0.0] * 32), TypeError, ("embeddings", "list", "tensor")),
-    Case("recenter_str", lambda c: c.generate(recenter_inputs="no"), TypeError,
-         ("recenter_inputs='no'", "True or False")),
     Case("callback_not_callable", lambda c: c.generate(callback=3), TypeError, ("callback=3", "callable")),
     Case("model_is_a_path", lambda c: c.generate(model=str(c.path)), TypeError, ("str", "load_checkpoint")),
     Case("bundle_nan_weights", lambda c: c.generate(model=_load(c.bundle(tensors=_nan_weights))), ValueError,

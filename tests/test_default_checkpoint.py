@@ -66,10 +66,11 @@ def _summary(images: torch.Tensor, masks: torch.Tensor) -> dict[str, list]:
 
 
 def _reference_output(model) -> dict[str, list]:
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     rgb, mask = _load_rgba(EXAMPLE)
-    result = generate(model, rgb, mask, recenter_inputs=False, **REFERENCE_RUN)
+    result = generate(model, ConditionViews.framed(rgb, mask), **REFERENCE_RUN)
     return _summary(result.images, result.masks)
 
 
@@ -101,6 +102,7 @@ def test_fixed_seed_reproduces_recorded_output():
 def _own_and_other_mask_iou(model, folders: list[Path]) -> list[tuple[float, float]]:
     """Per object: mask IoU of its generated views against its own true views and against the
     next object's (pooled over the 32 views; 1 input view, 3 steps, no guidance)."""
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
     from train.data import format as fmt
     from train.data.dataset import to_tensors
@@ -110,8 +112,8 @@ def _own_and_other_mask_iou(model, folders: list[Path]) -> list[tuple[float, flo
         views = fmt.read_object_folder(folder, cond_ids=[0])
         truths.append(to_tensors(views.target_rgba, 64)[1] > 0.5)
         cond_rgb, cond_mask = to_tensors(views.cond_rgba, 64)
-        result = generate(model, cond_rgb, cond_mask, seed=0, steps=3, sampler="dpmpp_2m", guidance=1.0,
-                          recenter_inputs=False)
+        result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=3, sampler="dpmpp_2m",
+                          guidance=1.0)
         outputs.append(result.masks > 0.5)
 
     def iou(p: torch.Tensor, t: torch.Tensor) -> float:

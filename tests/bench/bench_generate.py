@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         generate(
-            model, image, mask, steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance, recenter_inputs=False
+            model, ConditionViews.framed(image, mask), steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance
         )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
