@@ -187,8 +187,8 @@ def masks_from_input(masks: Tensor, n: int, height: int, width: int, convention:
     empty = (is_blank(masks) & (masks.flatten(1).amax(dim=1) < 0.5)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
-            f"the mask of condition view(s) {empty} is empty: it has the same value everywhere and marks no pixel as object "
-            f"(1 = object) for mask_convention '{convention.value}', so it outlines no object. Check "
+            f"the mask of condition view(s) {empty} is empty: it has the same value everywhere and marks no "
+            f"pixel as object (1 = object) for mask_convention '{convention.value}', so it outlines no object. Check "
             "mask_convention, add a background-removal node and connect its MASK, or disconnect 'mask' "
             "(masks=None) to cut out a plain backdrop automatically."
         )
@@ -354,5 +354,10 @@ def drop_condition(cond: Condition, empty: Tensor, drop: Tensor, drop_tokens: Te
     embedding tokens (``drop`` implies ``drop_tokens``)."""
     null = null_condition(cond, empty)
     latents = torch.where(drop[:, None, None, None, None], null.latents, cond.latents)
-    embeddings = torch.where((drop | drop_tokens)[:, None, None], null.embeddings, cond.embeddings)
-    return Condition(latents, embeddings)
+    return Condition(latents, drop_embeddings(cond.embeddings, drop | drop_tokens))
+
+
+def drop_embeddings(embeddings: Tensor, drop_tokens: Tensor) -> Tensor:
+    """Embeddings (b, n, d) with the tokens of objects ``drop_tokens`` (b,) zeroed (the null
+    condition's embeddings); a trained image encoder's embeddings are dropped with it."""
+    return torch.where(drop_tokens[:, None, None], 0.0, embeddings)

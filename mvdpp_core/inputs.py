@@ -12,7 +12,6 @@ from torch import Tensor
 
 from .common import composite_on_white
 
-
 # Fraction of the image side that the object's longest mask side fills after recentring.
 # A unit object seen at the training distances (1.5-2.2) with FOV 60 fills 0.45-0.65.
 DEFAULT_FILL = 0.55

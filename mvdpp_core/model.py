@@ -15,8 +15,8 @@ from einops import repeat
 from torch import Tensor, nn
 
 from .cameras import NUM_TARGET_VIEWS
-from .config import ModelConfig, TargetCondition
 from .condition import Condition, encode_condition, null_condition
+from .config import ModelConfig, TargetCondition
 from .image_encoder import ImageEncoder
 from .schedule import NoiseSchedule
 from .unet import MultiViewUNet

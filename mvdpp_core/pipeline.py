@@ -38,9 +38,10 @@ class MultiViewResult:
         return composite_on_white(self.images, self.masks)
 
     def for_reconstruction(self) -> tuple[Tensor, Tensor]:
-        """What ``mvdpp_core.reconstruction.reconstruct`` takes: views on white (32, H, W, 3)
-        and masks (32, H, W), the channels-last layout of the package boundary."""
-        return rearrange(self.on_white(), "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
+        """What ``mvdpp_core.reconstruction.reconstruct`` takes, in the channels-last layout of
+        the boundary between generation and reconstruction: views (32, H, W, 3) and masks
+        (32, H, W) (the masks decide what is object): ``reconstruct(*result.for_reconstruction())``."""
+        return rearrange(self.images, "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
 
 
 def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Denoiser:

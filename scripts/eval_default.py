@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
-from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
+from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
 from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
@@ -102,15 +102,14 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
     """PSNR, SSIM (on white) and mask IoU of generated vs true views (32, 3, S, S) / (32, 1, S, S)."""
-    pred = result.images * result.masks + (1 - result.masks)  # 32 3 S S, composited on white
-    pred_hwc, true_hwc = pred.permute(0, 2, 3, 1), rgb.permute(0, 2, 3, 1)  # 32 S S 3
+    pred_hwc, true_hwc = result.on_white().permute(0, 2, 3, 1), rgb.permute(0, 2, 3, 1)  # 32 S S 3
     return psnr(pred_hwc, true_hwc), ssim(pred_hwc, true_hwc), mask_iou(result.masks[:, 0], mask[:, 0])
 
 
 def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: int) -> tuple[float, float]:
     """Volume IoU and Chamfer distance of the fast reconstruction; (0, NaN) when it is empty."""
     try:
-        mesh = reconstruct(result.images, result.masks[:, 0], method="fast", resolution=resolution).to_trimesh()
+        mesh = reconstruct(*result.for_reconstruction(), method="fast", resolution=resolution).to_trimesh()
     except (ValueError, RuntimeError):
         return 0.0, math.nan
     if len(mesh.faces) == 0:

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
-from mvdpp_core.model import MVDPPModel  # noqa: E402
+from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
+from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from train.config import TrainConfig, load_config  # noqa: E402
 from train.data import format as fmt  # noqa: E402
@@ -62,7 +63,7 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def psnr_on_white(images: torch.Tensor, masks: torch.Tensor, truth: torch.Tensor) -> float:
-    pred = images * masks + (1 - masks)
+    pred = composite_on_white(images, masks)
     return float(-10 * torch.log10((pred - truth).pow(2).mean()))
 
 

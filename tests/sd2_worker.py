@@ -38,9 +38,9 @@ def sd2_forward_and_generate(out_file: str) -> None:
     at 64x64 latents, and one generate step (32 + 1 views) at 64 px images (8x8 latents)."""
     import dataclasses
 
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
-    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     torch.set_grad_enabled(False)

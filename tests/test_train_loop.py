@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from mvdpp_core.checkpoint import load_checkpoint
-from mvdpp_core.config import PRESETS, PredictionType
 from mvdpp_core.condition import ConditionViews
+from mvdpp_core.config import PRESETS, PredictionType
 from mvdpp_core.pipeline import generate
 from train.config import TrainConfig, load_config
 from train.data.synthetic import write_synthetic_dataset

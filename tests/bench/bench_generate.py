@@ -30,9 +30,9 @@ FORWARD_TFLOP = 155.9  # one sd2 UNet forward over 33 views at 64x64 latents (gl
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
-    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
