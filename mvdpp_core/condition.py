@@ -86,11 +86,19 @@ class ConditionViews:
     def framed(cls, images: Tensor, masks: Tensor, embeddings: Tensor | None = None) -> ConditionViews:
         """Views that are framed already (training renders, a previous ``frame_condition``):
         checked, not recentred. images (n, 3, H, W), masks (n, H, W) or (n, 1, H, W), 1 = object."""
+        if masks is None:
+            raise TypeError("framed condition views need their masks (n, H, W); pass them, or frame photos "
+                            "without masks with frame_condition (alpha, else a plain backdrop).")
         rgb, alpha, masks = check_condition_images(images, masks)
         if alpha is not None:
             raise ValueError(
                 f"framed condition views have shape {tuple(images.shape)}; expected (n, 3, H, W) RGB with the "
                 "masks given apart (or call frame_condition, which reads alpha)."
+            )
+        if masks.shape[0] != rgb.shape[0] or masks.shape[-2:] != rgb.shape[-2:]:
+            raise ValueError(
+                f"masks {tuple(masks.shape)} do not match images {tuple(rgb.shape)}: give one mask per image with "
+                "the same height and width."
             )
         check_not_empty(masks)
         return cls(rgb, masks, check_embeddings(embeddings))

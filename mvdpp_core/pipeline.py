@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .cameras import NUM_TARGET_VIEWS
-from .common import composite_on_white
+from .common import composite_on_white, parse_enum
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
 from .inputs import DEFAULT_FILL, check_guidance, check_seed
 from .model import Condition, MVDPPModel
@@ -112,8 +112,9 @@ def generate(
             f"model is a {type(model).__name__}, not an MVDPPModel; load one with "
             "mvdpp_core.load_checkpoint('path/to/model.safetensors')."
         )
-    sample_fn = get_sampler(sampler)  # validates the name
-    default_steps, spacing = SAMPLER_DEFAULTS[SamplerName(sampler)]
+    sampler = parse_enum(SamplerName, sampler, "sampler")
+    sample_fn = get_sampler(sampler)
+    default_steps, spacing = SAMPLER_DEFAULTS[sampler]
     ts = model.schedule.timesteps(default_steps if steps is None else steps, spacing)
     seed, guidance = check_seed(seed), check_guidance(guidance)
     if callback is not None and not callable(callback):
