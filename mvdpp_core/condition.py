@@ -316,14 +316,22 @@ def embed_on_white(image_encoder: ImageEncoder, images: Tensor, masks: Tensor) -
 
 
 def encode_condition(
-    model: MVDPPModel, images: Tensor, masks: Tensor, embeddings: Tensor | None = None
+    model: MVDPPModel,
+    images: Tensor,
+    masks: Tensor,
+    embeddings: Tensor | None = None,
+    *,
+    latents: Tensor | None = None,
 ) -> Condition:
     """Condition of one object from its framed views (n, 3, H, W) and masks (n, 1, H, W) in [0, 1].
 
     ``embeddings`` (n, d) replaces the bundled image encoder (e.g. ComfyUI's CLIP vision).
+    ``latents`` (n, 4, h, w): the views' MVAE latents (posterior mode) when the caller has
+    them already (training encodes all views of an object in one MVAE pass).
     """
     check_vae_size(images.shape[-2], images.shape[-1], model.config.vae.downsample)
-    latents = model.vae.encode(images, masks)  # n 4 h w
+    if latents is None:
+        latents = model.vae.encode(images, masks)  # n 4 h w
     if embeddings is None:
         if model.image_encoder is None:
             raise ValueError(

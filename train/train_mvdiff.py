@@ -43,7 +43,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import Tensor, nn
 
-from mvdpp_core.condition import Condition, ConditionViews, drop_condition, drop_embeddings, embed_on_white
+from mvdpp_core.condition import (
+    Condition,
+    ConditionViews,
+    drop_condition,
+    drop_embeddings,
+    embed_on_white,
+    encode_condition,
+)
 from mvdpp_core.config import ModelConfig
 from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
@@ -85,7 +92,7 @@ def encode_views(model: MVDPPModel, batch: dict, mine: slice, embed: bool = True
     row = {int(v): j for j, v in enumerate(needed)}
     own_rows, cond_rows = [row[int(v)] for v in own], [row[v] for v in range(targets, num_views)]
     scale = model.vae.scaling_factor
-    latents, cond_latents, embeddings = [], [], []
+    latents, conds = [], []
     for i, seed in enumerate(batch["sample_seed"].tolist()):
         generator = torch.Generator().manual_seed(mix_seed(seed, 7))
         rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])[needed]  # needed 3 H W
@@ -94,12 +101,11 @@ def encode_views(model: MVDPPModel, batch: dict, mine: slice, embed: bool = True
         mean, std = posterior.mean, posterior.std
         noise = torch.randn((num_views, *mean.shape[1:]), generator=generator, dtype=mean.dtype)[own]
         latents.append((mean[own_rows] + std[own_rows] * noise.to(mean.device)) * scale)
-        cond_latents.append(posterior.mode()[cond_rows] * scale)
-        if embed:
-            embeddings.append(embed_on_white(model.image_encoder, batch["cond_rgb"][i], batch["cond_mask"][i]))
-        else:
-            embeddings.append(rgb.new_zeros(k, model.config.unet.cross_attention_dim))
-    cond = Condition(torch.stack(cond_latents), torch.stack(embeddings).to(cond_latents[0].dtype))
+        skipped = None if embed else rgb.new_zeros(k, model.config.unet.cross_attention_dim)
+        cond_latents = posterior.mode()[cond_rows] * scale
+        cond_rgb, cond_mask = batch["cond_rgb"][i], batch["cond_mask"][i]
+        conds.append(encode_condition(model, cond_rgb, cond_mask, skipped, latents=cond_latents))
+    cond = Condition(torch.cat([c.latents for c in conds]), torch.cat([c.embeddings for c in conds]))
     return torch.stack(latents), cond
 
 
