@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import Attention
 from einops import rearrange
 from torch import Tensor
 
+from .common import parse_enum
 from .geometry import tokens_at
 
 
@@ -48,11 +49,7 @@ def resolve_backend(backend: AttentionBackend | str, device: torch.device) -> At
 
 
 def _as_backend(backend: AttentionBackend | str) -> AttentionBackend:
-    try:
-        return AttentionBackend(backend)
-    except ValueError:
-        allowed = [b.value for b in AttentionBackend]
-        raise ValueError(f"unknown attention backend {backend!r}; allowed: {allowed}.") from None
+    return parse_enum(AttentionBackend, backend, "attention backend")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBackend) -> Tensor:

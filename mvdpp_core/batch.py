@@ -159,12 +159,12 @@ def generate_object(model, job: ObjectJob, folder: Path, settings: BatchSettings
         model, images, masks, seed=object_seed(settings.seed, job.name), steps=settings.steps,
         sampler=settings.sampler, guidance=settings.guidance,
     )
-    on_white = result.images * result.masks + (1 - result.masks)  # 32 3 S S
+    on_white = result.on_white()  # 32 3 S S
     for i in range(on_white.shape[0]):
         save_png(on_white[i], folder / f"view_{i:02d}.png")
         save_png(result.masks[i, 0], folder / f"mask_{i:02d}.png")
     save_png(view_grid(on_white), folder / "grid.png")
-    mesh = reconstruct(on_white.permute(0, 2, 3, 1), result.masks[:, 0], resolution=settings.mesh_resolution)
+    mesh = reconstruct(*result.for_reconstruction(), resolution=settings.mesh_resolution)
     export_mesh(mesh, folder / "mesh.glb", format="glb")
     return {"object": job.name, "inputs": [str(p) for p in job.images], "seed": object_seed(settings.seed, job.name)}
 

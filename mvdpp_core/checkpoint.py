@@ -5,6 +5,10 @@ Format (version 1): one ``.safetensors`` file. Tensors are prefixed ``unet.``, `
 key of that component. The metadata holds JSON strings: ``config`` (``ModelConfig``, which
 includes prediction type and schedule), ``rig`` (the camera rig) and ``format`` /
 ``format_version``. Loading never unpickles: only safetensors is read.
+
+The MVAE file (``train_mvae.py``'s export, ``init.mvae_path`` of the UNet trainer) lives
+here too: ``vae.*`` tensors with metadata ``format`` = ``mvdpp-mvae`` and ``vae_config``
+(``VAEConfig`` as JSON).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import cameras
-from .config import ModelConfig, UNetConfig
+from .config import ModelConfig, UNetConfig, VAEConfig, from_dict
 from .image_encoder import ImageEncoder
 from .model import MVDPPModel
 from .unet import MultiViewUNet
@@ -31,6 +35,7 @@ from .vae import MaskAwareVAE
 
 FORMAT_NAME = "mvdpp"
 FORMAT_VERSION = 1
+MVAE_FORMAT = "mvdpp-mvae"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _PREFIXES = ("unet", "vae", "image_encoder")
 
@@ -217,6 +222,12 @@ def load_checkpoint(
     load_model_state(model, tensors, source=path.name)
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def read_bundle_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` a bundle stores, checked, without reading its tensors."""
+    path = _check_path(path)
+    return _read_config(path, read_metadata(path))
 
 
 def _read_config(path: Path, meta: dict[str, str]) -> ModelConfig:
@@ -451,3 +462,46 @@ def _load_ldm_single_file(path: Path):
     rgb_vae = AutoencoderKL(**vae_kwargs)
     rgb_vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, rgb_vae.config))
     return unet, rgb_vae
+
+
+def save_mvae(vae: MaskAwareVAE, path: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """An MVAE file: ``vae.*`` tensors + its VAEConfig as JSON metadata (safetensors only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = state if state is not None else {f"vae.{k}": v for k, v in vae.vae.state_dict().items()}
+    config = json.dumps(dataclasses.asdict(vae.config))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(tmp),
+        metadata={"format": MVAE_FORMAT, "vae_config": config},
+    )
+    tmp.replace(path)
+    return path
+
+
+def read_mvae_config(path: str | Path) -> VAEConfig:
+    """The ``VAEConfig`` of an MVAE file, without reading its tensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"MVAE file {path} must be an existing .safetensors written by train_mvae.py.")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != MVAE_FORMAT:
+        raise ValueError(
+            f"{path.name} is not an MVAE file (metadata format={meta.get('format')!r}); use train_mvae.py's export."
+        )
+    return from_dict(VAEConfig, json.loads(meta["vae_config"]))
+
+
+def load_mvae(path: str | Path) -> MaskAwareVAE:
+    """The MVAE of an MVAE file (strict)."""
+    vae = MaskAwareVAE(read_mvae_config(path))
+    load_mvae_weights(vae, path)
+    return vae
+
+
+def load_mvae_weights(vae: MaskAwareVAE, path: str | Path) -> None:
+    """Load an MVAE file's tensors into ``vae`` (strict)."""
+    tensors = load_file(str(path))
+    vae.vae.load_state_dict({k.removeprefix("vae."): v for k, v in tensors.items()}, strict=True)

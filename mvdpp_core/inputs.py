@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cameras import MAX_CONDITION_VIEWS
+from .common import composite_on_white
 
 # Fraction of the image side that the object's longest mask side fills after recentring.
 # A unit object seen at the training distances (1.5-2.2) with FOV 60 fills 0.45-0.65.
@@ -56,49 +56,6 @@ def check_guidance(guidance: object) -> float:
     return value
 
 
-def check_condition_views(images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate condition images (n, 3, H, W) in [0, 1] and masks (n, 1, H, W) or (n, H, W).
-
-    Returns the masks as (n, 1, H, W). Raises ValueError naming the problem and the fix.
-    """
-    if not isinstance(images, Tensor) or not isinstance(masks, Tensor):
-        raise TypeError(
-            f"images and masks must be torch tensors, got {type(images).__name__} and {type(masks).__name__}."
-        )
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"condition images have shape {tuple(images.shape)}; expected (n, 3, H, W) RGB "
-            "(convert RGBA by splitting off alpha as the mask; ComfyUI IMAGE [n, H, W, C] needs a permute)."
-        )
-    n = images.shape[0]
-    if not 1 <= n <= MAX_CONDITION_VIEWS:
-        fix = "Pass at least one image of the object." if n < 1 else "Pass fewer images."
-        raise ValueError(f"{n} condition views given; the model takes 1 to {MAX_CONDITION_VIEWS}. {fix}")
-    if masks.ndim == 3:
-        masks = masks[:, None]
-    if masks.ndim != 4 or masks.shape[1] != 1:
-        raise ValueError(f"masks have shape {tuple(masks.shape)}; expected (n, H, W) or (n, 1, H, W).")
-    if masks.shape[0] != n or masks.shape[-2:] != images.shape[-2:]:
-        raise ValueError(
-            f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}: give one mask per "
-            "image with the same height and width (resize the mask, or use the image's alpha)."
-        )
-    for name, t in (("images", images), ("masks", masks)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contain NaN or infinite values; check the node or file that produced them.")
-        if t.min() < 0 or t.max() > 1:
-            raise ValueError(
-                f"{name} range [{t.min().item():.3g}, {t.max().item():.3g}] is outside [0, 1]; scale them to [0, 1]."
-            )
-    if (masks.flatten(1).amax(dim=1) < 0.5).any():
-        empty = (masks.flatten(1).amax(dim=1) < 0.5).nonzero().flatten().tolist()
-        raise ValueError(
-            f"the mask of condition view(s) {empty} is empty (no foreground); add a background-removal "
-            "node, or check the mask convention (1 = object)."
-        )
-    return images, masks
-
-
 def check_vae_size(height: int, width: int, factor: int) -> None:
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(
@@ -121,7 +78,7 @@ def recenter(images: Tensor, masks: Tensor, size: int, fill: float = DEFAULT_FIL
         cy = (ys.min() + ys.max() + 1).item() / 2
         cx = (xs.min() + xs.max() + 1).item() / 2
         side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1).item() / fill
-        composite = image * mask + (1 - mask)  # on white, the training background
+        composite = composite_on_white(image, mask)  # on white, the training background
         height, width = image.shape[-2:]
         if side > size:  # shrink with an antialiased filter first; bilinear sampling would alias
             scale = size / side

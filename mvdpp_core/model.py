@@ -10,43 +10,17 @@ or with ``ModelConfig.target_condition = first_view`` the first condition view's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import repeat
 from torch import Tensor, nn
 
 from .cameras import NUM_TARGET_VIEWS
+from .condition import Condition, encode_condition, null_condition
 from .config import ModelConfig, TargetCondition
 from .image_encoder import ImageEncoder
-from .inputs import check_vae_size
 from .schedule import NoiseSchedule
 from .unet import MultiViewUNet
 from .vae import MaskAwareVAE
-
-
-def embed_on_white(image_encoder: ImageEncoder, images: Tensor, masks: Tensor) -> Tensor:
-    """Image embeddings (n, d) of views (n, 3, H, W) composited on white by their masks (n, 1, H, W)."""
-    return image_encoder(images * masks + (1 - masks))
-
-
-@dataclass
-class Condition:
-    """Everything the UNet sees of the condition views of a batch of objects.
-
-    latents: (b, n, 4, h, w) MVAE latents of the condition views.
-    embeddings: (b, n, d) CLIP image embeddings, one cross-attention token per view.
-    """
-
-    latents: Tensor
-    embeddings: Tensor
-
-    @property
-    def num_views(self) -> int:
-        return self.latents.shape[1]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
-        return Condition(self.latents.to(device, dtype), self.embeddings.to(device, dtype))
 
 
 class MVDPPModel(nn.Module):
@@ -80,27 +54,9 @@ class MVDPPModel(nn.Module):
         return next(self.unet.parameters()).dtype
 
     def encode_condition(self, images: Tensor, masks: Tensor, embeddings: Tensor | None = None) -> Condition:
-        """Condition of one object from its views (n, 3, H, W) and masks (n, 1, H, W) in [0, 1].
-
-        ``embeddings`` (n, d) replaces the bundled image encoder (e.g. ComfyUI's CLIP vision).
-        """
-        check_vae_size(images.shape[-2], images.shape[-1], self.config.vae.downsample)
-        latents = self.vae.encode(images, masks)  # n 4 h w
-        if embeddings is None:
-            if self.image_encoder is None:
-                raise ValueError(
-                    "this model has no image encoder; pass CLIP image embeddings (e.g. connect a "
-                    "CLIP_VISION model to LoadMVDPP), or load a checkpoint that bundles one."
-                )
-            embeddings = embed_on_white(self.image_encoder, images, masks)  # n d
-        expected = self.config.unet.cross_attention_dim
-        if embeddings.shape != (images.shape[0], expected):
-            raise ValueError(
-                f"image embeddings have shape {tuple(embeddings.shape)}; this model needs "
-                f"({images.shape[0]}, {expected}): one {expected}-d projected CLIP embedding per "
-                "condition view (use a CLIP vision model whose projection matches)."
-            )
-        return Condition(latents[None], embeddings[None].to(latents.dtype))
+        """Condition of one object from framed views (n, 3, H, W) and masks (n, 1, H, W) in [0, 1]
+        (``mvdpp_core.condition.encode_condition``)."""
+        return encode_condition(self, images, masks, embeddings)
 
     def empty_latent(self, batch: int = 1) -> Tensor:
         """``MVAE(white image, zero mask)``: the condition latent of target views, (b, 4, h, w)."""
@@ -142,12 +98,8 @@ class MVDPPModel(nn.Module):
         return torch.cat([noisy, branch, cond_latents.to(noisy.dtype)], dim=2), view_ids
 
     def null_condition(self, cond: Condition, empty: Tensor) -> Condition:
-        """The condition with images and embeddings dropped (classifier-free guidance).
-
-        Training drops conditions with this same function.
-        """
-        latents = repeat(empty, "b c h w -> b n c h w", n=cond.num_views).to(cond.latents.dtype)
-        return Condition(latents, torch.zeros_like(cond.embeddings))
+        """The condition with images and embeddings dropped (``mvdpp_core.condition.null_condition``)."""
+        return null_condition(cond, empty)
 
     def predict(
         self, noisy: Tensor, t: Tensor, cond: Condition, empty: Tensor, target_ids: Tensor | None = None

@@ -9,7 +9,9 @@ from einops import rearrange
 from torch import Tensor
 
 from .cameras import NUM_TARGET_VIEWS
-from .inputs import check_condition_views, check_guidance, check_seed, recenter, resize
+from .common import composite_on_white, parse_enum
+from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
+from .inputs import DEFAULT_FILL, check_guidance, check_seed
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
@@ -30,6 +32,16 @@ class MultiViewResult:
 
     images: Tensor
     masks: Tensor
+
+    def on_white(self) -> Tensor:
+        """The views composited on white through their masks, (32, 3, H, W)."""
+        return composite_on_white(self.images, self.masks)
+
+    def for_reconstruction(self) -> tuple[Tensor, Tensor]:
+        """What ``mvdpp_core.reconstruction.reconstruct`` takes, in the channels-last layout of
+        the boundary between generation and reconstruction: views (32, H, W, 3) and masks
+        (32, H, W) (the masks decide what is object): ``reconstruct(*result.for_reconstruction())``."""
+        return rearrange(self.images, "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
 
 
 def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Denoiser:
@@ -61,29 +73,36 @@ def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Deno
 @torch.no_grad()
 def generate(
     model: MVDPPModel,
-    images: Tensor,
-    masks: Tensor,
+    images: Tensor | ConditionViews,
+    masks: Tensor | None = None,
     *,
     seed: int = 0,
     steps: int | None = None,
     sampler: SamplerName | str = SamplerName.DDPM,
     guidance: float = 3.0,
     embeddings: Tensor | None = None,
-    recenter_inputs: bool = True,
+    mask_convention: MaskConvention | str = MaskConvention.FOREGROUND,
+    background_tolerance: float = 0.1,
+    object_fill: float = DEFAULT_FILL,
     callback: StepCallback | None = None,
 ) -> MultiViewResult:
     """Generate the 32 rig views of the object shown in 1-10 condition views.
 
     Args:
-        images: (n, 3, H, W) RGB in [0, 1]; the first image defines azimuth 0.
-        masks: (n, H, W) or (n, 1, H, W) foreground in [0, 1] (1 = object).
+        images: (n, 3, H, W) RGB or (n, 4, H, W) RGBA in [0, 1]; the first image defines
+            azimuth 0. They are framed by ``mvdpp_core.condition.frame_condition`` (masks,
+            alpha or a plain backdrop; recentred as in training), exactly as the ComfyUI node
+            frames them. Views framed already (training renders, the node's output) come as
+            ``ConditionViews`` (e.g. ``ConditionViews.framed(images, masks)``) and are used as
+            they are.
+        masks: optional (n, H, W) or (n, 1, H, W) masks in [0, 1], read by ``mask_convention``
+            (default 1 = object).
         seed: noise seed; the result is deterministic for a seed on CPU.
         steps: sampling steps (default: 75 DDPM as in the paper, 50 DDIM, 25 DPM-Solver++).
         sampler: 'ddpm', 'ddim' or 'dpmpp_2m'.
         guidance: classifier-free guidance scale on the condition (1 = off).
         embeddings: (n, d) CLIP image embeddings instead of the bundled image encoder.
-        recenter_inputs: crop and scale each view so the object is centred at the training
-            framing (turn off for views already framed like the training renders).
+        background_tolerance, object_fill: see ``frame_condition``.
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
@@ -93,22 +112,19 @@ def generate(
             f"model is a {type(model).__name__}, not an MVDPPModel; load one with "
             "mvdpp_core.load_checkpoint('path/to/model.safetensors')."
         )
-    sample_fn = get_sampler(sampler)  # validates the name
-    default_steps, spacing = SAMPLER_DEFAULTS[SamplerName(sampler)]
+    sampler = parse_enum(SamplerName, sampler, "sampler")
+    sample_fn = get_sampler(sampler)
+    default_steps, spacing = SAMPLER_DEFAULTS[sampler]
     ts = model.schedule.timesteps(default_steps if steps is None else steps, spacing)
     seed, guidance = check_seed(seed), check_guidance(guidance)
-    _check_options(embeddings, recenter_inputs, callback)
-    images, masks = check_condition_views(images, masks)
-    size = model.config.image_size
-    if recenter_inputs:
-        images, masks = recenter(images.float(), masks.float(), size)
-    else:
-        images, masks = resize(images.float(), size), resize(masks.float(), size)
-    vae_dtype = model.vae_dtype
-    cond = model.encode_condition(
-        images.to(model.device, vae_dtype), masks.to(model.device, vae_dtype),
-        None if embeddings is None else embeddings.to(model.device),
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
+    views = images if is_framed(images) else frame_condition(
+        images, masks, size=model.config.image_size, mask_convention=mask_convention,
+        background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
+    vae_dtype = model.vae_dtype
+    cond = encode_views(model, views)
     denoiser = guided_denoiser(model, cond, guidance)
     generator = torch.Generator().manual_seed(seed)
     latent = model.config.latent_size
@@ -125,16 +141,9 @@ def generate(
     return MultiViewResult(rgb, mask)
 
 
-def _check_options(embeddings: object, recenter_inputs: object, callback: object) -> None:
-    if embeddings is not None and not isinstance(embeddings, Tensor):
-        raise TypeError(
-            f"embeddings is a {type(embeddings).__name__}; pass a torch tensor (n, d) of CLIP image "
-            "embeddings, or None to use the bundled image encoder."
-        )
-    if not isinstance(recenter_inputs, bool):
-        raise TypeError(f"recenter_inputs={recenter_inputs!r} must be True or False.")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
+def is_framed(views: object) -> bool:
+    """True for ``ConditionViews`` (duck-typed: the node pack may import this package under another name)."""
+    return not isinstance(views, Tensor) and all(hasattr(views, a) for a in ("images", "masks", "embeddings"))
 
 
 def nonfinite_cause(model: MVDPPModel, guidance: float) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .common import parse_enum
 from .schedule import NoiseSchedule, eps_from_x0
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -110,7 +111,4 @@ SAMPLERS: dict[SamplerName, Sampler] = {
 
 def get_sampler(name: SamplerName | str) -> Sampler:
     """The sampler function for a name ('ddpm', 'ddim', 'dpmpp_2m')."""
-    try:
-        return SAMPLERS[SamplerName(name)]
-    except ValueError:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {[s.value for s in SamplerName]}.") from None
+    return SAMPLERS[parse_enum(SamplerName, name, "sampler")]

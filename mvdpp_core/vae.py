@@ -64,10 +64,15 @@ class MaskAwareVAE(nn.Module):
 
         ``sample=False`` takes the posterior mode (inference); training samples it.
         """
-        x = torch.cat([image, mask], dim=1) * 2 - 1  # n 4 H W in [-1, 1]
-        posterior = self.vae.encode(x).latent_dist
+        posterior = self.posterior(image, mask)
         latents = posterior.sample(generator) if sample else posterior.mode()
         return latents * self.scaling_factor
+
+    def posterior(self, image: Tensor, mask: Tensor):
+        """The unscaled latent posterior (diffusers' ``DiagonalGaussianDistribution``) of images
+        (n, 3, H, W) and masks (n, 1, H, W) in [0, 1]; training samples it with its own noise."""
+        x = torch.cat([image, mask], dim=1) * 2 - 1  # n 4 H W in [-1, 1]
+        return self.vae.encode(x).latent_dist
 
     def decode(self, latents: Tensor) -> tuple[Tensor, Tensor]:
         """RGB (n, 3, H, W) and mask (n, 1, H, W) in [0, 1] from scaled latents (n, 4, h, w)."""

@@ -112,11 +112,9 @@ def to_comfy_mesh(vertices: object, faces: object) -> MESH:
     """ComfyUI's MESH (batched vertices (1, n, 3) float32, faces (1, f, 3) int64) in glTF's
     +Y-up frame, since SaveGLB writes MESH vertices as they are; a rotation, so faces keep
     their outward winding."""
-    from ..mvdpp_core.reconstruction.export import Z_UP_TO_Y_UP
+    from ..mvdpp_core.reconstruction.export import vertices_y_up
 
-    rotation = torch.as_tensor(Z_UP_TO_Y_UP[:3, :3], dtype=torch.float32)
-    v = torch.as_tensor(vertices, dtype=torch.float32) @ rotation.T
-    f = torch.as_tensor(faces, dtype=torch.int64)
+    v, f = vertices_y_up(vertices), torch.as_tensor(faces, dtype=torch.int64)
     return MESH(v[None].contiguous(), f[None].contiguous())
 
 

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ..mvdpp_core.condition import ConditionViews
 from ._checks import check_choice, check_number, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
 from ._convert import image_from_core, mask_from_core
-from .encode import ConditionViews
 from .loader import LoadedModel
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
@@ -87,9 +87,6 @@ class MultiViewSampler(io.ComfyNode):
 
         model_management.throw_exception_if_processing_interrupted()
         result = generate(
-            model.model, cond.images, cond.masks,
-            seed=seed, steps=steps, sampler=sampler, guidance=cfg, embeddings=cond.embeddings,
-            recenter_inputs=False,  # MaskAwareEncode framed the views already
-            callback=step_callback(steps),
+            model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, callback=step_callback(steps),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))

@@ -82,13 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
                       guidance=args.cfg, callback=lambda i, n, _: print(f"\rsampling {i}/{n}", end="", flush=True))
     print()
     generated = time.perf_counter()
-    composite = result.images * result.masks + (1 - result.masks)  # on white
-    views = composite.permute(0, 2, 3, 1)  # v h w 3
-    mesh = reconstruct(views, result.masks[:, 0], method="fast", resolution=args.mesh_resolution)
+    mesh = reconstruct(*result.for_reconstruction(), method="fast", resolution=args.mesh_resolution)
     meshed = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     grid_path = args.out / "views_grid.png"
-    save_png(view_grid(composite), grid_path)
+    save_png(view_grid(result.on_white()), grid_path)
     glb_path = export_mesh(mesh, args.out / "mesh.glb", format="glb")
     summary = {
         "model": source,

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
+from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
@@ -101,15 +102,14 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
     """PSNR, SSIM (on white) and mask IoU of generated vs true views (32, 3, S, S) / (32, 1, S, S)."""
-    pred = result.images * result.masks + (1 - result.masks)  # 32 3 S S, composited on white
-    pred_hwc, true_hwc = pred.permute(0, 2, 3, 1), rgb.permute(0, 2, 3, 1)  # 32 S S 3
+    pred_hwc, true_hwc = result.on_white().permute(0, 2, 3, 1), rgb.permute(0, 2, 3, 1)  # 32 S S 3
     return psnr(pred_hwc, true_hwc), ssim(pred_hwc, true_hwc), mask_iou(result.masks[:, 0], mask[:, 0])
 
 
 def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: int) -> tuple[float, float]:
     """Volume IoU and Chamfer distance of the fast reconstruction; (0, NaN) when it is empty."""
     try:
-        mesh = reconstruct(result.images, result.masks[:, 0], method="fast", resolution=resolution).to_trimesh()
+        mesh = reconstruct(*result.for_reconstruction(), method="fast", resolution=resolution).to_trimesh()
     except (ValueError, RuntimeError):
         return 0.0, math.nan
     if len(mesh.faces) == 0:
@@ -124,8 +124,8 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     size = model.config.image_size
     rgb, mask = to_tensors(views.target_rgba, size)
     cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
-    result = generate(model, cond_rgb, cond_mask, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
-                      guidance=cfg.guidance, recenter_inputs=False)
+    result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
+                      sampler=cfg.sampler, guidance=cfg.guidance)
     p, s, m = view_metrics(result, rgb, mask)
     v_iou, chamfer = (0.0, math.nan)
     if with_mesh:
@@ -144,8 +144,8 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
     for folder in folders:
         views = fmt.read_object_folder(folder, target_ids=[COPY_VIEW], cond_ids=[0])
         rgb, mask = to_tensors(views.target_rgba, size)  # 1 3 S S: the input and the answer
-        result = generate(model, rgb, mask, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
-                          guidance=cfg.guidance, recenter_inputs=False)
+        result = generate(model, ConditionViews.framed(rgb, mask), seed=cfg.seed, steps=cfg.steps,
+                          sampler=cfg.sampler, guidance=cfg.guidance)
         out = MultiViewResult(result.images[COPY_VIEW : COPY_VIEW + 1], result.masks[COPY_VIEW : COPY_VIEW + 1])
         p, _, m = view_metrics(out, rgb, mask)
         psnrs.append(p)

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
+from mvdpp_core.common import composite_on_white  # noqa: E402
+from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from train.config import TrainConfig, load_config  # noqa: E402
@@ -61,7 +63,7 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def psnr_on_white(images: torch.Tensor, masks: torch.Tensor, truth: torch.Tensor) -> float:
-    pred = images * masks + (1 - masks)
+    pred = composite_on_white(images, masks)
     return float(-10 * torch.log10((pred - truth).pow(2).mean()))
 
 
@@ -78,14 +80,8 @@ def measure(model: MVDPPModel, folders: list[Path], steps: int, guidance: float)
         truths.append((rgb, mask, cond_rgb, cond_mask))
     for i, (rgb, mask, cond_rgb, cond_mask) in enumerate(truths):
         result = generate(
-            model,
-            cond_rgb,
-            cond_mask,
-            seed=0,
-            steps=steps,
-            sampler="dpmpp_2m",
+            model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=steps, sampler="dpmpp_2m",
             guidance=guidance,
-            recenter_inputs=False,
         )
         other_rgb, other_mask = truths[(i + 1) % len(truths)][:2]
         rows.append(

@@ -38,6 +38,7 @@ def sd2_forward_and_generate(out_file: str) -> None:
     at 64x64 latents, and one generate step (32 + 1 views) at 64 px images (8x8 latents)."""
     import dataclasses
 
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
     from mvdpp_core.pipeline import generate
@@ -67,7 +68,7 @@ def sd2_forward_and_generate(out_file: str) -> None:
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
     start = time.perf_counter()
-    result = generate(small, image, mask, steps=1, sampler="ddim", guidance=1.0, recenter_inputs=False)
+    result = generate(small, ConditionViews.framed(image, mask), steps=1, sampler="ddim", guidance=1.0)
     generate_s = time.perf_counter() - start
     report = {
         "dtype": str(dtype), "params": counts, "weight_bytes": weight_bytes,

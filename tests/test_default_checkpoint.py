@@ -75,10 +75,11 @@ def _summary(images: torch.Tensor, masks: torch.Tensor) -> dict[str, list]:
 
 
 def _reference_output(model) -> dict[str, list]:
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
 
     rgb, mask = _load_rgba(EXAMPLE)
-    result = generate(model, rgb, mask, recenter_inputs=False, **REFERENCE_RUN)
+    result = generate(model, ConditionViews.framed(rgb, mask), **REFERENCE_RUN)
     return _summary(result.images, result.masks)
 
 
@@ -117,6 +118,7 @@ def _own_and_other(model, folders: list[Path]) -> list[dict[str, float]]:
     """Per object: mask IoU and mean-foreground-colour error of its generated views against its
     own true views and against the next object's (pooled over the 32 views; 1 input view,
     3 steps, no guidance)."""
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate
     from train.data import format as fmt
     from train.data.dataset import to_tensors
@@ -128,8 +130,8 @@ def _own_and_other(model, folders: list[Path]) -> list[dict[str, float]]:
         truths.append(mask > 0.5)
         colours.append(_foreground_colour(rgb, mask))
         cond_rgb, cond_mask = to_tensors(views.cond_rgba, 64)
-        result = generate(model, cond_rgb, cond_mask, seed=0, steps=3, sampler="dpmpp_2m", guidance=1.0,
-                          recenter_inputs=False)
+        result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=3, sampler="dpmpp_2m",
+                          guidance=1.0)
         outputs.append((result.masks > 0.5, _foreground_colour(result.images, result.masks)))
 
     def iou(p: torch.Tensor, t: torch.Tensor) -> float:

@@ -5,9 +5,8 @@ export of gathered full tensors all equal one process holding the whole batch.""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from fsdp2_worker import REPO, WORLD, build, optimiser_and_ema, rank_main, step
-from safetensors.torch import load_file
+from spawn_ranks import run_ranks
 
 from mvdpp_core.checkpoint import load_checkpoint
 
@@ -36,14 +35,7 @@ def assert_params_close(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_step_checkpoint_resume_ema_and_export_equal_one_process(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=400)
-        assert p.exitcode == 0, f"rank process exited with {p.exitcode} (see the captured stderr)"
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    ranks = run_ranks(rank_main, tmp_path, WORLD, timeout=400)
     ref = reference()
     got = ranks[0]
     n_params = len(ref["params1"])

@@ -1,12 +1,11 @@
 """Per-token geometry in global attention: exact rig rays, zero-initialised identity with the
 base, view equivariance, and the training switches that use it."""
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from tiny_models import assert_initialised_unet_equals_base, unet_inputs
 
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
 from mvdpp_core.config import PredictionType, preset
@@ -19,12 +18,7 @@ CFG = dataclasses.replace(preset("tiny").unet, geometry_encoding=True)
 
 
 def _inputs(b: int, v: int, seed: int = 0, size: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(b, v, 9, size, size, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    ids = torch.stack([torch.randperm(42, generator=g)[:v] for _ in range(b)])
-    ctx = torch.randn(b, 3, CFG.cross_attention_dim, generator=g)
-    return sample, t, ids, ctx
+    return unet_inputs(CFG, b, v, seed, size)
 
 
 def test_plucker_rays_pass_through_their_pixels():
@@ -63,17 +57,9 @@ def test_tokens_pool_square_grids_and_refuse_others():
         tokens_at(geometry, 8)
 
 
-@torch.no_grad()
 def test_zero_initialised_geometry_keeps_the_diffusers_base_exactly():
-    torch.manual_seed(0)
-    base = UNet2DConditionModel(**CFG.diffusers_kwargs()).eval()
-    mv = MultiViewUNet(CFG, copy.deepcopy(base)).eval()
+    mv = assert_initialised_unet_equals_base(CFG)
     assert mv.geometry is not None and all((p == 0).all() for p in mv.geometry.parameters())
-    mv.set_attention_backend("sdpa", global_attention=False)
-    sample, t, ids, ctx = _inputs(1, 5)
-    ours = mv(sample, t, ids, ctx)
-    ref = base(sample[0], t.expand(5), encoder_hidden_states=ctx.expand(5, -1, -1)).sample
-    torch.testing.assert_close(ours[0], ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture

@@ -367,8 +367,7 @@ def test_sampler_node_equals_core_generate_without_second_recentring(sampled, lo
 
     from mvdpp_core.pipeline import generate
 
-    core = generate(loaded.model, sampled.cond.images, sampled.cond.masks, seed=7, steps=2, sampler="ddim",
-                    guidance=1.0, recenter_inputs=False)
+    core = generate(loaded.model, sampled.cond, seed=7, steps=2, sampler="ddim", guidance=1.0)
     torch.testing.assert_close(sampled.views, rearrange(core.images, "v c h w -> v h w c").clamp(0, 1))
     torch.testing.assert_close(sampled.masks, core.masks[:, 0].clamp(0, 1))
 

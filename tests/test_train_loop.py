@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mvdpp_core.checkpoint import load_checkpoint
+from mvdpp_core.condition import ConditionViews
 from mvdpp_core.config import PRESETS, PredictionType
 from mvdpp_core.pipeline import generate
 from train.config import TrainConfig, load_config
@@ -199,7 +200,7 @@ def test_export_loads_and_generates_with_the_stage_prediction_type(data_dir, tmp
         torch.testing.assert_close(value, ema[f"unet.{name}"])  # the bundle holds the EMA weights
     images, masks = torch.ones(1, 3, 32, 32) * 0.5, torch.zeros(1, 32, 32)
     masks[:, 8:24, 8:24] = 1
-    result = generate(model, images, masks, steps=2, sampler="ddim", recenter_inputs=False)
+    result = generate(model, ConditionViews.framed(images, masks), steps=2, sampler="ddim")
     assert result.images.shape == (32, 3, 32, 32) and torch.isfinite(result.images).all()
     init = build_mvdiff_model(run_config(data_dir, out).init, PredictionType.V_PREDICTION)
     assert max_diff(model.image_encoder.state_dict(), init.image_encoder.state_dict()) == 0  # frozen

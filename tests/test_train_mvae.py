@@ -10,10 +10,11 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from mvdpp_core.checkpoint import load_mvae
 from mvdpp_core.config import PredictionType
 from train.config import ModelInitConfig, MVAEInitConfig, MVAEInitSource, MVAETrainConfig, load_config
 from train.data.synthetic import write_synthetic_dataset
-from train.models import build_mvae, build_mvdiff_model, load_mvae
+from train.models import build_mvae, build_mvdiff_model
 from train.train_mvae import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_cpu_mvae.yaml"

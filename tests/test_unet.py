@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from tiny_models import assert_initialised_unet_equals_base, unet_inputs
 
 from mvdpp_core.config import preset
 from mvdpp_core.unet import MultiViewUNet
@@ -14,12 +15,7 @@ CFG = preset("tiny").unet
 
 
 def _inputs(b: int, v: int, seed: int = 0, size: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(b, v, 9, size, size, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    ids = torch.stack([torch.randperm(42, generator=g)[:v] for _ in range(b)])
-    ctx = torch.randn(b, 3, CFG.cross_attention_dim, generator=g)
-    return sample, t, ids, ctx
+    return unet_inputs(CFG, b, v, seed, size)
 
 
 @torch.no_grad()
@@ -33,16 +29,8 @@ def test_initialised_model_equals_diffusers_base_for_one_view():
     torch.testing.assert_close(ours[:, 0], ref, atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
 def test_initialised_per_view_model_equals_base_on_every_view():
-    torch.manual_seed(0)
-    base = UNet2DConditionModel(**CFG.diffusers_kwargs()).eval()
-    mv = MultiViewUNet(CFG, copy.deepcopy(base)).eval()
-    mv.set_attention_backend("sdpa", global_attention=False)
-    sample, t, ids, ctx = _inputs(1, 5)
-    ours = mv(sample, t, ids, ctx)
-    ref = base(sample[0], t.expand(5), encoder_hidden_states=ctx.expand(5, -1, -1)).sample
-    torch.testing.assert_close(ours[0], ref, atol=1e-5, rtol=1e-5)
+    assert_initialised_unet_equals_base(CFG)
 
 
 @pytest.fixture

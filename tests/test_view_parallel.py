@@ -3,21 +3,13 @@ same outputs, loss and gradients as all views in one process."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from spawn_ranks import run_ranks
 from view_parallel_worker import WORLD, loss_and_grads, model_and_inputs, rank_main
 
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
-    results = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    results = run_ranks(rank_main, tmp_path, WORLD, timeout=300)
     for r in results:
         r["grads"] = {k.removeprefix("grad."): v for k, v in r.items() if k.startswith("grad.")}
     out, loss, grads = loss_and_grads(*model_and_inputs())

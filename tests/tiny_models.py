@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from mvdpp_core.config import preset
+from mvdpp_core.config import UNetConfig, preset
 from mvdpp_core.model import MVDPPModel
 
 
@@ -30,3 +32,33 @@ def object_views(n: int = 1, size: int = 64, seed: int = 0) -> tuple[torch.Tenso
         images.append(mask * colour + (1 - mask))
         masks.append(mask)
     return torch.stack(images), torch.stack(masks)
+
+
+def unet_inputs(config: UNetConfig, b: int, v: int, seed: int = 0, size: int = 8):
+    """Seeded UNet inputs: 9-channel samples (b, v, 9, size, size), timesteps (b,), view ids
+    (b, v) drawn from the 42 slots, and 3 context tokens (b, 3, d)."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(b, v, 9, size, size, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    ids = torch.stack([torch.randperm(42, generator=g)[:v] for _ in range(b)])
+    ctx = torch.randn(b, 3, config.cross_attention_dim, generator=g)
+    return sample, t, ids, ctx
+
+
+@torch.no_grad()
+def assert_initialised_unet_equals_base(config: UNetConfig, views: int = 5):
+    """Build a ``MultiViewUNet`` from a seeded diffusers base and check that, with per-view
+    attention, it equals the base on every one of ``views`` views; returns the UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from mvdpp_core.unet import MultiViewUNet
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**config.diffusers_kwargs()).eval()
+    mv = MultiViewUNet(config, copy.deepcopy(base)).eval()
+    mv.set_attention_backend("sdpa", global_attention=False)
+    sample, t, ids, ctx = unet_inputs(config, 1, views)
+    ours = mv(sample, t, ids, ctx)
+    ref = base(sample[0], t.expand(views), encoder_hidden_states=ctx.expand(views, -1, -1)).sample
+    torch.testing.assert_close(ours[0], ref, atol=1e-5, rtol=1e-5)
+    return mv

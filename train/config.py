@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from mvdpp_core.config import PredictionType, from_dict
+from mvdpp_core.config import PredictionType, from_dict, to_jsonable
 
 T = TypeVar("T")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -367,23 +367,8 @@ def _number(kind: type, value: Any, path: str) -> int | float:
     return float(value) if kind is float else value
 
 
-def to_plain(config: Any) -> dict[str, Any]:
-    """The config as plain YAML-able data (enums by value, tuples as lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(config))
-
-
 def dump_config(config: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    path.write_text(yaml.safe_dump(to_jsonable(dataclasses.asdict(config)), sort_keys=False))
     return path

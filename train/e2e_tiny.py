@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 import torch
 
 from mvdpp_core.checkpoint import load_checkpoint
+from mvdpp_core.condition import ConditionViews
 from mvdpp_core.pipeline import generate
 from train import train_mvae, train_mvdiff
 from train.config import MVAETrainConfig, TrainConfig, load_config
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_checkpoint(bundle)
     views = first_object(folders=str(args.out / "folders"))
     rgb, mask = to_tensors(views.cond_rgba, model.config.image_size)
-    result = generate(model, rgb, mask, seed=0, steps=10, sampler="ddim", recenter_inputs=False)
+    result = generate(model, ConditionViews.framed(rgb, mask), seed=0, steps=10, sampler="ddim")
     grid = save_png(rig_grid(result.images, rgb[0]), args.out / "generated.png")
     print(
         json.dumps(

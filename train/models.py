@@ -1,18 +1,29 @@
-"""Model construction for training: initial weights per config, the MVAE file, bundle export."""
+"""Model construction for training: the UNet trainer's ``ModelConfig`` resolved once and its
+model built once from it, the MVAE to fine-tune, trained weights, bundle export.
+
+(The MVAE file format lives in ``mvdpp_core.checkpoint`` beside the bundle format.)
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
-from mvdpp_core.checkpoint import convert_sd2_inpainting, load_checkpoint, save_checkpoint
-from mvdpp_core.config import ModelConfig, PredictionType, VAEConfig, from_dict, preset, to_jsonable
+from mvdpp_core.checkpoint import (
+    convert_sd2_inpainting,
+    load_checkpoint,
+    load_mvae,
+    load_mvae_weights,
+    read_mvae_config,
+    save_checkpoint,
+)
+from mvdpp_core.config import ModelConfig, PredictionType, from_dict, preset, to_jsonable
 from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.unet import MultiViewUNet
@@ -20,32 +31,8 @@ from mvdpp_core.vae import MaskAwareVAE
 
 from .config import InitSource, ModelInitConfig, MVAEInitConfig, MVAEInitSource
 
-MVAE_FORMAT = "mvdpp-mvae"
 RUN_ARCHITECTURE = "architecture.json"  # in a run's output_dir: the config its weights were trained under
 C = TypeVar("C")
-
-
-def with_prediction_type(model: MVDPPModel, prediction_type: PredictionType) -> MVDPPModel:
-    """The same modules under a config with another prediction type (stage 1 -> 2 switch)."""
-    schedule = dataclasses.replace(model.config.schedule, prediction_type=prediction_type)
-    return _rewrap(model, dataclasses.replace(model.config, schedule=schedule))
-
-
-def with_image_size(model: MVDPPModel, image_size: int) -> MVDPPModel:
-    if not image_size or image_size == model.config.image_size:
-        return model
-    return _rewrap(model, dataclasses.replace(model.config, image_size=image_size))
-
-
-def _rewrap(model: MVDPPModel, config: ModelConfig) -> MVDPPModel:
-    """The same modules (shared, not copied) under another config."""
-    return MVDPPModel(
-        config,
-        unet=model.unet,
-        vae=model.vae,
-        image_encoder=model.image_encoder,
-        with_image_encoder=model.image_encoder is not None,
-    )
 
 
 def run_architecture(output_dir: Path, config: C, *, resuming: bool, is_main: bool) -> C:
@@ -70,32 +57,109 @@ def rebuilt_under(module: nn.Module, config, output_dir: Path) -> nn.Module:
     try:
         rebuilt.load_state_dict(module.state_dict(), strict=True)
     except RuntimeError as err:
-        raise ValueError(
-            f"the run in {output_dir} was started with another architecture ({RUN_ARCHITECTURE}) whose "
-            f"weights do not fit the one configured now: {str(err).splitlines()[0]} Start a new run "
-            "(another runtime.output_dir, or checkpoint.resume=false)."
-        ) from None
+        raise _other_architecture(output_dir, str(err)) from None
     return rebuilt
 
 
-def with_architecture(model: MVDPPModel, config: ModelConfig, output_dir: Path) -> MVDPPModel:
-    """``model``'s weights rebuilt under ``config`` (the run's recorded architecture)."""
-    if config == model.config:
-        return model
-    image_encoder = model.image_encoder
-    if image_encoder is not None and config.image_encoder != model.config.image_encoder:
-        image_encoder = rebuilt_under(image_encoder, config.image_encoder, output_dir)
-    return MVDPPModel(
-        config,
-        unet=rebuilt_under(model.unet, config.unet, output_dir) if config.unet != model.config.unet else model.unet,
-        vae=rebuilt_under(model.vae, config.vae, output_dir) if config.vae != model.config.vae else model.vae,
-        image_encoder=image_encoder,
-        with_image_encoder=image_encoder is not None,
+def _other_architecture(output_dir: Path | None, err: str) -> ValueError:
+    return ValueError(
+        f"the run in {output_dir} was started with another architecture ({RUN_ARCHITECTURE}) whose "
+        f"weights do not fit the one configured now: {err.splitlines()[0]} Start a new run "
+        "(another runtime.output_dir, or checkpoint.resume=false)."
     )
 
 
-def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -> MVDPPModel:
-    """The UNet trainer's model from its init config (preset, SD 2 inpainting or a bundle)."""
+def build_mvdiff_model(
+    init: ModelInitConfig,
+    prediction_type: PredictionType,
+    *,
+    architecture: Callable[[ModelConfig], ModelConfig] | None = None,
+    output_dir: Path | None = None,
+) -> MVDPPModel:
+    """The UNet trainer's model from its init config (preset, SD 2 inpainting or a bundle).
+
+    The ``ModelConfig`` is resolved once (the source's architecture, then ``init.mvae_path``'s
+    VAE, ``init.image_size`` and the stage's prediction type; ``architecture`` may replace the
+    result by the run's recorded one, see ``run_architecture``) and the model is built once
+    from it: a preset from scratch, a converted or loaded source from its modules (rebuilt
+    only where the recorded architecture differs, holding the same weights).
+    """
+    _check_init(init)
+    source = None
+    if init.source is InitSource.PRESET:
+        config = preset_with(init.preset, init.architecture)
+    elif init.source is InitSource.SD2_INPAINTING:
+        _require(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
+        source = convert_sd2_inpainting(init.path, image_encoder_path=init.image_encoder_path or None)
+        config = source.config
+    else:
+        _require(init.path, "init.path", "the previous stage's exported .safetensors bundle")
+        source = load_checkpoint(init.path)
+        config = source.config
+    if source is not None and source.image_encoder is None:
+        raise ValueError(
+            "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
+            "transformers CLIP vision folder (OpenCLIP ViT-H/14), or start from a bundle that includes one."
+        )
+    config = resolved_config(config, init, prediction_type)
+    if architecture is not None:
+        config = _fitting(config, architecture(config), output_dir)
+    if init.source is InitSource.PRESET:
+        torch.manual_seed(init.seed)
+    model = _assemble(config, source, init, output_dir)
+    if init.source is not InitSource.BUNDLE:
+        with torch.no_grad():
+            model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
+        if model.unet.geometry is not None:
+            model.unet.geometry.reset_parameters(init.geometry_init_std)
+    return model
+
+
+def _fitting(configured: ModelConfig, recorded: ModelConfig, output_dir: Path | None) -> ModelConfig:
+    """``recorded`` when the configured model's weights fit it (the same tensor shapes, compared
+    on the meta device: no memory), else the error that says to start a new run."""
+    if recorded == configured:
+        return recorded
+    with torch.device("meta"):
+        shapes = [
+            {k: tuple(v.shape) for k, v in MVDPPModel(c).state_dict().items()} for c in (configured, recorded)
+        ]
+    if shapes[0] != shapes[1]:
+        changed = sorted(k for k in shapes[0].keys() | shapes[1].keys() if shapes[0].get(k) != shapes[1].get(k))
+        raise _other_architecture(output_dir, f"{len(changed)} tensors differ, e.g. {changed[:3]}.")
+    return recorded
+
+
+def _assemble(config: ModelConfig, source: MVDPPModel | None, init: ModelInitConfig, output_dir: Path | None):
+    """The one ``MVDPPModel`` of ``config``: from scratch without a source, else the source's
+    modules (a module whose config differs, under a recorded architecture, is rebuilt holding
+    its weights); the VAE from ``init.mvae_path`` when given."""
+    vae = None
+    if init.mvae_path:
+        vae = MaskAwareVAE(config.vae)
+        load_mvae_weights(vae, init.mvae_path)
+    if source is None:
+        return MVDPPModel(config, vae=vae)
+    parts = {"vae": vae}
+    for name in ("unet", "vae", "image_encoder"):
+        module, want = getattr(source, name), getattr(config, name)
+        if parts.get(name) is None:
+            parts[name] = module if getattr(source.config, name) == want else rebuilt_under(module, want, output_dir)
+    return MVDPPModel(config, **parts)
+
+
+def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type: PredictionType) -> ModelConfig:
+    """The source's config with the trainer's overrides: the MVAE file's VAE, the image size
+    (``init.image_size``; 0 keeps the source's) and the stage's prediction type."""
+    if init.mvae_path:
+        config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
+    if init.image_size:
+        config = dataclasses.replace(config, image_size=init.image_size)
+    schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type)
+    return dataclasses.replace(config, schedule=schedule)
+
+
+def _check_init(init: ModelInitConfig) -> None:
     for key in ("view_embedding_scale", "geometry_init_std"):
         if init.source is InitSource.BUNDLE and getattr(init, key):
             raise ValueError(
@@ -107,39 +171,6 @@ def build_mvdiff_model(init: ModelInitConfig, prediction_type: PredictionType) -
             f"init.architecture={init.architecture} overrides a preset's architecture; init.source="
             f"{init.source.value} brings its own. Use init.source=preset, or leave init.architecture empty."
         )
-    if init.source is InitSource.PRESET:
-        torch.manual_seed(init.seed)
-        model = MVDPPModel(preset_with(init.preset, init.architecture))
-    elif init.source is InitSource.SD2_INPAINTING:
-        _require(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
-        model = convert_sd2_inpainting(
-            init.path, image_encoder_path=init.image_encoder_path or None, image_size=init.image_size or 512
-        )
-    else:
-        _require(init.path, "init.path", "the previous stage's exported .safetensors bundle")
-        model = load_checkpoint(init.path)
-    if init.mvae_path:
-        vae = load_mvae(init.mvae_path)
-        config = dataclasses.replace(model.config, vae=vae.config)
-        model = MVDPPModel(
-            config,
-            unet=model.unet,
-            vae=vae,
-            image_encoder=model.image_encoder,
-            with_image_encoder=model.image_encoder is not None,
-        )
-    if model.image_encoder is None:
-        raise ValueError(
-            "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
-            "transformers CLIP vision folder (OpenCLIP ViT-H/14), or start from a bundle that includes one."
-        )
-    if init.source is not InitSource.BUNDLE:
-        with torch.no_grad():
-            model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
-        if model.unet.geometry is not None:
-            model.unet.geometry.reset_parameters(init.geometry_init_std)
-    model = with_image_size(model, init.image_size)
-    return with_prediction_type(model, prediction_type)
 
 
 def preset_with(name: str, overrides: dict) -> ModelConfig:
@@ -174,38 +205,6 @@ def build_mvae(init: MVAEInitConfig) -> tuple[MaskAwareVAE, int]:
     sub = "vae" if (path / "vae" / "config.json").is_file() else None
     rgb = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
     return MaskAwareVAE.from_rgb_vae(rgb), init.image_size or 512
-
-
-def save_mvae(vae: MaskAwareVAE, path: str | Path, state: dict[str, Tensor] | None = None) -> Path:
-    """An MVAE file: ``vae.*`` tensors + its VAEConfig as JSON metadata (safetensors only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = state if state is not None else {f"vae.{k}": v for k, v in vae.vae.state_dict().items()}
-    config = json.dumps(dataclasses.asdict(vae.config))
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()},
-        str(tmp),
-        metadata={"format": MVAE_FORMAT, "vae_config": config},
-    )
-    tmp.replace(path)
-    return path
-
-
-def load_mvae(path: str | Path) -> MaskAwareVAE:
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"MVAE file {path} must be an existing .safetensors written by train_mvae.py.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != MVAE_FORMAT:
-        raise ValueError(
-            f"{path.name} is not an MVAE file (metadata format={meta.get('format')!r}); use train_mvae.py's export."
-        )
-    vae = MaskAwareVAE(from_dict(VAEConfig, json.loads(meta["vae_config"])))
-    tensors = load_file(str(path))
-    vae.vae.load_state_dict({k.removeprefix("vae."): v for k, v in tensors.items()}, strict=True)
-    return vae
 
 
 def load_trained(module: nn.Module, weights: dict[str, Tensor]) -> None:

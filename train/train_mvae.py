@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from mvdpp_core.checkpoint import save_mvae
 from mvdpp_core.vae import MaskAwareVAE
 from train.config import MVAELossConfig, MVAETrainConfig, dump_config, load_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
-from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture, save_mvae
+from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture
 from train.viz import save_png
 
 _EPS = 1e-4

@@ -43,8 +43,17 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import Tensor, nn
 
+from mvdpp_core.condition import (
+    Condition,
+    ConditionViews,
+    drop_condition,
+    drop_embeddings,
+    embed_on_white,
+    encode_condition,
+)
+from mvdpp_core.config import ModelConfig
 from mvdpp_core.image_encoder import ImageEncoder
-from mvdpp_core.model import Condition, MVDPPModel, embed_on_white
+from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
 from mvdpp_core.unet import MultiViewUNet
 from train.config import StageConfig, TrainConfig, dump_config, load_config
@@ -56,9 +65,8 @@ from train.models import (
     export_bundle,
     model_with_trained_weights,
     run_architecture,
-    with_architecture,
 )
-from train.view_parallel import ViewGroups, check_parallel, view_parallel_loss
+from train.view_parallel import ViewGroups, check_parallel
 from train.viz import rig_grid, save_png
 
 
@@ -70,19 +78,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def encode_views(model: MVDPPModel, batch: dict, embed: bool = True) -> tuple[Tensor, Condition]:
-    """Posterior-sampled latents x0 (b, t + k, 4, h, w) of all views, each object with its own
-    seeded generator, and the condition of the k condition views (with zero embeddings when
-    ``embed`` is off: a trained image encoder embeds them in ``TrainedModules``)."""
+def encode_views(model: MVDPPModel, batch: dict, mine: slice, embed: bool = True) -> tuple[Tensor, Condition]:
+    """Latents x0 (b, len(mine), 4, h, w) of the views ``mine`` of each object (layout order:
+    targets, then condition views) and the condition of its k condition views, from one MVAE
+    pass per object over the views it needs. x0 is posterior-sampled with the noise the whole
+    object draws from its seed (so any split over ranks samples the same numbers); condition
+    latents are the posterior mode, as at inference. Embeddings are zero when ``embed`` is
+    off: a trained image encoder embeds the views in ``TrainedModules``."""
+    targets, k = batch["target_rgb"].shape[1], batch["cond_rgb"].shape[1]
+    num_views = targets + k
+    own = torch.arange(num_views)[mine]
+    needed = torch.unique(torch.cat([own, torch.arange(targets, num_views)]))  # sorted view indices
+    row = {int(v): j for j, v in enumerate(needed)}
+    own_rows, cond_rows = [row[int(v)] for v in own], [row[v] for v in range(targets, num_views)]
+    scale = model.vae.scaling_factor
     latents, conds = [], []
     for i, seed in enumerate(batch["sample_seed"].tolist()):
         generator = torch.Generator().manual_seed(mix_seed(seed, 7))
-        rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])  # (t + k) 3 H W
-        mask = torch.cat([batch["target_mask"][i], batch["cond_mask"][i]])
-        latents.append(model.vae.encode(rgb, mask, sample=True, generator=generator))
-        k = batch["cond_rgb"].shape[1]
+        rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])[needed]  # needed 3 H W
+        mask = torch.cat([batch["target_mask"][i], batch["cond_mask"][i]])[needed]
+        posterior = model.vae.posterior(rgb, mask)
+        mean, std = posterior.mean, posterior.std
+        noise = torch.randn((num_views, *mean.shape[1:]), generator=generator, dtype=mean.dtype)[own]
+        latents.append((mean[own_rows] + std[own_rows] * noise.to(mean.device)) * scale)
         skipped = None if embed else rgb.new_zeros(k, model.config.unet.cross_attention_dim)
-        conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i], skipped))
+        cond_latents = posterior.mode()[cond_rows] * scale
+        cond_rgb, cond_mask = batch["cond_rgb"][i], batch["cond_mask"][i]
+        conds.append(encode_condition(model, cond_rgb, cond_mask, skipped, latents=cond_latents))
     cond = Condition(torch.cat([c.latents for c in conds]), torch.cat([c.embeddings for c in conds]))
     return torch.stack(latents), cond
 
@@ -107,25 +129,6 @@ def embedding_drops(seeds: list[int], p: float) -> Tensor:
     return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(mix_seed(s, 9))) < p for s in seeds])
 
 
-def drop_condition(model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tensor) -> Condition:
-    """Replace the condition of objects with ``drop`` by ``model.null_condition`` (as guidance does)."""
-    null = model.null_condition(cond, empty)
-    latents = torch.where(drop[:, None, None, None, None], null.latents, cond.latents)
-    embeddings = torch.where(drop[:, None, None], null.embeddings, cond.embeddings)
-    return Condition(latents, embeddings)
-
-
-def apply_dropout(
-    model: MVDPPModel, cond: Condition, empty: Tensor, drop: Tensor, seeds: list[int], stage: StageConfig
-) -> tuple[Condition, Tensor]:
-    """Condition dropout (``drop``: the whole condition, as guidance drops it), then the image
-    tokens alone (``stage.embedding_dropout``). Returns the condition and the objects (b,)
-    whose tokens are dropped."""
-    cond = drop_condition(model, cond, empty, drop)
-    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(drop.device)
-    return Condition(cond.latents, torch.where(drop_tokens[:, None, None], 0.0, cond.embeddings)), drop_tokens
-
-
 class TrainedModules(nn.Module):
     """What the optimiser updates, as one module for accelerate (DDP, FSDP2, EMA, checkpoints):
     the UNet and, with ``stage.train_image_encoder``, the image encoder (keys ``unet.*`` and
@@ -138,41 +141,62 @@ class TrainedModules(nn.Module):
 
     def forward(
         self, sample: Tensor, t: Tensor, view_ids: Tensor, context: Tensor, cond_rgb: Tensor, cond_mask: Tensor,
-        drop: Tensor, view_group=None,
+        drop_tokens: Tensor, view_group=None,
     ) -> Tensor:
-        """UNet output (b, v, 4, h, w); a trained image encoder replaces ``context`` by the
-        embeddings of ``cond_rgb`` / ``cond_mask`` (b, k, c, H, W), zero where ``drop``.
+        """UNet output (b, v, 4, h, w); a trained image encoder replaces ``context`` (zeros from
+        ``encode_views``) by the embeddings of ``cond_rgb`` / ``cond_mask`` (b, k, c, H, W), with
+        the token dropout ``drop_condition`` decided (``drop_tokens`` (b,)). The encoder runs here,
+        inside the wrapped module, because FSDP2 gathers its weights only in forward.
         ``view_group``: the other ranks holding these objects' views (train/view_parallel.py)."""
         if self.image_encoder is not None:
             b = cond_rgb.shape[0]
             flat = embed_on_white(self.image_encoder, cond_rgb.flatten(0, 1), cond_mask.flatten(0, 1))
-            context = torch.where(drop[:, None, None], 0.0, flat.unflatten(0, (b, -1)).to(context.dtype))
+            context = drop_embeddings(flat.unflatten(0, (b, -1)).to(context.dtype), drop_tokens)
         return self.unet(sample, t, view_ids, context, view_group=view_group)
 
 
 def diffusion_loss(
-    model: MVDPPModel, trained: nn.Module, batch: dict, empty: Tensor, stage: StageConfig
+    model: MVDPPModel,
+    trained: nn.Module,
+    batch: dict,
+    empty: Tensor,
+    stage: StageConfig,
+    groups: ViewGroups | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Mean squared error to the stage's target (epsilon or v) over target and condition views.
 
-    ``trained`` is the (accelerate-prepared) ``TrainedModules``.
+    ``trained`` is the (accelerate-prepared) ``TrainedModules``. With view groups of N > 1
+    ranks (train/view_parallel.py) this rank computes its share of every object's views, times N.
     """
-    x0, cond = encode_views(model, batch, embed=not stage.train_image_encoder)
-    b, v = x0.shape[:2]
+    targets, k = batch["target_rgb"].shape[1], batch["cond_rgb"].shape[1]
+    num_views = targets + k
+    mine, shards, factor = slice(0, num_views), None, 1
+    if groups is not None and groups.size > 1:
+        (mine, shards), factor = groups.shards(num_views), groups.size
+    x0, cond = encode_views(model, batch, mine, embed=not stage.train_image_encoder)  # b own 4 h w
+    b = x0.shape[0]
+    full_shape = torch.Size((b, num_views, *x0.shape[2:]))
     seeds = batch["sample_seed"].tolist()
-    t, noise, drop = training_noise(seeds, x0.shape, model.schedule.num_train_timesteps, stage.cond_dropout)
-    t, noise, drop = t.to(x0.device), noise.to(x0.device), drop.to(x0.device)
+    t, noise, drop = training_noise(seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout)
+    t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
+    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(drop.device)
     empty = empty.expand(b, -1, -1, -1)
-    cond, drop_tokens = apply_dropout(model, cond, empty, drop, seeds, stage)
+    cond = drop_condition(cond, empty, drop, drop_tokens)
     noisy = model.schedule.q_sample(x0, t, noise)
     target = model.schedule.training_target(x0, noise, t)
-    sample, view_ids = model.unet_input(noisy, cond, empty, batch["target_ids"])
-    out = trained(sample, t, view_ids, cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens)
-    per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b v
-    weights = torch.ones(v, device=x0.device)
-    weights[v - cond.num_views :] = stage.cond_loss_weight
-    loss = ((per_view * weights).sum(dim=1) / weights.sum()).mean()
-    return loss, {"dropped": float(drop.float().mean())}
+    # The 9-channel input of all views (other ranks' noisy latents are placeholders), then ours.
+    placeholder = noisy.new_zeros(full_shape)
+    placeholder[:, mine] = noisy
+    sample, view_ids = model.unet_input(placeholder, cond, empty, batch["target_ids"])
+    out = trained(
+        sample[:, mine], t, view_ids[:, mine], cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens,
+        view_group=shards,
+    )  # b own 4 h w
+    per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b own
+    weights = torch.ones(num_views, device=x0.device)
+    weights[targets:] = stage.cond_loss_weight
+    share = (per_view * weights[mine]).sum(dim=1) / weights.sum()  # b: this rank's part of each object loss
+    return factor * share.mean(), {"dropped": float(drop.float().mean())}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -189,13 +213,11 @@ def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, st
     reference = model_with_trained_weights(model, weights).to(acc.device)
     result = generate(
         reference,
-        rgb,
-        mask,
+        ConditionViews.framed(rgb, mask),
         seed=0,
         steps=cfg.logging.validation_steps,
         sampler=cfg.logging.validation_sampler,
         guidance=cfg.logging.validation_guidance,
-        recenter_inputs=False,
     )
     grid = rig_grid(result.images, rgb[0])
     path = save_png(grid, Path(cfg.runtime.output_dir) / "validation" / f"step_{step:08d}.png")
@@ -212,11 +234,15 @@ def train(cfg: TrainConfig) -> TrainState:
     out = Path(cfg.runtime.output_dir)
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
-    model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type)
-    recorded = run_architecture(out, model.config, resuming=resumes(cfg.checkpoint, out), is_main=acc.is_main_process)
-    if recorded != model.config:
-        acc.print(f"resuming under the architecture recorded in {out / RUN_ARCHITECTURE}, not the one configured now")
-        model = with_architecture(model, recorded, out)
+    resuming = resumes(cfg.checkpoint, out)
+
+    def architecture(config: ModelConfig) -> ModelConfig:
+        recorded = run_architecture(out, config, resuming=resuming, is_main=acc.is_main_process)
+        if recorded != config:
+            acc.print(f"resuming under the architecture recorded in {out / RUN_ARCHITECTURE}, not the configured one")
+        return recorded
+
+    model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type, architecture=architecture, output_dir=out)
     model.vae.requires_grad_(False).eval()
     if not cfg.stage.train_image_encoder:
         model.image_encoder.requires_grad_(False).eval()
@@ -247,10 +273,7 @@ def train(cfg: TrainConfig) -> TrainState:
         )
 
     def loss_fn(batch: dict) -> tuple[Tensor, dict[str, float]]:
-        batch = to_device(batch, acc.device)
-        if groups.size == 1:
-            return diffusion_loss(model, trained, batch, empty, cfg.stage)
-        return view_parallel_loss(model, trained, batch, empty, cfg.stage, groups, training_noise, apply_dropout)
+        return diffusion_loss(model, trained, to_device(batch, acc.device), empty, cfg.stage, groups)
 
     hooks = Hooks(
         loss_fn=loss_fn,

@@ -19,17 +19,14 @@ over objects; the rank-mean of the logged loss is the object loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 
 from mvdpp_core.attention import ViewShards
-from mvdpp_core.model import Condition, MVDPPModel
-from train.data.dataset import mix_seed
 
-from .config import ParallelConfig, StageConfig
+from .config import ParallelConfig
 
 
 def view_shares(num_views: int, group_size: int) -> list[slice]:
@@ -77,68 +74,3 @@ class ViewGroups:
             if self.rank_in_group:
                 batch = {**batch, "skipped": torch.zeros_like(batch["skipped"])}
             yield batch
-
-
-@torch.no_grad()
-def encode_own_views(
-    model: MVDPPModel, batch: dict, mine: slice, embed: bool = True
-) -> tuple[Tensor, Condition]:
-    """``train_mvdiff.encode_views`` for the views ``mine`` of each object only: latents
-    (b, len(mine), 4, h, w) posterior-sampled with the noise the whole object would draw."""
-    latents, conds = [], []
-    for i, seed in enumerate(batch["sample_seed"].tolist()):
-        generator = torch.Generator().manual_seed(mix_seed(seed, 7))
-        rgb = torch.cat([batch["target_rgb"][i], batch["cond_rgb"][i]])[mine]  # own 3 H W
-        mask = torch.cat([batch["target_mask"][i], batch["cond_mask"][i]])[mine]
-        num_views = batch["target_rgb"].shape[1] + batch["cond_rgb"].shape[1]
-        posterior = model.vae.vae.encode(torch.cat([rgb, mask], dim=1) * 2 - 1).latent_dist
-        noise = torch.randn((num_views, *posterior.mean.shape[1:]), generator=generator, dtype=posterior.mean.dtype)
-        sampled = posterior.mean + posterior.std * noise[mine].to(posterior.mean.device)
-        latents.append(sampled * model.vae.scaling_factor)
-        k = batch["cond_rgb"].shape[1]
-        skipped = None if embed else rgb.new_zeros(k, model.config.unet.cross_attention_dim)
-        conds.append(model.encode_condition(batch["cond_rgb"][i], batch["cond_mask"][i], skipped))
-    cond = Condition(torch.cat([c.latents for c in conds]), torch.cat([c.embeddings for c in conds]))
-    return torch.stack(latents), cond
-
-
-def view_parallel_loss(
-    model: MVDPPModel,
-    trained: nn.Module,
-    batch: dict,
-    empty: Tensor,
-    stage: StageConfig,
-    groups: ViewGroups,
-    noise_fn: Callable,
-    drop_fn: Callable,
-) -> tuple[Tensor, dict[str, float]]:
-    """``train_mvdiff.diffusion_loss`` over this rank's share of every object's views, times N.
-
-    ``noise_fn`` / ``drop_fn`` are train_mvdiff's ``training_noise`` / ``apply_dropout``.
-    """
-    targets, k = batch["target_rgb"].shape[1], batch["cond_rgb"].shape[1]
-    num_views = targets + k
-    mine, shards = groups.shards(num_views)
-    x0, cond = encode_own_views(model, batch, mine, embed=not stage.train_image_encoder)  # b own 4 h w
-    b = x0.shape[0]
-    full_shape = torch.Size((b, num_views, *x0.shape[2:]))
-    seeds = batch["sample_seed"].tolist()
-    t, noise, drop = noise_fn(seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout)
-    t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
-    empty = empty.expand(b, -1, -1, -1)
-    cond, drop_tokens = drop_fn(model, cond, empty, drop, seeds, stage)
-    noisy = model.schedule.q_sample(x0, t, noise)
-    target = model.schedule.training_target(x0, noise, t)
-    # The 9-channel input of all views (other ranks' noisy latents are placeholders), then ours.
-    placeholder = noisy.new_zeros(full_shape)
-    placeholder[:, mine] = noisy
-    sample, view_ids = model.unet_input(placeholder, cond, empty, batch["target_ids"])
-    out = trained(
-        sample[:, mine], t, view_ids[:, mine], cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens,
-        view_group=shards,
-    )  # b own 4 h w
-    per_view = (out.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # b own
-    weights = torch.ones(num_views, device=x0.device)
-    weights[targets:] = stage.cond_loss_weight
-    share = (per_view * weights[mine]).sum(dim=1) / weights.sum()  # b: this rank's part of each object loss
-    return groups.size * share.mean(), {"dropped": float(drop.float().mean())}

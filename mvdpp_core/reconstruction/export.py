@@ -12,13 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import trimesh
 
-from .mesh import MeshFormat, ReconstructedMesh, parse_enum
+from ..common import parse_enum
+from .mesh import MeshFormat, ReconstructedMesh
 
 # (x, y, z) -> (x, z, -y): our +Z-up world to glTF's +Y-up.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 Y_UP_TO_Z_UP = Z_UP_TO_Y_UP.T
+
+
+def vertices_y_up(vertices: object) -> torch.Tensor:
+    """Vertices (n, 3) of our +Z-up world in glTF's +Y-up frame, float32 (what a GLB holds).
+    A rotation, so faces keep their outward winding."""
+    rotation = torch.as_tensor(Z_UP_TO_Y_UP[:3, :3], dtype=torch.float32)
+    return torch.as_tensor(vertices, dtype=torch.float32) @ rotation.T
 # Suffixes that name a mesh format: one of these that disagrees with ``format`` is an error.
 _MESH_SUFFIXES = frozenset({"glb", "gltf", "obj", "ply", "stl", "fbx", "usd", "usdz", "off", "dae", "3mf"})
 

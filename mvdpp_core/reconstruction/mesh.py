@@ -25,16 +25,6 @@ class MeshFormat(str, enum.Enum):
     PLY = "ply"
 
 
-def parse_enum(kind: type[enum.Enum], value: object, name: str) -> enum.Enum:
-    """Accept an enum member or its string value; raise a teaching ValueError otherwise."""
-    if isinstance(value, kind):
-        return value
-    allowed = [m.value for m in kind]  # type: ignore[attr-defined]
-    if isinstance(value, str) and value.lower().lstrip(".") in allowed:
-        return kind(value.lower().lstrip("."))
-    raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}. Pass one of these strings.")
-
-
 @dataclass(frozen=True)
 class ReconstructedMesh:
     """A triangle mesh in the design's +Z-up world frame (DESIGN section 3).

@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from ..common import composite_on_white as on_white
 from .render import iter_coverage
 
 IOU_RESOLUTION = 64
@@ -90,7 +91,7 @@ def volume_iou(
 
 def composite_on_white(rgb: Tensor, alpha: Tensor) -> Tensor:
     """(v, h, w, 3) colours and (v, h, w) alpha -> (v, h, w, 3) on a white background."""
-    return rgb * alpha[..., None] + (1 - alpha[..., None])
+    return on_white(rgb, alpha[..., None])
 
 
 def psnr(pred: Tensor, target: Tensor) -> float:

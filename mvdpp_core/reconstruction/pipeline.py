@@ -10,8 +10,9 @@ import trimesh
 from torch import Tensor
 
 from ..cameras import intrinsics, rig_c2w
+from ..common import parse_enum
 from .carving import Grid, carve, keep_largest
-from .mesh import Method, ReconstructedMesh, parse_enum
+from .mesh import Method, ReconstructedMesh
 from .meshing import clean_mesh, field_to_mesh, reduce_mesh
 from .sdf import SDFConfig, carve_with_sdf, fit_sdf
 from .silhouettes import snap_masks_to_color

@@ -30,6 +30,7 @@ FORWARD_TFLOP = 155.9  # one sd2 UNet forward over 33 views at 64x64 latents (gl
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
+    from mvdpp_core.condition import ConditionViews
     from mvdpp_core.config import preset
     from mvdpp_core.model import MVDPPModel
     from mvdpp_core.pipeline import generate
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         generate(
-            model, image, mask, steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance, recenter_inputs=False
+            model, ConditionViews.framed(image, mask), steps=args.steps, sampler="dpmpp_2m", guidance=args.guidance
         )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

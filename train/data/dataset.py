@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mvdpp_core.common import composite_on_white
+
 from . import format as fmt
 from .shards import expand_urls, iter_shard, object_folders
 
@@ -97,7 +99,7 @@ def to_tensors(rgba: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     rgb, alpha = x[:, :3], x[:, 3:].clamp(0, 1)
-    return (rgb * alpha + (1 - alpha)).clamp(0, 1), alpha
+    return composite_on_white(rgb, alpha).clamp(0, 1), alpha
 
 
 class MultiViewDataset(IterableDataset):

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from mvdpp_core import cameras as cam
 
-from ..render.plan import camera_plan
 from . import format as fmt
+from .plan import camera_plan
 
 _LIGHT = torch.tensor([0.3, 0.5, 0.8], dtype=torch.float64)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from mvdpp_core.checkpoint import load_mvae, save_mvae
 from mvdpp_core.vae import MaskAwareVAE
 
 from ..data import format as fmt
 from ..data.dataset import to_tensors
 from ..data.shards import object_folders
-from ..models import load_mvae, save_mvae
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Render a procedural object into the rendered-object folder format (``train/data/format.py``).
 
-The cameras come from ``train.render.plan.camera_plan``, the same plan the Blender pipeline
+The cameras come from ``train.data.plan.camera_plan``, the same plan the Blender pipeline
 renders, so a folder written here and one written by Blender differ only in their pixels.
 Lighting approximates the Blender script's uniform, shadowless world light: mostly ambient
 (flat albedo) plus a soft two-sided Lambert term from a fixed world direction, so shapes keep
@@ -19,7 +19,7 @@ import trimesh
 from mvdpp_core.reconstruction.render import render_trimesh
 
 from ..data import format as fmt
-from ..render.plan import camera_plan
+from ..data.plan import camera_plan
 from .objects import Split, object_seed, parse_split, procedural_object
 
 LIGHT_DIR = (0.35, -0.25, 1.0)  # world direction towards the light (above, slightly front-left)

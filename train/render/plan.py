@@ -1,7 +1,5 @@
-"""The cameras of one rendered object: the 32 rig views plus N sampled condition views.
-
-The plan is computed with ``mvdpp_core.cameras`` (torch) and handed to the renderer as
-JSON, so the Blender binary's bundled Python never needs torch.
+"""The camera plan of one rendered object (``train.data.plan.camera_plan``) per object seed,
+handed to the renderer as JSON, so the Blender binary's bundled Python never needs torch.
 """
 
 from __future__ import annotations
@@ -10,13 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..data.plan import DEFAULT_NUM_CONDITIONS, camera_plan
 
-from mvdpp_core import cameras as cam
-
-from ..data import format as fmt
-
-DEFAULT_NUM_CONDITIONS = 10
+__all__ = ["DEFAULT_NUM_CONDITIONS", "camera_plan", "object_seed", "write_plan"]
 
 
 def object_seed(uid: str, seed: int) -> int:
@@ -25,30 +19,6 @@ def object_seed(uid: str, seed: int) -> int:
 
     digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def camera_plan(image_size: int, num_conditions: int = DEFAULT_NUM_CONDITIONS, seed: int = 0) -> dict[str, Any]:
-    """A cameras.json document (without normalisation) for the rig + sampled condition views."""
-    views = cam.rig_views()
-    rig = cam.rig_c2w(torch.float64)  # 32 4 4
-    targets = [
-        fmt.view_record(fmt.target_file(i), i, v.azimuth_deg, v.elevation_deg, v.distance, rig[i].numpy())
-        for i, v in enumerate(views)
-    ]
-    generator = torch.Generator().manual_seed(seed)
-    sampled = cam.sample_condition_cameras(num_conditions, generator)
-    c2w = cam.spherical_c2w(
-        torch.tensor([c.azimuth_deg for c in sampled]),
-        torch.tensor([c.elevation_deg for c in sampled]),
-        torch.tensor([c.distance for c in sampled]),
-    )  # n 4 4
-    conditions = [
-        fmt.view_record(fmt.cond_file(j), j, c.azimuth_deg, c.elevation_deg, c.distance, c2w[j].numpy())
-        for j, c in enumerate(sampled)
-    ]
-    return fmt.cameras_document(
-        image_size=image_size, K=cam.intrinsics(image_size).numpy(), targets=targets, conditions=conditions
-    )
 
 
 def write_plan(path: str | Path, plan: dict[str, Any]) -> Path:
