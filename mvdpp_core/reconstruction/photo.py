@@ -38,6 +38,7 @@ from torch import Tensor
 from ..cameras import pixel_rays
 from .carving import Grid, largest_component
 from .meshing import resample_field
+from .texturing import ViewSet
 
 ProgressFn = Callable[[int, int], None]
 
@@ -166,17 +167,14 @@ def color_spread(rgb: Tensor, seen: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def photo_carve(
-    views: Tensor,
-    masks: Tensor,
-    c2w: Tensor,
-    K: Tensor,
+    vs: ViewSet,
     occupancy: np.ndarray,
     grid: Grid,
     *,
     cells: int = 64,
     depth_size: int = 96,
     color_size: int = 128,
-    threshold: float = 0.15,
+    threshold: float = 0.10,
     min_views: int = 2,
     min_cos: float = 0.2,
     tolerance: float = 1.5,
@@ -184,7 +182,7 @@ def photo_carve(
     callback: ProgressFn | None = None,
 ) -> tuple[np.ndarray, Grid]:
     """Carve the hull ``occupancy`` (field on ``grid``, inside > 0.5) by the photo-consistency
-    of views (v, h, w, 3) with masks (v, h, w) and cameras c2w (v, 4, 4), K (3, 3).
+    of the views ``vs`` (their masks' outlines are not trusted for colour, see ``_resize``).
 
     Depth maps are ``depth_size`` px (about a voxel a pixel), colours are read from the
     views resized to ``color_size`` px. Returns the carved boolean volume (cells + 1)^3 and
@@ -193,12 +191,12 @@ def photo_carve(
     coarse, cgrid = resample_field(occupancy, grid, cells)
     inside = largest_component(coarse > 0.5)
     n = cgrid.resolution
-    _, solid, K_d = _resize(views, masks, K, depth_size)
-    images, _, _ = _resize(views, masks, K, color_size)
-    rays = trace_rays(solid, c2w, K_d, inside, cgrid)
+    _, solid, K_d = _resize(vs.views, vs.masks, vs.K, depth_size)
+    images, _, _ = _resize(vs.views, vs.masks, vs.K, color_size)
+    rays = trace_rays(solid, vs.c2w, K_d, inside, cgrid)
     hull = torch.nonzero(torch.from_numpy(inside).flatten()).squeeze(1)  # candidate voxels: the hull's
     ijk = torch.stack([hull // (n * n), (hull // n) % n, hull % n], -1)
-    vv = _project_voxels(cgrid.points(ijk), images, solid, c2w, K_d)
+    vv = _project_voxels(cgrid.points(ijk), images, solid, vs.c2w, K_d)
     slot = torch.full((n**3 + 1,), -1, dtype=torch.long)
     slot[hull] = torch.arange(len(hull))  # flat voxel -> column of vv
     occ = torch.cat([torch.from_numpy(inside.ravel()), torch.zeros(1, dtype=torch.bool)])  # + sentinel
