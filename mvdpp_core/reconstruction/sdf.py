@@ -297,5 +297,5 @@ def carve_with_sdf(
     # Where the two surfaces meet at a shallow angle (a bowl's rim) the minimum has a crease
     # thinner than a cell, which marching cubes turned into non-manifold edges (a mesh with
     # holes at 128^3); a 1-cell blur of the changed region removes it.
-    merged = ndimage.gaussian_filter(np.minimum(occupancy, inside), 1.0)
+    merged = ndimage.gaussian_filter(np.minimum(occupancy, inside), 0.6)
     return np.where(region > 0, merged, occupancy).astype(np.float32)
