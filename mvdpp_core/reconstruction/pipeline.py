@@ -149,7 +149,8 @@ def _quality_field(
     field to mesh, its grid and level (inside is high)."""
     base = progress.done
     carved, cgrid = photo_carve(
-        ViewSet(views, masks, c2w, K), field, grid, cells=config.photo_cells, threshold=config.photo_threshold,
+        ViewSet(views, masks, c2w, K), field, grid, cells=config.photo_cells or min(96, grid.resolution - 1),
+        threshold=config.photo_threshold,
         max_rounds=config.photo_rounds, callback=progress.sub(base),
     )
     progress.done = base + config.photo_rounds

@@ -43,7 +43,10 @@ class SDFConfig:
     SDF fit. The defaults are the CPU preset (carving only: a few seconds)."""
 
     # Photo-consistency carving (:func:`.photo.photo_carve`).
-    photo_cells: int = 64  # carving grid cells per axis over [-bound, bound]
+    # Carving grid cells per axis over [-bound, bound]; None: the fast path's resolution, at
+    # most 96 (at 128^3 / 256 px, 96 cells lifted the table's IoU 0.673 -> 0.700 and the
+    # cube's 0.950 -> 0.961 over 64, for ~2x the time and ~2.9 GB of memory).
+    photo_cells: int | None = None
     photo_threshold: float = 0.10  # RMS colour spread (RGB in [0, 1]) above which a voxel is carved
     photo_rounds: int = 150  # at most this many carved layers
     # NeuS fit from the carved volume (0 iterations: none, the CPU default; see :meth:`full`).
