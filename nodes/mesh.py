@@ -133,8 +133,8 @@ class MeshExport(io.ComfyNode):
                 io.Mask.Input("masks", tooltip="The 32 masks from the multi-view sampler."),
                 io.Combo.Input(
                     "method", options=METHODS, default="fast",
-                    tooltip="fast: visual hull carving + colours projected from the views (seconds); quality: an "
-                    "SDF fitted to the views by volume rendering (minutes on a CPU).",
+                    tooltip="fast: visual hull carving + colours projected from the views (seconds); quality: the "
+                    "hull carved further where the views disagree on colour (opens cups and bowls; seconds on a CPU).",
                 ),
                 io.Int.Input(
                     "resolution", default=128, min=32, max=512, step=16,

@@ -4,9 +4,10 @@
     mesh = reconstruct(views, masks, method="fast", resolution=128)   # (32, H, W, 3), (32, H, W)
     export_mesh(mesh, "out/object.glb")                               # +Y up for glTF viewers
 
-Modules: ``render`` (pure-PyTorch rasteriser), ``carving`` (robust visual hull), ``sdf``
-(NeuS-style quality path), ``meshing``, ``texturing``, ``export``, ``metrics``, ``shapes``
-(procedural test objects). Never imports ComfyUI.
+Modules: ``render`` (pure-PyTorch rasteriser), ``carving`` (robust visual hull), ``photo``
+(photo-consistency carving, the quality path), ``sdf`` (its optional NeuS-style fit),
+``meshing``, ``texturing``, ``export``, ``metrics``, ``shapes`` (procedural test objects).
+Never imports ComfyUI.
 """
 
 from __future__ import annotations

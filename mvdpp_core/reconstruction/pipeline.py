@@ -11,9 +11,10 @@ from torch import Tensor
 
 from ..cameras import intrinsics, rig_c2w
 from ..common import parse_enum
-from .carving import Grid, carve, keep_largest
+from .carving import Grid, carve, keep_largest, occupancy_to_sdf
 from .mesh import Method, ReconstructedMesh
-from .meshing import clean_mesh, field_to_mesh, reduce_mesh
+from .meshing import clean_mesh, field_to_mesh, reduce_mesh, resample_field
+from .photo import photo_carve
 from .sdf import SDFConfig, carve_with_sdf, fit_sdf
 from .silhouettes import snap_masks_to_color
 from .texturing import ViewSet, bake_texture, color_points, uv_atlas
@@ -64,8 +65,9 @@ def reconstruct(
             (``mvdpp_core.cameras``); the background may be anything, masks decide.
         masks: (32, H, W) float in [0, 1], 1 = object.
         method: ``"fast"`` (robust visual-hull carving, seconds) or ``"quality"`` (carving,
-            then a NeuS-style SDF fit to the views' colours that recovers concavities the
-            hull closes over; ``sdf_config``, CUDA when available).
+            then photo-consistency carving of the hull, which opens concavities the
+            silhouettes close over (a cup, a bowl, the roof over a flat top), and an
+            optional NeuS-style SDF fit from it; ``sdf_config``, CUDA when available).
         resolution: carving grid cells per axis over [-0.6, 0.6]^3 (128: ~9 mm cells).
         texture_size: 0 for per-vertex colours only; N > 0 also bakes an N x N UV texture
             (xatlas) on a mesh reduced to ``max_faces`` (default 10k) faces.
@@ -92,7 +94,7 @@ def reconstruct(
     if texture_size and max_faces is None:
         max_faces = DEFAULT_TEXTURED_FACES
     config = sdf_config or SDFConfig()
-    sdf_steps = config.iterations if method is Method.QUALITY else 0
+    sdf_steps = config.photo_rounds + config.iterations if method is Method.QUALITY else 0
     progress = _Progress(callback, 4 + sdf_steps)
 
     h, w = views.shape[1:3]
@@ -106,12 +108,7 @@ def reconstruct(
     progress.advance()
     level, high = 0.5, True  # occupancy: inside is high
     if method is Method.QUALITY:
-        sdf, sgrid = fit_sdf(views, masks, c2w, K, field, fgrid, config, progress.sub(progress.done))
-        progress.done += sdf_steps
-        if config.carve_only:
-            field = carve_with_sdf(field, fgrid, sdf, sgrid)
-        else:
-            field, fgrid, level = -sdf, sgrid, 0.0  # negate: inside-high like occupancy
+        field, fgrid, level = _quality_field(views, masks, c2w, K, field, fgrid, config, progress)
     verts, faces = field_to_mesh(field, fgrid, level=level, inside_is_high=high)
     mesh = clean_mesh(verts, faces, smooth_iterations=smooth_iterations)
     if max_faces is not None:
@@ -137,6 +134,37 @@ def reconstruct(
         result = _add_texture(result, normals, texture_size, color_fn)
     progress.advance()
     return result
+
+
+def _quality_field(
+    views: Tensor,
+    masks: Tensor,
+    c2w: Tensor,
+    K: Tensor,
+    field: np.ndarray,
+    grid: Grid,
+    config: SDFConfig,
+    progress: _Progress,
+) -> tuple[np.ndarray, Grid, float]:
+    """Photo-consistency carving of the hull ``field``, then the optional SDF fit; returns the
+    field to mesh, its grid and level (inside is high)."""
+    base = progress.done
+    carved, cgrid = photo_carve(
+        ViewSet(views, masks, c2w, K), field, grid, cells=config.photo_cells or min(96, grid.resolution - 1),
+        threshold=config.photo_threshold,
+        max_rounds=config.photo_rounds, callback=progress.sub(base),
+    )
+    progress.done = base + config.photo_rounds
+    if config.iterations > 0:
+        init = carved.astype(np.float32)
+        sdf, sgrid = fit_sdf(views, masks, c2w, K, init, cgrid, config, progress.sub(progress.done))
+    else:
+        sdf, sgrid = occupancy_to_sdf(carved, cgrid.spacing), cgrid
+    progress.done += config.iterations
+    if not config.carve_only:
+        return -sdf, sgrid, 0.0  # negate: inside-high like occupancy
+    hull, _ = resample_field(field, grid, cgrid.resolution - 1)
+    return carve_with_sdf(field, grid, sdf, sgrid, (hull > 0.5) & ~carved), grid, 0.5
 
 
 def _add_texture(
