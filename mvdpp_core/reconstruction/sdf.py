@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..cameras import pixel_rays
+from ..common import composite_on_white
 from .carving import Grid, largest_component, occupancy_to_sdf
 from .meshing import resample_field
 
@@ -184,7 +185,7 @@ def _training_rays(views: Tensor, masks: Tensor, c2w: Tensor, K: Tensor, size: i
     """Flattened rays, targets on white and ray-sampling weights at ``size`` px."""
     img = F.interpolate(rearrange(views, "v h w c -> v c h w"), size=(size, size), mode="area")
     msk = F.interpolate(masks[:, None], size=(size, size), mode="area")
-    rgb = rearrange(img * msk + (1 - msk), "v c h w -> (v h w) c")
+    rgb = rearrange(composite_on_white(img, msk), "v c h w -> (v h w) c")
     K_s = K.double().clone()
     K_s[0] *= size / views.shape[2]
     K_s[1] *= size / views.shape[1]
