@@ -38,7 +38,8 @@ MIN_MASK_IOU_MARGIN = 0.25  # trained minus untrained, mean over the held-out ob
 FOLLOW_OBJECTS = 8
 # Own minus other object's mask IoU, mean over 8 held-out objects (3 steps, no guidance): exactly 0
 # for a model that ignores its input; the shipped default measures 0.016 here (thin: it follows its
-# input only weakly, see README), the previous one could not pass at all.
+# input only weakly, see README; 0.011 for the default before it), and the one before the
+# first-view input could not pass at all.
 MIN_FOLLOW_MARGIN = 0.01
 # Mean absolute error of the generated views' mean foreground colour against the other object's
 # true colour minus against its own, same 8 objects: 0 for a model that ignores its input (and
