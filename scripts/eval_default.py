@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
+from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
@@ -53,6 +54,7 @@ from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import silhouette_consistency  # noqa: E402
 from train.procedural.objects import Split  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
+from train.viz import rig_grid, save_png  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
 METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer", "psnr_other", "mask_iou_other", "silhouette")
@@ -118,8 +120,10 @@ def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: in
 
 
 def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: SamplingConfig,
-                    with_mesh: bool, other: Path | None = None) -> ObjectMetrics:
-    """Metrics of one object; ``other``: a different object whose truth the output is also scored against."""
+                    with_mesh: bool, other: Path | None = None, grid: Path | None = None) -> ObjectMetrics:
+    """Metrics of one object; ``other``: a different object whose truth the output is also scored
+    against; ``grid``: also write a PNG of the true rig views (first input view in front) above
+    the generated ones."""
     views = fmt.read_object_folder(folder, cond_ids=list(range(n_views)))
     size = model.config.image_size
     rgb, mask = to_tensors(views.target_rgba, size)
@@ -127,6 +131,10 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
                       sampler=cfg.sampler, guidance=cfg.guidance)
     p, s, m = view_metrics(result, rgb, mask)
+    if grid is not None:
+        cond = composite_on_white(cond_rgb[0], cond_mask[0])
+        truth, generated = rig_grid(composite_on_white(rgb, mask), cond), rig_grid(result.on_white(), cond)
+        save_png(np.concatenate([truth, generated]), grid)
     v_iou, chamfer = (0.0, math.nan)
     if with_mesh:
         v_iou, chamfer = mesh_metrics(result, trimesh.load(folder / "mesh.ply", process=False), cfg.mesh_resolution)
@@ -166,14 +174,16 @@ def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
 
 def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int], cfg: SamplingConfig,
                    with_mesh: bool = True, label: str = "", multi_count: int = 0,
-                   on_result: Callable[[dict], None] | None = None) -> dict[str, dict]:
+                   on_result: Callable[[dict], None] | None = None, grids: Path | None = None) -> dict[str, dict]:
     """Metrics summary per input-view count (keys "1", "2", ...); view counts above 1 use the
-    first ``multi_count`` objects (0: all). ``on_result(results)`` after each count."""
+    first ``multi_count`` objects (0: all). ``on_result(results)`` after each count. ``grids``:
+    a folder for one truth-over-generated PNG per object and view count."""
     results: dict[str, dict] = {}
     for n in view_counts:
         t0 = time.perf_counter()
         subset = folders[:multi_count] if n > 1 and multi_count else folders
-        rows = [evaluate_object(model, f, n, cfg, with_mesh, other=subset[(i + 1) % len(subset)])
+        rows = [evaluate_object(model, f, n, cfg, with_mesh, other=subset[(i + 1) % len(subset)],
+                                grid=grids / f"{label}_{f.name}_{n}view.png" if grids is not None else None)
                 for i, f in enumerate(subset)]
         results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "per_object": [asdict(r) for r in rows],
                            "seconds": round(time.perf_counter() - t0, 1)}
@@ -277,6 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--curve-count", type=int, default=8, help="objects per curve point")
     p.add_argument("--curve-every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
     p.add_argument("--out", type=Path, required=True, help="JSON report path")
+    p.add_argument("--grids", type=Path, default=None,
+                   help="folder for one PNG per object: its true rig views above the generated ones")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the markdown table of an existing --out JSON")
     return p.parse_args(argv)
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return write
 
     evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
-                   on_result=save("trained"))
+                   on_result=save("trained"), grids=args.grids)
     if args.copy_count:
         save("copy_test")(copy_test(model, folders[: args.copy_count], cfg))
         print(f"[copy test] {report['copy_test']}", flush=True)

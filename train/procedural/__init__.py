@@ -19,5 +19,5 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     cp /tmp/mvdpp_default/runs2/unet/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --views 1 2 4 \
-        --multi-count 6 --no-baseline --copy-count 0 --out report.json
+        --multi-count 6 --no-baseline --copy-count 0 --grids /tmp/mvdpp_default/grids --out report.json
 """
