@@ -117,6 +117,15 @@ def intrinsics(width: int, height: int | None = None, fov_deg: float = FOV_DEG) 
     )
 
 
+def resized_intrinsics(K: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Intrinsics (..., 3, 3) of images resized from ``size`` (width, height) to ``new_size``,
+    as float64: the first row scales with the width, the second with the height."""
+    K = K.double().clone()
+    K[..., 0, :] *= new_size[0] / size[0]
+    K[..., 1, :] *= new_size[1] / size[1]
+    return K
+
+
 def world_to_camera(points: Tensor, c2w: Tensor) -> Tensor:
     """Points (..., n, 3) in world frame to the frames of cameras c2w (v, 4, 4): (v, n, 3)."""
     w2c = torch.linalg.inv(c2w.to(points.dtype))

@@ -78,3 +78,14 @@ def test_condition_camera_sampling_ranges():
     assert len({c.azimuth_deg for c in cams}) == 8
     with pytest.raises(ValueError, match="condition views"):
         cameras.sample_condition_cameras(11)
+
+
+def test_resized_intrinsics_scale_projected_pixels():
+    """A point projects to pixel coordinates scaled by the resize factor of each axis."""
+    from mvdpp_core.cameras import intrinsics, project, resized_intrinsics, rig_c2w
+
+    c2w, K = rig_c2w(torch.float64), intrinsics(256, 192).double()
+    points = torch.tensor([[0.1, -0.2, 0.05], [0.3, 0.2, -0.1]], dtype=torch.float64)
+    uv, _ = project(points, c2w, K)
+    uv_small, _ = project(points, c2w, resized_intrinsics(K, (256, 192), (64, 96)))
+    torch.testing.assert_close(uv_small, uv * torch.tensor([64 / 256, 96 / 192], dtype=torch.float64))

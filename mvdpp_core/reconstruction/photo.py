@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..cameras import pixel_rays
+from ..cameras import pixel_rays, resized_intrinsics
 from .carving import Grid, largest_component
 from .meshing import resample_field
 from .texturing import ViewSet
@@ -62,10 +62,7 @@ def _resize(views: Tensor, masks: Tensor, K: Tensor, size: int) -> tuple[Tensor,
     img = F.interpolate(rearrange(views, "v h w c -> v c h w").float(), size=(size, size), mode="area")
     msk = F.interpolate(masks[:, None].float(), size=(size, size), mode="area")
     solid = (-F.max_pool2d(-msk, 3, stride=1, padding=1))[:, 0] > 0.98
-    K_s = K.double().clone()
-    K_s[0] *= size / views.shape[2]
-    K_s[1] *= size / views.shape[1]
-    return img, solid, K_s
+    return img, solid, resized_intrinsics(K, (views.shape[2], views.shape[1]), (size, size))
 
 
 def trace_rays(solid: Tensor, c2w: Tensor, K: Tensor, occupied: np.ndarray, grid: Grid) -> VoxelRays:

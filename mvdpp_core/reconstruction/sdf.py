@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..cameras import pixel_rays
+from ..cameras import pixel_rays, resized_intrinsics
 from ..common import composite_on_white
 from .carving import Grid, largest_component, occupancy_to_sdf
 from .meshing import resample_field
@@ -186,9 +186,7 @@ def _training_rays(views: Tensor, masks: Tensor, c2w: Tensor, K: Tensor, size: i
     img = F.interpolate(rearrange(views, "v h w c -> v c h w"), size=(size, size), mode="area")
     msk = F.interpolate(masks[:, None], size=(size, size), mode="area")
     rgb = rearrange(composite_on_white(img, msk), "v c h w -> (v h w) c")
-    K_s = K.double().clone()
-    K_s[0] *= size / views.shape[2]
-    K_s[1] *= size / views.shape[1]
+    K_s = resized_intrinsics(K, (views.shape[2], views.shape[1]), (size, size))
     origins, dirs = pixel_rays(c2w.double(), K_s, size, size)  # v h w 3 each
     near_fg = F.max_pool2d(msk, 7, stride=1, padding=3) > 0.01  # dilated foreground
     return {

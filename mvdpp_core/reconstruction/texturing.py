@@ -21,6 +21,7 @@ from einops import rearrange
 from numpy.typing import NDArray
 from torch import Tensor
 
+from ..cameras import resized_intrinsics
 from .render import project_to_screen, rasterize
 
 _CHUNK = 65_536
@@ -43,9 +44,7 @@ def depth_maps(vertices: Tensor, faces: Tensor, vs: ViewSet, max_size: int = 256
     h, w = vs.views.shape[1:3]
     scale = min(1.0, max_size / max(h, w))
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    K = vs.K.double().clone()
-    K[0] *= sw / w
-    K[1] *= sh / h
+    K = resized_intrinsics(vs.K, (w, h), (sw, sh))
     frags = rasterize(project_to_screen(vertices, vs.c2w, K), faces, sw, sh)
     return frags.depth, K
 
