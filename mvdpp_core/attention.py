@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .common import parse_enum
-from .geometry import tokens_at
+from .geometry import epipolar_bias, tokens_at
 
 
 class AttentionBackend(str, enum.Enum):
@@ -52,17 +52,47 @@ def _as_backend(backend: AttentionBackend | str) -> AttentionBackend:
     return parse_enum(AttentionBackend, backend, "attention backend")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBackend) -> Tensor:
-    """Multi-head attention (n, l, h*d) -> (n, l, h*d) with the chosen kernel."""
-    if backend is AttentionBackend.XFORMERS:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, backend: AttentionBackend, bias: Tensor | None = None
+) -> Tensor:
+    """Multi-head attention (n, l, h*d) -> (n, l, h*d) with the chosen kernel; ``bias``
+    (n or 1, h or 1, l, l) is added to the logits (SDPA then, whatever the backend)."""
+    if backend is AttentionBackend.XFORMERS and bias is None:
         import xformers.ops as xops
 
         q, k, v = (rearrange(t, "n l (h d) -> n l h d", h=heads) for t in (q, k, v))
         out = xops.memory_efficient_attention(q, k, v)
         return rearrange(out, "n l h d -> n l (h d)")
     q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     return rearrange(out, "n h l d -> n l (h d)")
+
+
+class EpipolarCache:
+    """The epipolar bias of one set of view ids, built once per token count and gain and shared by
+    the layers (and, while the ids stay the same, by the calls of a sampling run)."""
+
+    def __init__(self, view_ids: Tensor):
+        # Objects with the same views (a guidance batch, a batch of one rig) share one bias.
+        same = bool((view_ids == view_ids[:1]).all())
+        self.view_ids = view_ids[:1] if same else view_ids  # b' v
+        self._built: dict[tuple, Tensor] = {}
+
+    def matches(self, view_ids: Tensor) -> bool:
+        ids = self.view_ids
+        return view_ids.shape[1] == ids.shape[1] and bool((view_ids == ids).all()) and ids.device == view_ids.device
+
+    def __call__(self, tokens: int, gain: Tensor) -> Tensor:
+        """(b' or 1, h or 1, l, l): ``gain`` (h,) times the log-weights, one head when all are equal."""
+        gains = tuple(gain.tolist())
+        key = (tokens, gains)
+        if key not in self._built:
+            if ("base", tokens) not in self._built:
+                self._built["base", tokens] = epipolar_bias(self.view_ids, tokens)
+            base = self._built["base", tokens]
+            scale = gain[:1] if len(set(gains)) == 1 else gain
+            self._built[key] = scale[:, None, None].to(base) * base[:, None]
+        return self._built[key]
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,8 @@ class MultiViewAttnProcessor:
     arrive through ``cross_attention_kwargs`` on every UNet call. ``geometry_proj`` (owned by
     the UNet's ``GeometryEncoding``, held here by reference) maps a token's geometry to terms
     added to its query, key and output: attention can then address views and positions.
+    ``epipolar`` (the layer's ``EpipolarGain`` of the UNet's ``EpipolarAttention``) scales the
+    epipolar bias of ``mvdpp_core.geometry`` per head.
     """
 
     def __init__(
@@ -105,10 +137,12 @@ class MultiViewAttnProcessor:
         global_views: bool,
         backend: AttentionBackend = AttentionBackend.SDPA,
         geometry_proj: torch.nn.Linear | None = None,
+        epipolar: torch.nn.Module | None = None,
     ):
         self.global_views = global_views
         self.backend = backend
         self.geometry_proj = geometry_proj
+        self.epipolar = epipolar
 
     def __call__(
         self,
@@ -120,6 +154,7 @@ class MultiViewAttnProcessor:
         num_views: int = 1,
         view_group: torch.distributed.ProcessGroup | ViewShards | None = None,
         geometry: Tensor | None = None,
+        epipolar: EpipolarCache | None = None,
     ) -> Tensor:
         if attention_mask is not None:
             raise ValueError("MultiViewAttnProcessor does not take an attention mask.")
@@ -144,9 +179,17 @@ class MultiViewAttnProcessor:
         if is_self and self.global_views and num_views > 1:
             # All views of one object attend to each other: one sequence per object.
             q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
+            bias = None
+            if self.epipolar is not None and epipolar is not None:
+                if view_group is not None:
+                    raise ValueError(
+                        "epipolar attention does not run under view parallelism yet; set "
+                        "parallel.view_group_size to 1 or unet.epipolar_attention to false."
+                    )
+                bias = epipolar(q.shape[1] // num_views, self.epipolar.gain)
             if view_group is not None:  # the other ranks hold the object's other views
                 k, v = gather_views(k, view_group), gather_views(v, view_group)
-            out = attend(q, k, v, attn.heads, self.backend)
+            out = attend(q, k, v, attn.heads, self.backend, bias)
             out = rearrange(out, "b (v l) c -> (b v) l c", v=num_views)
         else:
             out = attend(q, k, v, attn.heads, self.backend)
@@ -167,15 +210,18 @@ def multiview_processors(
     global_attention: bool,
     backend: AttentionBackend,
     geometry_projs: dict[str, torch.nn.Linear] | None = None,
+    epipolar_gains: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, MultiViewAttnProcessor]:
     """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view;
-    ``geometry_projs`` by processor name (attn1 layers) when the UNet has a geometry encoding."""
-    geometry_projs = geometry_projs or {}
+    ``geometry_projs`` and ``epipolar_gains`` by processor name (attn1 layers) when the UNet
+    has a geometry encoding or epipolar attention."""
+    geometry_projs, epipolar_gains = geometry_projs or {}, epipolar_gains or {}
     return {
         name: MultiViewAttnProcessor(
             global_views=global_attention and name.endswith("attn1.processor"),
             backend=backend,
             geometry_proj=geometry_projs.get(name),
+            epipolar=epipolar_gains.get(name),
         )
         for name in attn_names
     }

@@ -62,11 +62,16 @@ class UNetConfig:
     # into each global attention layer's queries, keys and output (mvdpp_core.geometry). Off in
     # the paper's architecture; zero-initialised it leaves an initialised model equal to its base.
     geometry_encoding: bool = False
+    # Epipolar attention bias (mvdpp_core.geometry.epipolar_bias): in global attention a target
+    # token's logits on another rig view's tokens get a per-head gain times the log of a Gaussian of
+    # their distance to its epipolar segment; condition keys get a per-head bias (condition views
+    # stay pose-free). Off in the paper's architecture; at gain 0 it leaves global attention as is.
+    epipolar_attention: bool = False
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for ``UNet2DConditionModel(**kwargs)`` (our extras removed)."""
         kwargs = dataclasses.asdict(self)
-        for extra in ("num_view_slots", "global_attention", "geometry_encoding"):
+        for extra in ("num_view_slots", "global_attention", "geometry_encoding", "epipolar_attention"):
             kwargs.pop(extra)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 

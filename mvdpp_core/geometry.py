@@ -73,3 +73,69 @@ def tokens_at(geometry: Tensor, num_tokens: int) -> Tensor:
         )
     pooled = torch.nn.functional.adaptive_avg_pool2d(geometry, side)
     return rearrange(pooled, "n g h w -> n (h w) g")
+
+
+# Epipolar attention bias (UNetConfig.epipolar_attention). A target token's ray crosses the object's
+# bounding sphere along a segment; in another rig view that segment projects to a short epipolar
+# segment, and only the tokens near it can show the same surface point. The bias is the log of a
+# Gaussian of a token's distance (in tokens) to that segment, floored: without it, a from-scratch
+# model's global attention stays uniform (entropy 0.99) and acts as a mean over all views.
+OBJECT_RADIUS = math.sqrt(3) / 2  # objects fit in [-0.5, 0.5]^3 (DESIGN section 3)
+EPIPOLAR_SIGMA = 1.0  # tokens
+EPIPOLAR_FLOOR = -8.0  # log-weight of tokens far from the segment (e^-8 = 3e-4)
+
+
+@functools.lru_cache(maxsize=4)
+def epipolar_table(size: int) -> Tensor:
+    """Log-weights between the rig's tokens at ``size`` x ``size`` per view: (32 l, 32 l) with
+    l = size^2, rows = query token (view-major), columns = key token. 0 within a view; between
+    views ``max(-d^2 / (2 sigma^2), floor)``, d = the key token's distance to the query ray's
+    epipolar segment."""
+    if size > 32:
+        raise ValueError(
+            f"epipolar attention at {size}x{size} tokens per view needs a ({32 * size * size})^2 bias table; "
+            "it is built for global attention at up to 32x32 tokens per view (the tiny preset attends at 16x16). "
+            "Turn unet.epipolar_attention off for this model."
+        )
+    c2w = rig_c2w(torch.float64)
+    origins, dirs = pixel_rays(c2w, intrinsics(size), size, size)  # v s s 3
+    origins, dirs = origins.reshape(NUM_TARGET_VIEWS, -1, 3), dirs.reshape(NUM_TARGET_VIEWS, -1, 3)
+    # The ray's segment inside the bounding sphere (its closest point when it misses the sphere).
+    mid = -(origins * dirs).sum(-1)  # v l
+    miss2 = (origins * origins).sum(-1) - mid**2
+    half = (OBJECT_RADIUS**2 - miss2).clamp(min=0).sqrt()
+    ends = torch.stack([origins + (mid - half)[..., None] * dirs, origins + (mid + half)[..., None] * dirs], 2)
+    K = intrinsics(size).to(torch.float64)
+    w2c = torch.linalg.inv(c2w)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    centres = torch.stack([xs, ys], -1).reshape(-1, 2).to(torch.float64)  # l 2
+    tokens = size * size
+    table = torch.empty(NUM_TARGET_VIEWS, tokens, NUM_TARGET_VIEWS, tokens)
+    for i in range(NUM_TARGET_VIEWS):
+        cam = torch.einsum("jab,lkb->jlka", w2c[:, :3, :3], ends[i]) + w2c[:, None, None, :3, 3]  # j l 2 3
+        pix = cam @ K.T
+        pix = pix[..., :2] / pix[..., 2:]  # j l 2 2: the projected segment's end points, in pixels
+        a, b = pix[:, :, None, 0], pix[:, :, None, 1]  # j l 1 2
+        ab = b - a
+        u = ((centres - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp(min=1e-12)  # j l q
+        closest = a + u.clamp(0, 1)[..., None] * ab
+        d2 = ((centres - closest) ** 2).sum(-1)
+        table[i] = (-d2 / (2 * EPIPOLAR_SIGMA**2)).clamp(min=EPIPOLAR_FLOOR).permute(1, 0, 2).float()  # l j q
+        table[i, :, i] = 0.0
+    return table.reshape(NUM_TARGET_VIEWS * tokens, NUM_TARGET_VIEWS * tokens)
+
+
+def epipolar_bias(view_ids: Tensor, tokens: int) -> Tensor:
+    """The epipolar log-weights of an object's views (b, v) (ids 0..31 rig slots, 32.. condition
+    views) at ``tokens`` per view: (b, v l, v l). Condition views are pose-free: their rows and
+    columns hold 0 (plain global attention to and from them)."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"epipolar attention needs square token grids; got {tokens} tokens per view.")
+    table = epipolar_table(side).to(view_ids.device)
+    b, v = view_ids.shape
+    slots = view_ids.clamp(max=NUM_TARGET_VIEWS - 1)
+    index = (slots[..., None] * tokens + torch.arange(tokens, device=view_ids.device)).reshape(b, v * tokens)
+    bias = table[index[:, :, None], index[:, None, :]]  # b (v l) (v l)
+    target_token = (view_ids < NUM_TARGET_VIEWS).repeat_interleave(tokens, dim=1)  # b (v l)
+    return bias * (target_token[:, :, None] & target_token[:, None, :])

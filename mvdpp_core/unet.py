@@ -12,6 +12,9 @@ With ``UNetConfig.geometry_encoding`` a third, ``GeometryEncoding``, adds the pe
 geometry of ``mvdpp_core.geometry`` to every global attention layer through new weights,
 zero at initialisation (the base is kept exactly); a model trained from scratch starts them
 random (``GeometryEncoding.reset_parameters``) so that geometry acts from the first step.
+With ``UNetConfig.epipolar_attention`` a fourth, ``EpipolarAttention``, adds the rig's epipolar
+log-weights (``geometry.epipolar_bias``) to every global attention layer's logits, times a
+fixed per-head gain: 0 at initialisation (the base is kept), ``init.epipolar_gain`` from scratch.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from .attention import AttentionBackend, multiview_processors, resolve_backend
+from .attention import AttentionBackend, EpipolarCache, multiview_processors, resolve_backend
 from .config import UNetConfig
 from .geometry import GEOMETRY_CHANNELS, token_geometry
 
@@ -62,6 +65,38 @@ class GeometryEncoding(nn.Module):
         return dict(zip(self.names, self.projs, strict=True))
 
 
+class EpipolarGain(nn.Module):
+    """One global attention layer's epipolar gain per head (the bias is ``gain[h] * log-weights``).
+
+    A fixed buffer (stored in checkpoints), not a parameter: a bias that needs a gradient makes
+    PyTorch's SDPA materialise and differentiate the (b, h, l, l) logits, 4x the attention's time
+    on CPU, and a learned gain moved by under 1 % in 400 steps (Adam moves it by at most the
+    learning rate per step).
+    """
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.register_buffer("gain", torch.zeros(heads))
+
+
+class EpipolarAttention(nn.Module):
+    """An ``EpipolarGain`` per global attention layer (``UNetConfig.epipolar_attention``)."""
+
+    def __init__(self, layer_heads: dict[str, int]):
+        super().__init__()
+        self.names = list(layer_heads)
+        self.layers = nn.ModuleList(EpipolarGain(h) for h in layer_heads.values())
+
+    @torch.no_grad()
+    def reset_parameters(self, gain: float) -> None:
+        """Gain 0 (global attention as without it: the model equals its base) or ``gain``."""
+        for layer in self.layers:
+            layer.gain.fill_(gain)
+
+    def by_processor(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names, self.layers, strict=True))
+
+
 def _scale_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load a 0-dim ``scale`` (bundles and checkpoints written before it became (1,)) as (1,)."""
     key = prefix + "scale"
@@ -80,11 +115,19 @@ class MultiViewUNet(nn.Module):
         self.unet.class_embedding = ViewIndexEmbedding(config.num_view_slots, time_embed_dim)
         if config.geometry_encoding:  # inside the diffusers UNet: bundles store its tensors as unet.geometry_encoding.*
             self.unet.geometry_encoding = GeometryEncoding(self._attn1_dims())
+        if config.epipolar_attention:
+            heads = {f"{n}.processor": m.heads for n, m in self.unet.named_modules() if n.endswith("attn1")}
+            self.unet.epipolar_attention = EpipolarAttention(heads)
+        self._epipolar_cache: EpipolarCache | None = None  # the last view ids' bias (a sampling run's)
         self.set_attention_backend(AttentionBackend.SDPA)
 
     @property
     def geometry(self) -> GeometryEncoding | None:
         return getattr(self.unet, "geometry_encoding", None)
+
+    @property
+    def epipolar(self) -> EpipolarAttention | None:
+        return getattr(self.unet, "epipolar_attention", None)
 
     def _attn1_dims(self) -> dict[str, tuple[int, int]]:
         """attn1 processor name -> (inner dim, output dim) of every self-attention layer."""
@@ -104,6 +147,7 @@ class MultiViewUNet(nn.Module):
                 global_attention=global_attention,
                 backend=resolve_backend(backend, device),
                 geometry_projs=self.geometry.by_processor() if self.geometry is not None else None,
+                epipolar_gains=self.epipolar.by_processor() if self.epipolar is not None else None,
             )
         )
 
@@ -135,6 +179,10 @@ class MultiViewUNet(nn.Module):
         if self.geometry is not None:
             ids = rearrange(view_ids, "b v -> (b v)")
             kwargs["geometry"] = token_geometry(ids, sample.shape[-1]).to(sample.dtype)  # (b v) g h w
+        if self.epipolar is not None:
+            if self._epipolar_cache is None or not self._epipolar_cache.matches(view_ids):
+                self._epipolar_cache = EpipolarCache(view_ids)
+            kwargs["epipolar"] = self._epipolar_cache
         out = self.unet(
             rearrange(sample, "b v c h w -> (b v) c h w"),
             rearrange(timesteps, "b v -> (b v)"),

@@ -234,13 +234,16 @@ def test_embedding_dropout_closes_the_image_token_path(data_dir, tmp_path):
 
 
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
-    """init.architecture switches the geometry encoding on; its trained (EMA) weights reach the bundle."""
+    """init.architecture switches the geometry encoding and epipolar attention on; the encoding's
+    trained (EMA) weights and the epipolar gain reach the bundle."""
     out = tmp_path / "geometry"
-    extra = {"init.architecture": "{unet: {geometry_encoding: true}}", "init.geometry_init_std": 0.05,
-             "optim.max_steps": 1}
+    extra = {"init.architecture": "{unet: {geometry_encoding: true, epipolar_attention: true}}",
+             "init.geometry_init_std": 0.05, "init.epipolar_gain": 0.7, "optim.max_steps": 1}
     train(run_config(data_dir, out, **extra))
     model = load_checkpoint(out / "export" / "model.safetensors")
     assert model.config.unet.geometry_encoding and model.unet.geometry is not None
+    assert model.config.unet.epipolar_attention
+    assert all(torch.allclose(layer.gain, torch.tensor(0.7)) for layer in model.unet.epipolar.layers)
     ema = load_file(str(out / "checkpoints" / "step_00000001" / "ema.safetensors"))
     for name, value in model.unet.geometry.named_parameters():
         torch.testing.assert_close(value, ema[f"unet.unet.geometry_encoding.{name}"])

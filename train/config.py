@@ -101,6 +101,10 @@ class ModelInitConfig:
     # model initialised from SD 2 equal to its base; from scratch there is no base to keep, and
     # zero-initialised per-slot weights barely move (each slot gets gradient only when sampled).
     geometry_init_std: float = 0.0
+    # Gain of the epipolar attention bias (UNetConfig.epipolar_attention), fixed for the run and
+    # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; from scratch,
+    # 1 makes attention follow the rig's epipolar geometry from the first step.
+    epipolar_gain: float = 0.0
 
 
 @dataclass(frozen=True)

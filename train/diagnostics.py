@@ -45,13 +45,14 @@ def recording_attention(num_views: int, num_cond: int) -> Iterator[list[LayerFlo
     records: list[LayerFlow] = []
     original = attention_module.attend
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend) -> Tensor:
+    def attend(q: Tensor, k: Tensor, v: Tensor, heads: int, backend, bias: Tensor | None = None) -> Tensor:
         length = q.shape[1]
         if length != k.shape[1] or length % num_views:  # cross-attention or per-view attention
-            return original(q, k, v, heads, backend)
+            return original(q, k, v, heads, backend, bias)
         tokens = length // num_views
         qh, kh = (rearrange(t, "n l (h d) -> n h l d", h=heads).float() for t in (q, k))
-        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)  # n h lq lk
+        logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])  # n h lq lk
+        probs = torch.softmax(logits if bias is None else logits + bias.float(), dim=-1)
         targets = (num_views - num_cond) * tokens
         p_t = probs[:, :, :targets]  # target queries
         cond_mass = p_t[..., targets:].sum(-1).mean().item()
@@ -59,7 +60,7 @@ def recording_attention(num_views: int, num_cond: int) -> Iterator[list[LayerFlo
         own = torch.diagonal(per_view[..., : num_views - num_cond], dim1=2, dim2=4).mean().item()
         entropy = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean().item() / math.log(length)
         records.append(LayerFlow(cond_mass, num_cond / num_views, own, entropy))
-        return original(q, k, v, heads, backend)
+        return original(q, k, v, heads, backend, bias)
 
     attention_module.attend = attend
     try:

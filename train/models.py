@@ -112,6 +112,8 @@ def build_mvdiff_model(
             model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
         if model.unet.geometry is not None:
             model.unet.geometry.reset_parameters(init.geometry_init_std)
+        if model.unet.epipolar is not None:
+            model.unet.epipolar.reset_parameters(init.epipolar_gain)
     return model
 
 
@@ -160,7 +162,7 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
 
 
 def _check_init(init: ModelInitConfig) -> None:
-    for key in ("view_embedding_scale", "geometry_init_std"):
+    for key in ("view_embedding_scale", "geometry_init_std", "epipolar_gain"):
         if init.source is InitSource.BUNDLE and getattr(init, key):
             raise ValueError(
                 f"init.{key}={getattr(init, key)} applies to new models; a bundle keeps its trained "
@@ -228,7 +230,12 @@ def model_with_trained_weights(model: MVDPPModel, weights: dict[str, Tensor]) ->
             "layout or of another trainer."
         )
     unet = MultiViewUNet(model.config.unet)
-    load_trained(unet, _under(weights, "unet."))
+    # Buffers (the epipolar gain) are fixed for the run and absent from the EMA: the live model's.
+    buffers = {
+        name: (b.full_tensor() if hasattr(b, "full_tensor") else b).detach().cpu()
+        for name, b in model.unet.named_buffers()
+    }
+    load_trained(unet, {**buffers, **_under(weights, "unet.")})
     image_encoder = model.image_encoder
     encoder_weights = _under(weights, "image_encoder.")
     if encoder_weights:

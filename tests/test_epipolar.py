@@ -1,0 +1,138 @@
+"""Epipolar attention bias: the rig's true correspondences score high and the rest low,
+condition views stay pose-free, gain 0 is plain global attention, view equivariance, and the
+training switch that starts it."""
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import assert_initialised_unet_equals_base, unet_inputs
+
+from mvdpp_core.attention import AttentionBackend, attend
+from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.config import PredictionType, preset
+from mvdpp_core.geometry import EPIPOLAR_FLOOR, epipolar_bias, epipolar_table
+from mvdpp_core.unet import MultiViewUNet
+from train.config import InitSource, ModelInitConfig
+from train.models import build_mvdiff_model
+
+CFG = dataclasses.replace(preset("tiny").unet, epipolar_attention=True)
+SIZE = 8  # tokens per side in the table tests
+
+
+def test_true_correspondences_score_high_and_the_rest_low():
+    """A point inside the object's box lands, in every pair of rig views that see it, on tokens
+    whose bias is near 0 (the query token's ray passes within its own half-token of the point);
+    most other tokens of the other view sit at the floor."""
+    table = epipolar_table(SIZE)  # (32 l, 32 l)
+    points = torch.rand(30, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5
+    pixels, _ = project(points, rig_c2w(torch.float64), intrinsics(SIZE).double())  # v n 2
+    assert ((pixels >= 0) & (pixels < SIZE)).all()  # r = 1.5 and 60 degrees: every view sees the box
+    token = pixels.floor().long()
+    rows = torch.arange(NUM_TARGET_VIEWS)[:, None] * SIZE * SIZE + token[..., 1] * SIZE + token[..., 0]  # v n
+    hit = torch.stack([table[rows[:, n][:, None], rows[:, n][None, :]] for n in range(30)])  # n i j
+    assert hit.min() > -1.5, f"a true correspondence scored {hit.min():.2f}"
+    table = table.reshape(NUM_TARGET_VIEWS, SIZE * SIZE, NUM_TARGET_VIEWS, SIZE * SIZE)
+    for view in range(NUM_TARGET_VIEWS):
+        assert (table[view, :, view] == 0).all(), "a view's own tokens must be unbiased (plain self-attention)"
+    # At the tiny preset's 16 x 16 attention grid, a query keeps about a sixth of another view's
+    # tokens (the segment crosses the object's sphere) and sends most to the floor.
+    big = epipolar_table(16).reshape(NUM_TARGET_VIEWS, 256, NUM_TARGET_VIEWS, 256)
+    other = big.permute(0, 2, 1, 3)[~torch.eye(NUM_TARGET_VIEWS, dtype=torch.bool)]  # pairs l l
+    assert (other > -2).float().mean() < 0.25
+    assert (other < EPIPOLAR_FLOOR + 0.5).float().mean() > 0.5
+
+
+def test_condition_views_are_pose_free_and_rows_follow_the_view_ids():
+    tokens = SIZE * SIZE
+    bias = epipolar_bias(torch.tensor([[8, 3, 32], [3, 41, 8]]), tokens)
+    assert bias.shape == (2, 3 * tokens, 3 * tokens)
+    assert (bias[0, 2 * tokens :] == 0).all() and (bias[0, :, 2 * tokens :] == 0).all()
+    table = epipolar_table(SIZE)
+    block_8_3 = table[8 * tokens : 9 * tokens, 3 * tokens : 4 * tokens]  # queries of view 8, keys of view 3
+    torch.testing.assert_close(bias[0, :tokens, tokens : 2 * tokens], block_8_3)
+    # The same pair of rig views in another order and with another condition slot: the same block.
+    torch.testing.assert_close(bias[1, 2 * tokens :, :tokens], bias[0, :tokens, tokens : 2 * tokens])
+    with pytest.raises(ValueError, match="square token grids"):
+        epipolar_bias(torch.tensor([[0, 1]]), 8)
+    with pytest.raises(ValueError, match="epipolar_attention off"):
+        epipolar_table(64)
+
+
+def test_attend_adds_the_bias_to_the_logits():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
+    bias = torch.randn(2, 2, 6, 6, generator=g)
+    out = attend(q, k, v, 2, AttentionBackend.SDPA, bias)
+    qh, kh, vh = (t.reshape(2, 6, 2, 4).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(qh @ kh.transpose(-1, -2) / 2 + bias, dim=-1)
+    torch.testing.assert_close(out, (weights @ vh).transpose(1, 2).reshape(2, 6, 8))
+
+
+def test_zero_gain_keeps_the_diffusers_base_and_plain_global_attention():
+    mv = assert_initialised_unet_equals_base(CFG)
+    assert all((p == 0).all() for p in mv.epipolar.parameters())
+    plain = MultiViewUNet(dataclasses.replace(CFG, epipolar_attention=False)).eval()
+    state = {k: v for k, v in mv.state_dict().items() if "epipolar" not in k}
+    plain.load_state_dict(state)
+    mv.set_attention_backend("sdpa")
+    sample, t, ids, ctx = unet_inputs(CFG, 2, 5, size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(mv(sample, t, ids, ctx), plain(sample, t, ids, ctx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def epipolar_unet() -> MultiViewUNet:
+    torch.manual_seed(1)
+    mv = MultiViewUNet(CFG).eval()
+    mv.epipolar.reset_parameters(1.0)
+    return mv
+
+
+@torch.no_grad()
+def test_epipolar_bias_changes_global_attention_and_permutes_with_the_views(epipolar_unet):
+    sample, t, ids, ctx = unet_inputs(CFG, 2, 6, size=16)
+    out = epipolar_unet(sample, t, ids, ctx)
+    epipolar_unet.epipolar.reset_parameters(0.0)
+    assert (epipolar_unet(sample, t, ids, ctx) - out).abs().max() > 1e-3
+    epipolar_unet.epipolar.reset_parameters(1.0)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(epipolar_unet(sample[:, perm], t, ids[:, perm], ctx), out[:, perm], atol=1e-5, rtol=1e-4)
+
+
+def test_gains_are_fixed_buffers_stored_with_the_model(epipolar_unet):
+    """The bias needs no gradient (SDPA then keeps its fast path); the gain travels in the state dict."""
+    sample, t, _, ctx = unet_inputs(CFG, 1, 4, size=16)
+    epipolar_unet(sample, t, torch.tensor([[0, 9, 20, 32]]), ctx).square().mean().backward()
+    assert not any("epipolar" in name for name, _ in epipolar_unet.named_parameters())
+    gains = {k: v for k, v in epipolar_unet.state_dict().items() if "epipolar" in k}
+    assert len(gains) == len(epipolar_unet.epipolar.layers) and all((v == 1).all() for v in gains.values())
+
+
+def test_training_init_starts_the_gain_and_refuses_it_for_bundles():
+    init = ModelInitConfig(architecture={"unet": {"epipolar_attention": True}}, epipolar_gain=1.0)
+    model = build_mvdiff_model(init, PredictionType.V_PREDICTION)
+    assert all((layer.gain == 1).all() for layer in model.unet.epipolar.layers)
+    with pytest.raises(ValueError, match="init.epipolar_gain=1.0 applies to new models"):
+        build_mvdiff_model(
+            ModelInitConfig(source=InitSource.BUNDLE, path="x.safetensors", epipolar_gain=1.0), PredictionType.EPSILON
+        )
+
+
+def test_view_parallelism_is_refused_with_a_clear_error(epipolar_unet):
+    sample, t, ids, ctx = unet_inputs(CFG, 1, 3, size=16)
+    with pytest.raises(ValueError, match="parallel.view_group_size to 1"):
+        epipolar_unet(sample, t, ids, ctx, view_group=object())
+
+
+@torch.no_grad()
+def test_a_sampling_run_reuses_one_bias_and_a_new_view_set_rebuilds_it(epipolar_unet):
+    sample, t, _, ctx = unet_inputs(CFG, 2, 3, size=16)
+    ids = torch.tensor([[0, 9, 32], [0, 9, 32]])  # a guidance batch: one bias for both halves
+    first = epipolar_unet(sample, t, ids, ctx)
+    cache = epipolar_unet._epipolar_cache
+    assert cache.view_ids.shape == (1, 3)
+    torch.testing.assert_close(epipolar_unet(sample, t, ids, ctx), first)
+    assert epipolar_unet._epipolar_cache is cache
+    moved = epipolar_unet(sample, t, torch.tensor([[0, 10, 32], [0, 10, 32]]), ctx)
+    assert epipolar_unet._epipolar_cache is not cache and (moved - first).abs().max() > 1e-4
