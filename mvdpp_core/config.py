@@ -63,9 +63,9 @@ class UNetConfig:
     # the paper's architecture; zero-initialised it leaves an initialised model equal to its base.
     geometry_encoding: bool = False
     # Epipolar attention bias (mvdpp_core.geometry.epipolar_bias): in global attention a target
-    # token's logits on another rig view's tokens get a per-head gain times the log of a Gaussian of
-    # their distance to its epipolar segment; condition keys get a per-head bias (condition views
-    # stay pose-free). Off in the paper's architecture; at gain 0 it leaves global attention as is.
+    # token's logits on another rig view's tokens get a fixed per-head gain times the log of a
+    # Gaussian of their distance to its epipolar segment; condition views stay pose-free (no bias
+    # to or from them). Off in the paper's architecture; at gain 0 it leaves global attention as is.
     epipolar_attention: bool = False
 
     def diffusers_kwargs(self) -> dict[str, Any]:
