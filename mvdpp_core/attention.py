@@ -76,23 +76,23 @@ class EpipolarCache:
         # Objects with the same views (a guidance batch, a batch of one rig) share one bias.
         same = bool((view_ids == view_ids[:1]).all())
         self.view_ids = view_ids[:1] if same else view_ids  # b' v
-        self._built: dict[tuple, Tensor] = {}
+        self._base: dict[int, Tensor] = {}  # tokens per view -> (b', v l, v l) log-weights
+        self._scaled: dict[tuple[int, tuple[float, ...]], Tensor] = {}  # (tokens, gains) -> bias
 
     def matches(self, view_ids: Tensor) -> bool:
         ids = self.view_ids
-        return view_ids.shape[1] == ids.shape[1] and bool((view_ids == ids).all()) and ids.device == view_ids.device
+        return ids.device == view_ids.device and view_ids.shape[1] == ids.shape[1] and bool((view_ids == ids).all())
 
     def __call__(self, tokens: int, gain: Tensor) -> Tensor:
         """(b' or 1, h or 1, l, l): ``gain`` (h,) times the log-weights, one head when all are equal."""
         gains = tuple(gain.tolist())
-        key = (tokens, gains)
-        if key not in self._built:
-            if ("base", tokens) not in self._built:
-                self._built["base", tokens] = epipolar_bias(self.view_ids, tokens)
-            base = self._built["base", tokens]
+        if (tokens, gains) not in self._scaled:
+            if tokens not in self._base:
+                self._base[tokens] = epipolar_bias(self.view_ids, tokens)
+            base = self._base[tokens]
             scale = gain[:1] if len(set(gains)) == 1 else gain
-            self._built[key] = scale[:, None, None].to(base) * base[:, None]
-        return self._built[key]
+            self._scaled[tokens, gains] = scale[:, None, None].to(base) * base[:, None]
+        return self._scaled[tokens, gains]
 
 
 @dataclass(frozen=True)

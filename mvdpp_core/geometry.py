@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .cameras import NUM_TARGET_VIEWS, intrinsics, pixel_rays, rig_c2w
+from .cameras import NUM_TARGET_VIEWS, intrinsics, pixel_rays, project, rig_c2w
 
 POSITION_FREQUENCIES = 3  # sin / cos of pi * 2^k * u for k < 3, per image axis
 GEOMETRY_CHANNELS = 2 + 6 + 4 * POSITION_FREQUENCIES
@@ -105,16 +105,13 @@ def epipolar_table(size: int) -> Tensor:
     miss2 = (origins * origins).sum(-1) - mid**2
     half = (OBJECT_RADIUS**2 - miss2).clamp(min=0).sqrt()
     ends = torch.stack([origins + (mid - half)[..., None] * dirs, origins + (mid + half)[..., None] * dirs], 2)
-    K = intrinsics(size).to(torch.float64)
-    w2c = torch.linalg.inv(c2w)
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     centres = torch.stack([xs, ys], -1).reshape(-1, 2).to(torch.float64)  # l 2
     tokens = size * size
     table = torch.empty(NUM_TARGET_VIEWS, tokens, NUM_TARGET_VIEWS, tokens)
     for i in range(NUM_TARGET_VIEWS):
-        cam = torch.einsum("jab,lkb->jlka", w2c[:, :3, :3], ends[i]) + w2c[:, None, None, :3, 3]  # j l 2 3
-        pix = cam @ K.T
-        pix = pix[..., :2] / pix[..., 2:]  # j l 2 2: the projected segment's end points, in pixels
+        pix, _ = project(ends[i].reshape(-1, 3), c2w, intrinsics(size))  # j (l 2) 2, all in front of the cameras
+        pix = pix.reshape(NUM_TARGET_VIEWS, tokens, 2, 2)  # j l 2 2: the projected segment's end points, in pixels
         a, b = pix[:, :, None, 0], pix[:, :, None, 1]  # j l 1 2
         ab = b - a
         u = ((centres - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp(min=1e-12)  # j l q
