@@ -69,7 +69,8 @@ class MVDPPModel(nn.Module):
         return next(self.vae.parameters()).dtype
 
     def unet_input(
-        self, noisy: Tensor, cond: Condition, empty: Tensor, target_ids: Tensor | None = None
+        self, noisy: Tensor, cond: Condition, empty: Tensor, target_ids: Tensor | None = None,
+        first_view: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The 9-channel UNet input and view ids.
 
@@ -79,6 +80,9 @@ class MVDPPModel(nn.Module):
             empty: (b, 4, h, w) the target-view condition latent.
             target_ids: (b, t) rig indices of the target views (training drops views);
                 default all 32 in rig order.
+            first_view: (b,) bool, with ``target_condition: first_view``: which objects' targets
+                hold the first condition view's latent (the others hold ``empty``, the paper's
+                input; training's ``stage.first_view_dropout``); default all.
         Returns:
             sample (b, t + n, 9, h, w) and view_ids (b, t + n).
         """
@@ -90,6 +94,8 @@ class MVDPPModel(nn.Module):
         target_latent = empty
         if self.config.target_condition is TargetCondition.FIRST_VIEW:
             target_latent = cond.latents[:, 0].to(empty.dtype)  # b c h w; the null condition holds empty here
+            if first_view is not None:
+                target_latent = torch.where(first_view[:, None, None, None], target_latent, empty)
         cond_latents = torch.cat([repeat(target_latent, "b c h w -> b t c h w", t=targets), cond.latents], dim=1)
         if target_ids is None:
             target_ids = repeat(torch.arange(targets, device=noisy.device), "t -> b t", b=b)

@@ -20,6 +20,7 @@ data or compute problem. Writes ``<out>/overfit.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
+from mvdpp_core.config import TargetCondition  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from train.config import TrainConfig, load_config  # noqa: E402
@@ -116,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--per-view-attention", action="store_true",
         help="measure with every attention layer per view (ablation: no information crosses views in attention)",
     )
+    p.add_argument(
+        "--paper-input", action="store_true",
+        help="measure with the empty latent in every target (ablation of target_condition: first_view: the input "
+             "reaches the targets only through attention and the image token)",
+    )
     return p.parse_args(argv)
 
 
@@ -139,17 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     model = load_checkpoint(run / "export" / "model.safetensors").eval()
     if args.per_view_attention:
         model.unet.set_attention_backend("sdpa", global_attention=False)
+    if args.paper_input:
+        model.config = dataclasses.replace(model.config, target_condition=TargetCondition.EMPTY)
     report = {
         "overrides": args.set,
         "per_view_attention": args.per_view_attention,
+        "paper_input": args.paper_input,
         "objects": args.objects,
         "steps": args.steps,
         "train_seconds": round(trained_s, 1),
         **measure(model, folders, args.sample_steps, args.guidance),
     }
-    (args.out / ("overfit_per_view.json" if args.per_view_attention else "overfit.json")).write_text(
-        json.dumps(report, indent=1)
-    )
+    name = "overfit" + "_per_view" * args.per_view_attention + "_paper_input" * args.paper_input
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     gen, shares = report["generation"], report["condition_share"]
     flow = report["attention_t900"]
     print(

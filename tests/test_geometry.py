@@ -146,3 +146,24 @@ def test_first_view_target_condition_feeds_the_input_latent_to_every_target():
     torch.testing.assert_close(null[0, :, 5:], empty.expand(7, -1, -1, -1))
     paper = MVDPPModel(preset("tiny"), with_image_encoder=False)
     torch.testing.assert_close(paper.unet_input(noisy, cond, empty)[0][0, :5, 5:], empty.expand(5, -1, -1, -1))
+
+
+def test_first_view_flags_give_dropped_objects_the_papers_input():
+    """unet_input(first_view=flags) (training's stage.first_view_dropout): an object whose flag is
+    off gets the empty latent in its targets, as with target_condition: empty, while its
+    condition views keep their latents; the other objects are unchanged."""
+    from mvdpp_core.config import TargetCondition
+    from mvdpp_core.model import Condition, MVDPPModel
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)
+    model = MVDPPModel(config, with_image_encoder=False)
+    empty = torch.randn(2, 4, 16, 16)
+    cond = Condition(torch.randn(2, 1, 4, 16, 16), torch.randn(2, 1, 32))
+    noisy = torch.randn(2, 3 + 1, 4, 16, 16)
+    all_on, _ = model.unet_input(noisy, cond, empty)
+    flagged, _ = model.unet_input(noisy, cond, empty, first_view=torch.tensor([True, False]))
+    torch.testing.assert_close(flagged[0], all_on[0])
+    torch.testing.assert_close(flagged[1, :3, 5:], empty[1].expand(3, -1, -1, -1))
+    torch.testing.assert_close(flagged[1, 3:], all_on[1, 3:])  # the condition view keeps its latent
+    torch.testing.assert_close(flagged[:, :, :5], all_on[:, :, :5])

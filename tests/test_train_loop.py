@@ -233,6 +233,44 @@ def test_embedding_dropout_closes_the_image_token_path(data_dir, tmp_path):
     assert max_diff(model.unet.state_dict(), init.unet.state_dict()) > 1e-4
 
 
+def test_object_flags_are_per_seed_and_independent_streams():
+    """The per-object dropouts (embedding: stream 9, first view: stream 10) depend only on each
+    object's sample seed, so a batch split over ranks draws the same flags; they hit about p of
+    the objects, and the two streams are not the same draw."""
+    from train.train_mvdiff import object_flags
+
+    seeds = list(range(1000, 3000))
+    tokens, first = object_flags(seeds, 0.5, 9), object_flags(seeds, 0.5, 10)
+    assert 0.45 < tokens.float().mean() < 0.55 and 0.45 < first.float().mean() < 0.55
+    assert 0.4 < (tokens == first).float().mean() < 0.6  # independent: agree about half the time
+    torch.testing.assert_close(object_flags(seeds[700:900], 0.5, 10), first[700:900])
+    assert not object_flags(seeds, 0.0, 10).any() and object_flags(seeds, 1.0, 10).all()
+
+
+def test_first_view_dropout_one_trains_on_the_papers_input(data_dir, tmp_path, monkeypatch):
+    """stage.first_view_dropout=1 with target_condition: first_view: every target the UNet sees in
+    training holds the empty latent (the paper's input), and the loss logs the dropped share."""
+    from mvdpp_core.model import MVDPPModel
+
+    seen = []
+    original = MVDPPModel.unet_input
+
+    def spy(self, noisy, cond, empty, target_ids=None, first_view=None):
+        sample, ids = original(self, noisy, cond, empty, target_ids, first_view)
+        if target_ids is not None:  # a training step (sampling passes none)
+            seen.append((sample[:, : target_ids.shape[1], 5:].clone(), empty.clone()))
+        return sample, ids
+
+    monkeypatch.setattr(MVDPPModel, "unet_input", spy)
+    out = tmp_path / "fvdrop"
+    extra = {"init.architecture": "{target_condition: first_view}", "stage.cond_dropout": 0.0,
+             "stage.first_view_dropout": 1.0, "optim.max_steps": 2}
+    train(run_config(data_dir, out, **extra))
+    assert len(seen) == 2
+    for targets, empty in seen:
+        torch.testing.assert_close(targets, empty[:, None].expand_as(targets))
+
+
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
     """init.architecture switches the geometry encoding and epipolar attention on; the encoding's
     trained (EMA) weights and the epipolar gain reach the bundle."""

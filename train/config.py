@@ -135,6 +135,11 @@ class StageConfig:
     # object as a query-independent bias, and the path through the condition view's latent and
     # global attention (the one that carries geometry) is then never learned. 0 = the paper's.
     embedding_dropout: float = 0.0
+    # With ``target_condition: first_view``: P(the targets hold the empty latent, the paper's
+    # input, instead of the first view's), per object. The first view's latent in every target
+    # lets each view be made on its own; without it the input can reach the targets only
+    # through global attention, so this makes the cross-view path necessary part of the time.
+    first_view_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,8 @@ RULES: dict[str, _Rule] = {
     "stage.single_view_prob": _UNIT,
     "stage.max_cond_views": ((lambda v: 1 <= v <= 10), "[1, 10]", "the model takes 1 to 10 condition views"),
     "stage.cond_dropout": _UNIT,
+    "stage.embedding_dropout": _UNIT,
+    "stage.first_view_dropout": _UNIT,
     "stage.cond_loss_weight": _at_least(0),
     "loss.l1_weight": _at_least(0),
     "loss.l2_weight": _at_least(0),

@@ -123,10 +123,13 @@ def training_noise(
     return torch.stack(ts), torch.stack(noises), torch.stack(drops)
 
 
-def embedding_drops(seeds: list[int], p: float) -> Tensor:
-    """Per object (b,): drop only the image-embedding tokens (``stage.embedding_dropout``), from
-    the sample seed's own stream, independent of the condition dropout's."""
-    return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(mix_seed(s, 9))) < p for s in seeds])
+def object_flags(seeds: list[int], p: float, stream: int) -> Tensor:
+    """Per object (b,): True with probability ``p``, from the sample seed's own ``stream``, so
+    any split of a batch over ranks draws the same flags and each dropout is independent of the
+    others: stream 9 drops only the image-embedding tokens (``stage.embedding_dropout``), stream
+    10 the first view's latent in the targets (``stage.first_view_dropout``)."""
+    return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(mix_seed(s, stream))) < p
+                        for s in seeds])
 
 
 class TrainedModules(nn.Module):
@@ -179,7 +182,8 @@ def diffusion_loss(
     seeds = batch["sample_seed"].tolist()
     t, noise, drop = training_noise(seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout)
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
-    drop_tokens = drop | embedding_drops(seeds, stage.embedding_dropout).to(drop.device)
+    drop_tokens = drop | object_flags(seeds, stage.embedding_dropout, 9).to(drop.device)
+    first_view = ~object_flags(seeds, stage.first_view_dropout, 10).to(drop.device)
     empty = empty.expand(b, -1, -1, -1)
     cond = drop_condition(cond, empty, drop, drop_tokens)
     noisy = model.schedule.q_sample(x0, t, noise)
@@ -187,7 +191,7 @@ def diffusion_loss(
     # The 9-channel input of all views (other ranks' noisy latents are placeholders), then ours.
     placeholder = noisy.new_zeros(full_shape)
     placeholder[:, mine] = noisy
-    sample, view_ids = model.unet_input(placeholder, cond, empty, batch["target_ids"])
+    sample, view_ids = model.unet_input(placeholder, cond, empty, batch["target_ids"], first_view)
     out = trained(
         sample[:, mine], t, view_ids[:, mine], cond.embeddings, batch["cond_rgb"], batch["cond_mask"], drop_tokens,
         view_group=shards,
@@ -196,7 +200,8 @@ def diffusion_loss(
     weights = torch.ones(num_views, device=x0.device)
     weights[targets:] = stage.cond_loss_weight
     share = (per_view * weights[mine]).sum(dim=1) / weights.sum()  # b: this rank's part of each object loss
-    return factor * share.mean(), {"dropped": float(drop.float().mean())}
+    return factor * share.mean(), {"dropped": float(drop.float().mean()),
+                                   "first_view_dropped": float((~first_view).float().mean())}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
