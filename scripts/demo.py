@@ -31,6 +31,14 @@ from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
 DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out procedural object
+# Sampling (sampler, steps, guidance). The embedded default makes each view on its own (its attention
+# does not carry information between views), so a long sampler's per-view decisions at low noise
+# give 32 shapes that disagree; 2 deterministic steps keep its high-noise prediction, which agrees
+# across views: on 50 held-out objects mask IoU 0.68 vs 0.61, silhouette consistency 0.77 vs 0.46,
+# mesh volume IoU 0.46 vs 0.29 (README, "Sampling the embedded default"). Other checkpoints: 20
+# dpmpp_2m steps.
+EMBEDDED_SAMPLING = ("ddim", 2, 2.0)
+CHECKPOINT_SAMPLING = ("dpmpp_2m", 20, 2.0)
 
 
 def load_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +64,13 @@ def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
     return MVDPPModel(preset("tiny")).eval(), "untrained tiny preset"
 
 
+def default_sampling(checkpoint: Path | None) -> tuple[str, int, float]:
+    """(sampler, steps, cfg): ``EMBEDDED_SAMPLING`` for the embedded default (no checkpoint, or
+    its file), ``CHECKPOINT_SAMPLING`` for any other checkpoint."""
+    embedded = checkpoint is None or checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve()
+    return EMBEDDED_SAMPLING if embedded else CHECKPOINT_SAMPLING
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] -> PNG."""
     array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
@@ -68,18 +83,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", type=Path, default=None, help="a .safetensors bundle (default: embedded)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
-    parser.add_argument("--cfg", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: 2 with the embedded default, 20 with --checkpoint")
+    parser.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "dpmpp_2m"],
+                        help="default: ddim with the embedded default, dpmpp_2m with --checkpoint")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 2)")
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)
 
     torch.set_grad_enabled(False)
     model, source = load_model(args.checkpoint)
+    sampler, steps, cfg = default_sampling(args.checkpoint)
+    sampler = args.sampler or sampler
+    steps, cfg = (steps if args.steps is None else args.steps), (cfg if args.cfg is None else args.cfg)
     images, masks = load_rgba(args.image)
     start = time.perf_counter()
-    result = generate(model, images, masks, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                      guidance=args.cfg, callback=lambda i, n, _: print(f"\rsampling {i}/{n}", end="", flush=True))
+    result = generate(model, images, masks, seed=args.seed, steps=steps, sampler=sampler,
+                      guidance=cfg, callback=lambda i, n, _: print(f"\rsampling {i}/{n}", end="", flush=True))
     print()
     generated = time.perf_counter()
     mesh = reconstruct(*result.for_reconstruction(), method="fast", resolution=args.mesh_resolution)
@@ -91,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model": source,
         "input": str(args.image),
+        "sampling": {"sampler": sampler, "steps": steps, "cfg": cfg},
         "grid_png": str(grid_path),
         "mesh_glb": str(glb_path),
         "generate_seconds": round(generated - start, 2),

@@ -84,13 +84,13 @@ class ObjectMetrics:
     silhouette: float = math.nan  # silhouette consistency of the 32 generated masks
 
 
-def heldout_folders(root: Path, count: int, size: int) -> list[Path]:
-    """The first ``count`` held-out object folders under ``root``, rendered where missing."""
+def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT) -> list[Path]:
+    """The first ``count`` object folders of ``split`` under ``root``, rendered where missing."""
     folders = []
     for index in range(count):
-        folder = root / folder_name(Split.HELDOUT, index)
+        folder = root / folder_name(split, index)
         if not (fmt.is_complete(folder) and (folder / "mesh.ply").is_file()):
-            write_object(root, Split.HELDOUT, index, size, save_mesh=True)
+            write_object(root, split, index, size, save_mesh=True)
         folders.append(folder)
     return folders
 
@@ -159,6 +159,23 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
         psnrs.append(p)
         ious.append(m)
     return {"objects": len(folders), "psnr": float(np.mean(psnrs)), "mask_iou": float(np.mean(ious))}
+
+
+def input_copy_baseline(folders: list[Path], size: int) -> dict[str, float]:
+    """View PSNR and mask IoU of the first input view repeated in all 32 slots, against the
+    object's own and another object's true views: what a model that only repeats its input
+    scores (no rotation, no 3D)."""
+    rows = []
+    for i, folder in enumerate(folders):
+        cond_rgb, cond_mask = to_tensors(fmt.read_object_folder(folder, cond_ids=[0]).cond_rgba, size)
+        copied = MultiViewResult(cond_rgb[:1].expand(32, -1, -1, -1), cond_mask[:1].expand(32, -1, -1, -1))
+        own, other = (to_tensors(fmt.read_object_folder(f, cond_ids=[0]).target_rgba, size)
+                      for f in (folder, folders[(i + 1) % len(folders)]))
+        (p, _, m), (po, _, mo) = view_metrics(copied, *own), view_metrics(copied, *other)
+        rows.append((p, m, po, mo))
+    mean = np.mean(rows, axis=0)
+    return {"objects": len(folders), "psnr": float(mean[0]), "mask_iou": float(mean[1]),
+            "psnr_other": float(mean[2]), "mask_iou_other": float(mean[3])}
 
 
 def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
@@ -260,6 +277,11 @@ def markdown_table(report: dict) -> str:
         lines += [f"| {c['step']} | {c['psnr']:.2f} | {c.get('psnr_other', math.nan):.2f} | {c['mask_iou']:.4f} "
                   f"| {c.get('mask_iou_other', math.nan):.4f} | {c.get('silhouette', math.nan):.4f} |"
                   for c in report["curve"]]
+    if report.get("input_copy"):
+        c = report["input_copy"]
+        lines += ["", f"Input copied into all 32 slots ({c['objects']} objects): PSNR {c['psnr']:.2f} / "
+                      f"{c['psnr_other']:.2f} dB, mask IoU {c['mask_iou']:.4f} / {c['mask_iou_other']:.4f} "
+                      "(own / another object)"]
     if report.get("copy_test"):
         c = report["copy_test"]
         lines += ["", f"Copy test (input = true rig view 8, {c['objects']} objects): view 8 PSNR {c['psnr']:.2f} dB, "
@@ -271,6 +293,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out procedural objects.")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--heldout", type=Path, required=True, help="held-out object folders (rendered here if missing)")
+    p.add_argument("--split", choices=[s.value for s in Split], default=Split.HELDOUT.value,
+                   help="which objects under --heldout: 'train' measures the fit on training objects (same "
+                        "metrics), to tell fitting from generalisation")
+    p.add_argument("--input-copy", action="store_true",
+                   help="also score the input view repeated in all 32 slots (a model that only repeats its input)")
     p.add_argument("--count", type=int, default=50, help="held-out objects")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
     p.add_argument("--sampler", default="dpmpp_2m")
@@ -303,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
     cfg = SamplingConfig(args.sampler, args.steps, args.guidance, args.seed, args.mesh_resolution)
-    folders = heldout_folders(args.heldout, args.count, 64)
+    folders = heldout_folders(args.heldout, args.count, 64, Split(args.split))
     model = load_checkpoint(args.checkpoint)
-    report: dict = {"checkpoint": str(args.checkpoint), "objects": len(folders), "sampling": asdict(cfg),
+    report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
+                    "sampling": asdict(cfg),
                     "targets_1_view": {"psnr": 20.0, "mask_iou": 0.85, "mask_iou_gap": 0.25, "psnr_gap": 4.0,
                                        "silhouette": 0.85, "volume_iou": 0.60}}
     t0 = time.perf_counter()
@@ -318,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=1))
         return write
 
+    if args.input_copy:
+        save("input_copy")(input_copy_baseline(folders, model.config.image_size))
     evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
                    on_result=save("trained"), grids=args.grids)
     if args.copy_count:

@@ -26,6 +26,10 @@ from train.procedural.render import render_views
 HERE = Path(__file__).resolve().parent
 INPUT_SIZE = 128
 CHECKPOINT = "mvdpp_default.safetensors"
+# The sampler's steps, sampler and cfg for the embedded default: 2 deterministic steps keep its
+# views in agreement (README, "Sampling the embedded default"); with a real checkpoint use ~20
+# dpmpp_2m steps (the node's defaults).
+EMBEDDED_SAMPLING = [2, "ddim", 2.0]
 # (file stem, azimuth deg, elevation deg): the first view defines azimuth 0.
 EXAMPLE_OBJECT = 4
 EXAMPLE_VIEWS = [("front", 0.0, 15.0), ("left", 90.0, 20.0), ("back", 180.0, 15.0), ("right", 270.0, 25.0)]
@@ -137,7 +141,7 @@ def pipeline(g: Graph, images: Node, image_slot: int, mask: tuple[Node, int] | N
     encode = g.add(Node(101, "MVDPP_MaskAwareEncode", (x + 360, 40), [convention, 0.1, 0.55],
                         inputs=[("model", "MVDPP_MODEL"), ("images", "IMAGE"), ("mask", "MASK")],
                         outputs=[("cond", "MVDPP_COND"), ("framed", "IMAGE")], size=(340, 180)))
-    sampler = g.add(Node(102, "MVDPP_MultiViewSampler", (x + 760, 40), [0, "fixed", 20, "dpmpp_2m", 3.0],
+    sampler = g.add(Node(102, "MVDPP_MultiViewSampler", (x + 760, 40), [0, "fixed", *EMBEDDED_SAMPLING],
                          inputs=[("model", "MVDPP_MODEL"), ("cond", "MVDPP_COND")],
                          outputs=[("views", "IMAGE"), ("masks", "MASK")], size=(320, 200)))
     framed = g.add(Node(103, "PreviewImage", (x + 360, 300), [], inputs=[("images", "IMAGE")], size=(300, 300)))
