@@ -16,6 +16,10 @@ at azimuth 0), generate the 32 rig views and masks and measure:
 * the copy test: with the object's true rig view 8 (azimuth 0, elevation 0, the rig's
   distance) as the input, how closely generated view 8 reproduces it.
 
+Sampling defaults to the demo's for the checkpoint (``scripts/demo.py``: 2 ddim steps at cfg
+2 for the embedded default, 20 dpmpp_2m steps otherwise). ``--split train`` measures training
+objects instead (the fit), and ``--input-copy`` scores the input view repeated in all 32 slots.
+
 The same runs for an untrained model of the same shape (seeded random weights: the floor),
 and, with ``--curve``, for the EMA weights of each saved training checkpoint (a learning
 curve on a subset). Writes JSON and prints a markdown table.
@@ -49,6 +53,7 @@ from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
 from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
+from scripts.demo import default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import silhouette_consistency  # noqa: E402
@@ -66,7 +71,7 @@ COPY_VIEW = 8  # azimuth 0, elevation 0: the rig slot an input taken from the ri
 @dataclass(frozen=True)
 class SamplingConfig:
     sampler: str = "dpmpp_2m"
-    steps: int = 20  # the demo's settings
+    steps: int = 20
     guidance: float = 2.0
     seed: int = 0
     mesh_resolution: int = 64
@@ -300,9 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also score the input view repeated in all 32 slots (a model that only repeats its input)")
     p.add_argument("--count", type=int, default=50, help="held-out objects")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=SamplingConfig.steps)
-    p.add_argument("--guidance", type=float, default=SamplingConfig.guidance)
+    p.add_argument("--sampler", default=None, help="default: the demo's for this checkpoint (scripts/demo.py)")
+    p.add_argument("--steps", type=int, default=None, help="default: the demo's for this checkpoint")
+    p.add_argument("--guidance", type=float, default=None, help="default: the demo's for this checkpoint")
     p.add_argument("--copy-count", type=int, default=16, help="objects for the copy test (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
@@ -329,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.views) > 4 or min(args.views) < 1:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
-    cfg = SamplingConfig(args.sampler, args.steps, args.guidance, args.seed, args.mesh_resolution)
+    sampler, steps, guidance = default_sampling(args.checkpoint)  # what the demo uses for this checkpoint
+    cfg = SamplingConfig(args.sampler or sampler, steps if args.steps is None else args.steps,
+                         guidance if args.guidance is None else args.guidance, args.seed, args.mesh_resolution)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split))
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
