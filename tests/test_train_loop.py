@@ -271,6 +271,13 @@ def test_first_view_dropout_one_trains_on_the_papers_input(data_dir, tmp_path, m
         torch.testing.assert_close(targets, empty[:, None].expand_as(targets))
 
 
+def test_first_view_dropout_without_first_view_input_is_refused(data_dir, tmp_path):
+    """stage.first_view_dropout has nothing to drop when the targets already hold the empty latent:
+    a clear error, not a silently ignored switch."""
+    with pytest.raises(ValueError, match=r"stage.first_view_dropout=0.5 needs target_condition: first_view.*empty"):
+        train(run_config(data_dir, tmp_path / "refused", **{"stage.first_view_dropout": 0.5}))
+
+
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
     """init.architecture switches the geometry encoding and epipolar attention on; the encoding's
     trained (EMA) weights and the epipolar gain reach the bundle."""

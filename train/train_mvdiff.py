@@ -51,7 +51,7 @@ from mvdpp_core.condition import (
     embed_on_white,
     encode_condition,
 )
-from mvdpp_core.config import ModelConfig
+from mvdpp_core.config import ModelConfig, TargetCondition
 from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
@@ -248,6 +248,12 @@ def train(cfg: TrainConfig) -> TrainState:
         return recorded
 
     model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type, architecture=architecture, output_dir=out)
+    if cfg.stage.first_view_dropout and model.config.target_condition is not TargetCondition.FIRST_VIEW:
+        raise ValueError(
+            f"stage.first_view_dropout={cfg.stage.first_view_dropout} needs target_condition: first_view, but the "
+            f"model's is {model.config.target_condition.value}; set stage.first_view_dropout=0 or "
+            "init.architecture='{target_condition: first_view}'."
+        )
     model.vae.requires_grad_(False).eval()
     if not cfg.stage.train_image_encoder:
         model.image_encoder.requires_grad_(False).eval()
