@@ -64,11 +64,14 @@ def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
     return MVDPPModel(preset("tiny")).eval(), "untrained tiny preset"
 
 
-def default_sampling(checkpoint: Path | None) -> tuple[str, int, float]:
-    """(sampler, steps, cfg): ``EMBEDDED_SAMPLING`` for the embedded default (no checkpoint, or
-    its file), ``CHECKPOINT_SAMPLING`` for any other checkpoint."""
+def default_sampling(
+    checkpoint: Path | None, sampler: str | None = None, steps: int | None = None, cfg: float | None = None
+) -> tuple[str, int, float]:
+    """(sampler, steps, cfg): those given, the rest from ``EMBEDDED_SAMPLING`` for the embedded
+    default (no checkpoint, or its file) or ``CHECKPOINT_SAMPLING`` for any other checkpoint."""
     embedded = checkpoint is None or checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve()
-    return EMBEDDED_SAMPLING if embedded else CHECKPOINT_SAMPLING
+    base = EMBEDDED_SAMPLING if embedded else CHECKPOINT_SAMPLING
+    return tuple(b if given is None else given for b, given in zip(base, (sampler, steps, cfg), strict=True))
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -93,9 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_grad_enabled(False)
     model, source = load_model(args.checkpoint)
-    sampler, steps, cfg = default_sampling(args.checkpoint)
-    sampler = args.sampler or sampler
-    steps, cfg = (steps if args.steps is None else args.steps), (cfg if args.cfg is None else args.cfg)
+    sampler, steps, cfg = default_sampling(args.checkpoint, args.sampler, args.steps, args.cfg)
     images, masks = load_rgba(args.image)
     start = time.perf_counter()
     result = generate(model, images, masks, seed=args.seed, steps=steps, sampler=sampler,

@@ -334,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.views) > 4 or min(args.views) < 1:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
-    sampler, steps, guidance = default_sampling(args.checkpoint)  # what the demo uses for this checkpoint
-    cfg = SamplingConfig(args.sampler or sampler, steps if args.steps is None else args.steps,
-                         guidance if args.guidance is None else args.guidance, args.seed, args.mesh_resolution)
+    sampling = default_sampling(args.checkpoint, args.sampler, args.steps, args.guidance)  # the demo's unless given
+    cfg = SamplingConfig(*sampling, args.seed, args.mesh_resolution)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split))
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),

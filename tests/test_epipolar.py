@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import assert_initialised_unet_equals_base, unet_inputs
+from tiny_models import assert_initialised_unet_equals_base, unet_inputs, unet_with
 
 from mvdpp_core.attention import AttentionBackend, attend
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
@@ -83,10 +83,7 @@ def test_zero_gain_keeps_the_diffusers_base_and_plain_global_attention():
 
 @pytest.fixture
 def epipolar_unet() -> MultiViewUNet:
-    torch.manual_seed(1)
-    mv = MultiViewUNet(CFG).eval()
-    mv.epipolar.reset_parameters(1.0)
-    return mv
+    return unet_with(CFG, "epipolar", 1.0)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import assert_initialised_unet_equals_base, unet_inputs
+from tiny_models import assert_initialised_unet_equals_base, unet_inputs, unet_with
 
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
 from mvdpp_core.config import PredictionType, preset
@@ -64,10 +64,7 @@ def test_zero_initialised_geometry_keeps_the_diffusers_base_exactly():
 
 @pytest.fixture
 def geometry_unet() -> MultiViewUNet:
-    torch.manual_seed(1)
-    mv = MultiViewUNet(CFG).eval()
-    mv.geometry.reset_parameters(0.1)
-    return mv
+    return unet_with(CFG, "geometry", 0.1)
 
 
 @torch.no_grad()
@@ -124,16 +121,23 @@ def test_training_init_refuses_bad_architecture_overrides():
         )
 
 
+def _first_view_model():
+    """A seeded tiny model with ``target_condition: first_view`` and no image encoder."""
+    from mvdpp_core.config import TargetCondition
+    from mvdpp_core.model import MVDPPModel
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)
+    return MVDPPModel(config, with_image_encoder=False)
+
+
 def test_first_view_target_condition_feeds_the_input_latent_to_every_target():
     """ModelConfig.target_condition=first_view: every target's condition channels hold the first
     condition view's latent (Zero123's input concatenation); the null condition holds the empty
     latent everywhere, so guidance and condition dropout still remove the whole input."""
-    from mvdpp_core.config import TargetCondition
     from mvdpp_core.model import Condition, MVDPPModel
 
-    torch.manual_seed(0)
-    config = dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)
-    model = MVDPPModel(config, with_image_encoder=False)
+    model = _first_view_model()
     empty = torch.randn(1, 4, 16, 16)
     cond = Condition(torch.randn(1, 2, 4, 16, 16), torch.randn(1, 2, 32))
     noisy = torch.randn(1, 5 + 2, 4, 16, 16)
@@ -152,12 +156,9 @@ def test_first_view_flags_give_dropped_objects_the_papers_input():
     """unet_input(first_view=flags) (training's stage.first_view_dropout): an object whose flag is
     off gets the empty latent in its targets, as with target_condition: empty, while its
     condition views keep their latents; the other objects are unchanged."""
-    from mvdpp_core.config import TargetCondition
-    from mvdpp_core.model import Condition, MVDPPModel
+    from mvdpp_core.model import Condition
 
-    torch.manual_seed(0)
-    config = dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)
-    model = MVDPPModel(config, with_image_encoder=False)
+    model = _first_view_model()
     empty = torch.randn(2, 4, 16, 16)
     cond = Condition(torch.randn(2, 1, 4, 16, 16), torch.randn(2, 1, 32))
     noisy = torch.randn(2, 3 + 1, 4, 16, 16)

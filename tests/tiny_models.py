@@ -62,3 +62,14 @@ def assert_initialised_unet_equals_base(config: UNetConfig, views: int = 5):
     ref = base(sample[0], t.expand(views), encoder_hidden_states=ctx.expand(views, -1, -1)).sample
     torch.testing.assert_close(ours[0], ref, atol=1e-5, rtol=1e-5)
     return mv
+
+
+def unet_with(config: UNetConfig, part: str, value: float, seed: int = 1):
+    """A seeded MultiViewUNet of ``config`` in eval mode whose optional ``part`` ("geometry" or
+    "epipolar") is reset with ``value`` (its init std or gain) instead of its zero start."""
+    from mvdpp_core.unet import MultiViewUNet
+
+    torch.manual_seed(seed)
+    mv = MultiViewUNet(config).eval()
+    getattr(mv, part).reset_parameters(value)
+    return mv
