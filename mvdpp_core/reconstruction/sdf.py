@@ -48,7 +48,9 @@ class SDFConfig:
     # most 96 (at 128^3 / 256 px, 96 cells lifted the table's IoU 0.673 -> 0.700 and the
     # cube's 0.950 -> 0.961 over 64, for ~2x the time and ~2.9 GB of memory).
     photo_cells: int | None = None
-    photo_threshold: float = 0.10  # RMS colour spread (RGB in [0, 1]) above which a voxel is carved
+    # RMS colour spread (RGB in [0, 1]) above which a voxel is carved; raised to 6x the views'
+    # noise floor (:func:`.photo.photo_carve`). 0.10 before the deeper-point test (issue 14).
+    photo_threshold: float = 0.05
     photo_rounds: int = 150  # at most this many carved layers
     # NeuS fit from the carved volume (0 iterations: none, the CPU default; see :meth:`full`).
     grid_cells: int = 64  # finest SDF grid, cells per axis over [-bound, bound]

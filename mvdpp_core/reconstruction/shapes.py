@@ -146,16 +146,48 @@ def cup(
     return _finish(trimesh.creation.revolve(profile, sections=sections), color, 1.0)
 
 
-def _union_of_boxes(boxes: list[tuple[tuple[float, float, float], tuple[float, float, float]]]) -> trimesh.Trimesh:
-    """Boxes (centre, extents) with disjoint interiors (they may touch), as one mesh."""
-    parts = []
-    for center, extents in boxes:
-        part = trimesh.creation.box(extents=extents)
-        part.apply_translation(center)
-        while part.edges_unique_length.max() > DEFAULT_MAX_EDGE:
-            part = part.subdivide()
-        parts.append(part)
-    return trimesh.util.concatenate(parts)
+def _union_of_boxes(
+    boxes: list[tuple[tuple[float, float, float], tuple[float, float, float]]], max_edge: float = DEFAULT_MAX_EDGE
+) -> trimesh.Trimesh:
+    """The boundary of a union of axis-aligned boxes (centre, extents), as one watertight mesh.
+
+    Concatenating the boxes would keep the faces where two boxes touch: they lie inside the
+    union, and a Chamfer distance sampling the truth there measures a surface no view can see.
+    Instead, space is cut into cells along every box's bounds (and every ``max_edge``), and
+    the faces between a cell inside some box and one outside all become two triangles each.
+    """
+    lo = np.array([np.subtract(c, np.divide(e, 2)) for c, e in boxes])
+    hi = np.array([np.add(c, np.divide(e, 2)) for c, e in boxes])
+    axes = []
+    for a in range(3):
+        cuts = np.unique(np.round(np.concatenate([lo[:, a], hi[:, a]]), 9))
+        pairs = zip(cuts[:-1], cuts[1:], strict=True)
+        fine = [np.linspace(x0, x1, int(np.ceil((x1 - x0) / max_edge)) + 1)[:-1] for x0, x1 in pairs]
+        axes.append(np.concatenate([*fine, cuts[-1:]]))
+    centres = np.meshgrid(*[(x[:-1] + x[1:]) / 2 for x in axes], indexing="ij")
+    cell = np.zeros(centres[0].shape, bool)
+    for b_lo, b_hi in zip(lo, hi, strict=True):
+        cell |= np.all([(c > b_lo[a]) & (c < b_hi[a]) for a, c in enumerate(centres)], axis=0)
+    inside = np.pad(cell, 1)
+    shape = tuple(len(x) for x in axes)
+    corner = np.arange(np.prod(shape)).reshape(shape)  # vertex id of every grid corner
+    faces = []
+    for a in range(3):
+        u, v = [b for b in range(3) if b != a]
+        rest = [slice(1, -1)] * 3
+        before = inside[tuple(slice(0, -1) if b == a else rest[b] for b in range(3))]  # cell below plane i
+        after = inside[tuple(slice(1, None) if b == a else rest[b] for b in range(3))]  # cell above it
+        for outward_minus, cells in ((False, before & ~after), (True, ~before & after)):
+            for idx in np.argwhere(cells):  # idx[a] is the plane, idx[u], idx[v] the cell's corner
+                quad = [corner[tuple(idx + np.eye(3, dtype=int)[u] * du + np.eye(3, dtype=int)[v] * dv)]
+                        for du, dv in ((0, 0), (1, 0), (1, 1), (0, 1))]  # normal along e_u x e_v
+                if outward_minus ^ (a == 1):  # e_u x e_v is -e_a for a = 1 (x cross z = -y)
+                    quad = quad[::-1]
+                faces += [[quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    mesh = trimesh.Trimesh(points, np.asarray(faces), process=False)
+    mesh.remove_unreferenced_vertices()
+    return mesh
 
 
 def table(*, color: tuple[float, float, float] | None = None) -> trimesh.Trimesh:
