@@ -86,7 +86,7 @@ def test_quality_equals_fast_on_a_convex_object() -> None:
 @pytest.mark.slow
 def test_quality_path_beats_fast_path_on_a_bowl() -> None:
     """A patterned bowl (opening up): the carved hull fills it; photo-consistency carving
-    opens it. Measured at 64 px / 64^3: IoU 0.17 -> 0.59, Chamfer 0.037 -> 0.012 (with a
+    opens it. Measured at 64 px / 64^3: IoU 0.17 -> 0.58, Chamfer 0.037 -> 0.012 (with a
     fixed spread threshold and no deeper-point test, before issue 14's second pass:
     0.17 -> 0.47 and 0.037 -> 0.017)."""
     mesh = shapes.patterned(shapes.bowl())
@@ -101,7 +101,7 @@ def test_quality_path_beats_fast_path_on_a_bowl() -> None:
 @pytest.mark.slow
 def test_quality_recovers_a_cup() -> None:
     """A patterned cup: carving fills it (the hollow is inside every silhouette), the quality
-    path opens it. Measured at 64 px / 64^3: IoU 0.30 -> 0.63, Chamfer 0.0275 -> 0.0209.
+    path opens it. Measured at 64 px / 64^3: IoU 0.30 -> 0.63, Chamfer 0.0275 -> 0.021.
     The floor is the hard part: voxels just above it see floor points close together, whose
     colours barely differ; the deeper-point test carves them (with a fixed threshold alone:
     0.30 -> 0.59 and 0.0275 -> 0.0250; before issue 14: 0.30 -> 0.30, 0.0275 -> 0.0301)."""

@@ -36,7 +36,8 @@ def field_to_mesh(
     verts, faces, _, _ = marching_cubes(padded, level, spacing=(grid.spacing,) * 3, gradient_direction=direction)
     verts = (verts - grid.spacing - grid.bound).astype(np.float32)
     faces = faces.astype(np.int64)
-    if trimesh.Trimesh(verts, faces, process=False).volume < 0:
+    a, b, c = (verts[faces[:, i]].astype(np.float64) for i in range(3))
+    if np.einsum("ij,ij->", a, np.cross(b, c)) < 0:  # 6x the signed volume (trimesh's costs ~10x)
         faces = faces[:, ::-1].copy()
     return verts, faces
 
