@@ -30,14 +30,15 @@ better at a point 1-3 voxels deeper along its inward normal, inside the volume
 down to it, at a true surface it grows going in. Both thresholds rise with the views' own
 noise: each is at least a multiple (``noise_factors``) of the lower quartile of the spread
 on the hull's first surface, which is 0.006-0.009 on clean renders (discretisation) and
-0.025 / 0.045 under pixel noise of sigma 0.05 / 0.1. A voxel flagged by either test is first given the lowest
-spread within half a voxel outwards (``outward``): a true voxel's centre lies up to
-half a voxel under its surface, and without this a carved one exposes a worse one behind it
-(the cup's outer wall was pitted). Measured on the benchmark's 7 objects (96 cells, 256 px;
-issue 14): mean Chamfer 0.0135 -> 0.0099, every object's IoU at or above the fast path's.
+0.025 / 0.045 under pixel noise of sigma 0.05 / 0.1. A voxel flagged by either test is
+first given the lowest spread within half a voxel outwards (``outward``): a true voxel's
+centre lies up to half a voxel under its surface, and without this a carved one exposes a
+worse one behind it (the cup's outer wall was pitted). Measured on the benchmark's 7
+objects (96 cells, 256 px; issue 14): mean Chamfer 0.0135 -> 0.0099, every object's IoU at
+or above the fast path's.
 
-A voxel whose removal would leave a foreground pixel seeing nothing is put back
-and never carved again, so every silhouette is kept. The projections and colours of all
+A voxel whose removal would leave a foreground pixel seeing nothing is put back and never
+carved again, so every silhouette is kept. The projections and colours of all
 hull voxels are computed once; a round costs a few gathers.
 """
 
@@ -293,9 +294,10 @@ def photo_carve(
 
     Depth maps are ``depth_size`` px (about a voxel a pixel), colours are read from the
     views resized to ``color_size`` px. Returns the carved boolean volume (cells + 1)^3 and
-    its grid. ``tolerance`` and ``deeper`` are in voxels; ``threshold`` and ``low`` are raised
-    to ``noise_factors`` times the lower quartile of the spread on the hull's surface (see the module
-    docstring); ``callback(round, max_rounds)`` after each round.
+    its grid. ``tolerance``, ``deeper`` and ``outward`` are in voxels; ``threshold`` and
+    ``low`` are raised to ``noise_factors`` times the lower quartile of the spread on the
+    hull's surface (see the module docstring); ``callback(round, max_rounds)`` after each
+    round.
     """
     coarse, cgrid = resample_field(occupancy, grid, cells)
     inside = largest_component(coarse > 0.5)
