@@ -383,3 +383,28 @@ def test_a_checkpoint_that_fails_verification_never_becomes_latest(data_dir, tmp
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     assert not (out / "checkpoints" / "step_00000002").exists()
     assert "step_00000002 failed verification (ema.safetensors" in caplog.text
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    """optim.decay_steps: linear warmup, constant, then a cosine to 0 over the last decay_steps
+    optimizer steps (half-way down at their middle); 0 keeps the LR constant after warmup."""
+    from train.config import OptimConfig
+    from train.loop import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, max_steps=100, decay_steps=40)
+    optimizer, scheduler = make_optimizer([p], optim)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[30] == lrs[59] == pytest.approx(1e-3)  # constant until step 60
+    assert lrs[80] == pytest.approx(0.5e-3) and lrs[99] < 1e-5  # cosine to 0 by max_steps
+    assert all(a >= b for a, b in zip(lrs[60:], lrs[61:], strict=False))
+    optimizer, scheduler = make_optimizer([p], dataclasses.replace(optim, decay_steps=0))
+    for _ in range(99):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)

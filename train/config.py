@@ -65,13 +65,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW, linear warmup then constant; batch sizes are per device."""
+    """AdamW, linear warmup, constant, then (``decay_steps`` > 0) a cosine decay to 0 over the
+    last ``decay_steps`` of ``max_steps``; batch sizes are per device."""
 
     lr: float = 1e-5
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
+    decay_steps: int = 0  # 0 = constant after warmup
     max_grad_norm: float = 1.0  # 0 = no clipping
     batch_size: int = 1
     grad_accum_steps: int = 1
@@ -271,6 +273,7 @@ RULES: dict[str, _Rule] = {
     "optim.weight_decay": _at_least(0),
     "optim.eps": ((lambda v: v > 0), "> 0", "e.g. 1.0e-8"),
     "optim.warmup_steps": _at_least(0, "0 = no warmup"),
+    "optim.decay_steps": _at_least(0, "0 = no decay; N decays the LR to 0 over the last N of optim.max_steps"),
     "optim.max_grad_norm": _at_least(0, "0 = no clipping"),
     "optim.batch_size": _at_least(1, "it is per device"),
     "optim.grad_accum_steps": _at_least(1, "1 = no accumulation"),
@@ -315,6 +318,12 @@ def validate(config: Any) -> None:
             if rule is not None and not rule[0](value):
                 fix = f" ({rule[2]})" if rule[2] else ""
                 raise ValueError(f"{path}={value!r} is not allowed; allowed: {rule[1]}{fix}.")
+    optim = getattr(config, "optim", None)
+    if isinstance(optim, OptimConfig) and optim.decay_steps > optim.max_steps:
+        raise ValueError(
+            f"optim.decay_steps={optim.decay_steps} exceeds optim.max_steps={optim.max_steps}; allowed: "
+            "0 to optim.max_steps (the LR decays over the last decay_steps of the run)."
+        )
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

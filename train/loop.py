@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -60,13 +61,18 @@ def make_accelerator(runtime: RuntimeConfig, logging_cfg: LoggingConfig) -> Acce
 
 
 class WarmupConstant:
-    """LR multiplier: linear warmup over ``warmup_steps``, then 1 (a class so it pickles)."""
+    """LR multiplier: linear warmup over ``warmup_steps``, then 1, then a cosine from 1 to 0
+    over the last ``decay_steps`` of ``max_steps`` (a class so it pickles)."""
 
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps = warmup_steps
+    def __init__(self, warmup_steps: int, max_steps: int = 0, decay_steps: int = 0):
+        self.warmup_steps, self.max_steps, self.decay_steps = warmup_steps, max_steps, decay_steps
 
     def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        scale = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        start = self.max_steps - self.decay_steps
+        if self.decay_steps > 0 and step >= start:
+            scale *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - start) / self.decay_steps)))
+        return scale
 
 
 def make_optimizer(
@@ -77,7 +83,9 @@ def make_optimizer(
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(optim.warmup_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupConstant(optim.warmup_steps, optim.max_steps, optim.decay_steps)
+    )
 
 
 def _full(t: Tensor) -> Tensor:
