@@ -60,7 +60,7 @@ def make_accelerator(runtime: RuntimeConfig, logging_cfg: LoggingConfig) -> Acce
     return acc
 
 
-class WarmupConstant:
+class WarmupThenDecay:
     """LR multiplier: linear warmup over ``warmup_steps``, then 1, then a cosine from 1 to 0
     over the last ``decay_steps`` of ``max_steps`` (a class so it pickles)."""
 
@@ -84,7 +84,7 @@ def make_optimizer(
         params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupConstant(optim.warmup_steps, optim.max_steps, optim.decay_steps)
+        optimizer, WarmupThenDecay(optim.warmup_steps, optim.max_steps, optim.decay_steps)
     )
 
 
