@@ -279,6 +279,7 @@ CONFIG = [
     _config("betas_range", "optim.betas=[0.9,1.5]", "optim.betas", "[0, 1)"),
     _config("warmup_negative", "optim.warmup_steps=-1", "optim.warmup_steps=-1", ">= 0"),
     _config("decay_negative", "optim.decay_steps=-1", "optim.decay_steps=-1", ">= 0"),
+    _config("timestep_shift_zero", "stage.timestep_shift=0", "stage.timestep_shift=0", "> 0"),
     _config("decay_past_the_run", "optim.decay_steps=99999999", "optim.decay_steps=99999999", "max_steps"),
     _config("num_workers_negative", "data.num_workers=-2", "data.num_workers=-2", ">= 0"),
     _config("export_name_not_safetensors", "checkpoint.export_name=model.ckpt",

@@ -408,3 +408,22 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
         optimizer.step()
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_timestep_shift_moves_draws_toward_high_noise():
+    """stage.timestep_shift: 1 keeps the uniform draws exactly as before (same numbers per
+    seed); 3 maps u -> 3u / (1 + 2u), so P(t >= T/2) = P(u >= 1/4) = 0.75 and
+    P(t >= 3T/4) = P(u >= 1/2) = 0.5, still drawn from each object's seed alone."""
+    from train.data.dataset import mix_seed
+    from train.train_mvdiff import training_noise
+
+    seeds = list(range(5000, 9000))
+    shape = torch.Size((len(seeds), 1, 1, 1, 1))
+    uniform, _, _ = training_noise(seeds, shape, 1000, 0.1)
+    first = torch.randint(0, 1000, (), generator=torch.Generator().manual_seed(mix_seed(seeds[0], 8)))
+    assert uniform[0] == first
+    shifted, noise, drop = training_noise(seeds, shape, 1000, 0.1, shift=3.0)
+    assert 0.72 < (shifted >= 500).float().mean() < 0.78 and 0.47 < (shifted >= 750).float().mean() < 0.53
+    assert 0.47 < (uniform >= 500).float().mean() < 0.53 and 0 <= int(shifted.min()) and int(shifted.max()) <= 999
+    part, _, _ = training_noise(seeds[100:200], torch.Size((100, 1, 1, 1, 1)), 1000, 0.1, shift=3.0)
+    torch.testing.assert_close(part, shifted[100:200])

@@ -142,6 +142,9 @@ class StageConfig:
     # lets each view be made on its own; without it the input can reach the targets only
     # through global attention, so this makes the cross-view path necessary part of the time.
     first_view_dropout: float = 0.0
+    # Training timesteps are uniform (1, the paper's); s > 1 moves them toward high noise, where
+    # the condition decides the object (u -> s u / (1 + (s - 1) u), SD3's shift).
+    timestep_shift: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,7 @@ RULES: dict[str, _Rule] = {
     "stage.cond_dropout": _UNIT,
     "stage.embedding_dropout": _UNIT,
     "stage.first_view_dropout": _UNIT,
+    "stage.timestep_shift": ((lambda v: v > 0), "> 0", "1 = uniform timesteps; 3 puts 75 % in the noisier half"),
     "stage.cond_loss_weight": _at_least(0),
     "loss.l1_weight": _at_least(0),
     "loss.l2_weight": _at_least(0),

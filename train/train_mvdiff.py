@@ -110,14 +110,22 @@ def encode_views(model: MVDPPModel, batch: dict, mine: slice, embed: bool = True
 
 
 def training_noise(
-    seeds: list[int], shape: torch.Size, num_timesteps: int, dropout: float
+    seeds: list[int], shape: torch.Size, num_timesteps: int, dropout: float, shift: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per object: timestep (b,), noise (b, v, c, h, w) and condition-dropout flag (b,), from
-    its sample seed only, so any split of a batch over ranks draws the same numbers."""
+    its sample seed only, so any split of a batch over ranks draws the same numbers.
+
+    Timesteps are uniform; ``shift`` > 1 moves them toward high noise, where the condition
+    decides the object (SD3's shift: u -> s u / (1 + (s - 1) u) for u uniform in [0, 1); 3
+    puts 75 % of the draws in the upper half)."""
     ts, noises, drops = [], [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(mix_seed(seed, 8))
-        ts.append(torch.randint(0, num_timesteps, (), generator=g))
+        if shift == 1.0:
+            ts.append(torch.randint(0, num_timesteps, (), generator=g))
+        else:
+            u = torch.rand((), generator=g, dtype=torch.float64)
+            ts.append((shift * u / (1 + (shift - 1) * u) * num_timesteps).long().clamp(max=num_timesteps - 1))
         noises.append(torch.randn(tuple(shape[1:]), generator=g))
         drops.append(torch.rand((), generator=g) < dropout)
     return torch.stack(ts), torch.stack(noises), torch.stack(drops)
@@ -180,7 +188,9 @@ def diffusion_loss(
     b = x0.shape[0]
     full_shape = torch.Size((b, num_views, *x0.shape[2:]))
     seeds = batch["sample_seed"].tolist()
-    t, noise, drop = training_noise(seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout)
+    t, noise, drop = training_noise(
+        seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout, stage.timestep_shift
+    )
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
     drop_tokens = drop | object_flags(seeds, stage.embedding_dropout, 9).to(drop.device)
     first_view = ~object_flags(seeds, stage.first_view_dropout, 10).to(drop.device)
