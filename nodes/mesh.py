@@ -134,7 +134,8 @@ class MeshExport(io.ComfyNode):
                 io.Combo.Input(
                     "method", options=METHODS, default="fast",
                     tooltip="fast: visual hull carving + colours projected from the views (seconds); quality: the "
-                    "hull carved further where the views disagree on colour (opens cups and bowls; seconds on a CPU).",
+                    "hull carved further where the views disagree on colour (opens cups and bowls; seconds on a CPU). "
+                    "Views that disagree everywhere (a weak model's) raise its threshold: it keeps the fast mesh.",
                 ),
                 io.Int.Input(
                     "resolution", default=128, min=32, max=512, step=16,
