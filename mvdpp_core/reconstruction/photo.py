@@ -159,6 +159,11 @@ def _w2c(c2w: Tensor) -> Tensor:
     return torch.linalg.inv(c2w.double())[:, :3].float()  # v 3 4
 
 
+def _ijk(flat: Tensor, n: int) -> Tensor:
+    """Flat indices (m,) of an (n, n, n) grid -> integer indices (m, 3)."""
+    return torch.stack([flat // (n * n), (flat // n) % n, flat % n], -1)
+
+
 def _normals(volume: Tensor, index: Tensor) -> Tensor:
     """Outward unit normals (m, 3) of a boolean volume (n, n, n) at voxels ``index`` (m, 3):
     minus the central-difference gradient of its Gaussian-smoothed (sigma 1 voxel) occupancy."""
@@ -200,7 +205,7 @@ def _spread_along(
     seen: Tensor,
     grid: Grid,
     steps: tuple[float, ...],
-    vs: ViewSet,
+    w2c: Tensor,
     images: Tensor,
     solid: Tensor,
     K: Tensor,
@@ -210,9 +215,8 @@ def _spread_along(
     voxels from ``voxels`` (m,) flat indices along their outward ``normal`` (m, 3) (negative:
     inwards); with ``occ``, only points in that occupied volume count (inf where none does)."""
     n = grid.resolution
-    points = grid.points(torch.stack([voxels // (n * n), (voxels // n) % n, voxels % n], -1))
+    points = grid.points(_ijk(voxels, n))
     best = torch.full((len(voxels),), float("inf"))
-    w2c = _w2c(vs.c2w)
     for k in steps:
         moved = points + k * grid.spacing * normal
         spread = color_spread(_sample(images, _uv(moved, w2c, K, solid.shape[-1])[0]), seen)[1]
@@ -231,7 +235,7 @@ def _inconsistent(
     counted: Tensor,
     occ: Tensor,
     grid: Grid,
-    views: tuple[ViewSet, Tensor, Tensor, Tensor],
+    views: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
     threshold: float,
     low: float,
@@ -306,7 +310,7 @@ def photo_carve(
     images, _, _ = _resize(vs.views, vs.masks, vs.K, color_size)
     rays = trace_rays(solid, vs.c2w, K_d, inside, cgrid)
     hull = torch.nonzero(torch.from_numpy(inside).flatten()).squeeze(1)  # candidate voxels: the hull's
-    ijk = torch.stack([hull // (n * n), (hull // n) % n, hull % n], -1)
+    ijk = _ijk(hull, n)
     vv = _project_voxels(cgrid.points(ijk), images, solid, vs.c2w, K_d)
     slot = torch.full((n**3 + 1,), -1, dtype=torch.long)
     slot[hull] = torch.arange(len(hull))  # flat voxel -> column of vv
@@ -315,6 +319,7 @@ def photo_carve(
     first, has = _first_hits(occ, rays.ids)
     rows = torch.arange(len(first))
     tol = tolerance * cgrid.spacing
+    views = (_w2c(vs.c2w), images, solid, K_d)  # what the extra colour samples need
     for rnd in range(max_rounds):
         depth = torch.full((solid.numel(),), float("inf"))
         depth[rays.pixel[has]] = rays.near[has] + rays.step * first[has]
@@ -322,7 +327,7 @@ def photo_carve(
         surf = torch.nonzero(_surface(volume).flatten()).squeeze(1)
         surf = surf[~fixed[surf]]
         col = slot[surf]
-        normal = _normals(volume, torch.stack([surf // (n * n), (surf // n) % n, surf % n], -1))  # m 3
+        normal = _normals(volume, _ijk(surf, n))  # m 3
         facing = (vv.to_cam[:, col] * normal[None]).sum(-1) > min_cos  # v m
         seen = vv.solid[:, col] & facing & (vv.dist[:, col] <= depth[vv.pixel[:, col]] + tol)
         nv, spread = color_spread(vv.rgb[:, col], seen)
@@ -331,7 +336,7 @@ def photo_carve(
             floor = float(spread[counted].quantile(0.25))
             threshold, low = max(threshold, noise_factors[0] * floor), max(low, noise_factors[1] * floor)
         bad = _inconsistent(
-            surf, normal, seen, spread, counted, occ, cgrid, (vs, images, solid, K_d),
+            surf, normal, seen, spread, counted, occ, cgrid, views,
             threshold=threshold, low=low, ratio=ratio, deeper=deeper, outward=outward,
         )
         carve = surf[bad]

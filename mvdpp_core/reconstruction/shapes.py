@@ -171,7 +171,7 @@ def _union_of_boxes(
     inside = np.pad(cell, 1)
     shape = tuple(len(x) for x in axes)
     corner = np.arange(np.prod(shape)).reshape(shape)  # vertex id of every grid corner
-    faces = []
+    faces, eye = [], np.eye(3, dtype=int)
     for a in range(3):
         u, v = [b for b in range(3) if b != a]
         rest = [slice(1, -1)] * 3
@@ -179,7 +179,7 @@ def _union_of_boxes(
         after = inside[tuple(slice(1, None) if b == a else rest[b] for b in range(3))]  # cell above it
         for outward_minus, cells in ((False, before & ~after), (True, ~before & after)):
             for idx in np.argwhere(cells):  # idx[a] is the plane, idx[u], idx[v] the cell's corner
-                quad = [corner[tuple(idx + np.eye(3, dtype=int)[u] * du + np.eye(3, dtype=int)[v] * dv)]
+                quad = [corner[tuple(idx + eye[u] * du + eye[v] * dv)]
                         for du, dv in ((0, 0), (1, 0), (1, 1), (0, 1))]  # normal along e_u x e_v
                 if outward_minus ^ (a == 1):  # e_u x e_v is -e_a for a = 1 (x cross z = -y)
                     quad = quad[::-1]
