@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
 from mvdpp_core.cameras import intrinsics, rig_c2w
 from mvdpp_core.reconstruction import (
@@ -28,8 +29,11 @@ from mvdpp_core.reconstruction import (
     ssim,
     volume_iou,
 )
+from mvdpp_core.reconstruction.carving import Grid, keep_largest
 from mvdpp_core.reconstruction.export import surface_colors
+from mvdpp_core.reconstruction.meshing import mesh_field, surface_faces, vertex_normals
 from mvdpp_core.reconstruction.metrics import occupancy
+from mvdpp_core.reconstruction.texturing import bake_texture, uv_atlas
 
 SIZE = 96  # image size of the test views
 GRID = 64  # carving cells per axis
@@ -185,6 +189,71 @@ def test_progress_callback_reports_and_cancels(sphere_views) -> None:
 
     with pytest.raises(InterruptedError):
         reconstruct(views, masks, resolution=32, callback=cancel)
+
+
+# --- meshing and texturing internals ---------------------------------------------------------
+
+
+def _ball_field(cells: int, radius: float = 0.4) -> tuple[np.ndarray, Grid]:
+    """Soft occupancy of a ball (inside 1, a one-cell ramp at the surface) on a grid over +-0.6."""
+    grid = Grid(cells + 1, 0.6)
+    axis = torch.linspace(-0.6, 0.6, cells + 1)
+    r = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    return (0.5 - (r - radius) / grid.spacing).clamp(0, 1).numpy(), grid
+
+
+def test_face_budget_is_met_without_the_dense_mesh() -> None:
+    """``mesh_field`` with a face budget meshes a coarser field directly; the estimate it
+    sizes that field by is the dense mesh's face count to within 5 %."""
+    field, grid = _ball_field(128)
+    dense = mesh_field(field, grid, level=0.5, inside_is_high=True)
+    assert surface_faces(field, level=0.5) == pytest.approx(len(dense.faces), rel=0.05)
+    small = mesh_field(field, grid, level=0.5, inside_is_high=True, max_faces=4000)
+    assert 2000 < len(small.faces) <= 4000 and small.is_watertight
+    radii = np.linalg.norm(small.vertices, axis=1)
+    assert np.abs(radii - 0.4).max() < 0.6 * (1.2 / 60)  # within ~half a coarse cell
+
+
+def test_vertex_normals_are_outward_and_match_trimesh() -> None:
+    mesh = shapes.torus()
+    ours = vertex_normals(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces))
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    angle = np.degrees(np.arccos(np.clip((ours * mesh.vertex_normals).sum(1), -1, 1)))
+    assert angle.max() < 3.0  # area- vs angle-weighted: equal on a smooth mesh up to a few degrees
+
+
+def test_a_single_component_field_is_kept_as_is() -> None:
+    field, _ = _ball_field(32)
+    assert keep_largest(field) is field or np.array_equal(keep_largest(field), field)
+    two = field.copy()
+    two[:3, :3, :3] = 1.0  # a stray voxel block far from the ball
+    kept = keep_largest(two)
+    assert kept[:3, :3, :3].max() <= 0 and np.array_equal(kept[10:-10, 10:-10, 10:-10], field[10:-10, 10:-10, 10:-10])
+
+
+def test_coarse_texel_lookup_bakes_a_smooth_texture_as_well() -> None:
+    """Looking colours up on half the texels and upsampling keeps a smooth colour field as
+    accurate as the full lookup (the views' pixels, not the texels, limit the detail)."""
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.4)
+    verts, faces = np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces)
+    vmap, faces, uv = uv_atlas(verts, faces)
+    verts = verts[vmap]
+    nrm = vertex_normals(verts, faces)
+
+    def color(points: torch.Tensor, _normals: torch.Tensor) -> np.ndarray:
+        return (0.5 + 0.4 * torch.sin(6 * points + torch.tensor([1.0, 2.0, 0.0]))).numpy().astype(np.float32)
+
+    args = (torch.from_numpy(verts), torch.from_numpy(faces), torch.from_numpy(nrm), torch.from_numpy(uv), 256, color)
+    points, face_index = trimesh.sample.sample_surface(trimesh.Trimesh(verts, faces, process=False), 3000, seed=0)
+    errors = {}
+    for sample_size in (None, 128):
+        image = bake_texture(*args, sample_size=sample_size)
+        assert image.shape == (256, 256, 3)
+        textured = trimesh.Trimesh(verts, faces, process=False, visual=trimesh.visual.TextureVisuals(
+            uv=uv, image=Image.fromarray((image * 255).round().astype(np.uint8))))
+        truth = color(torch.from_numpy(points).float(), None)
+        errors[sample_size] = np.abs(surface_colors(textured, points, face_index) - truth).mean()
+    assert errors[None] < 0.01 and errors[128] < 1.5 * errors[None] + 0.002
 
 
 # --- colours and export ---------------------------------------------------------------------

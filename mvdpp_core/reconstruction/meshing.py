@@ -58,12 +58,59 @@ def clean_mesh(
     return mesh
 
 
+def vertex_normals(vertices: NDArray[np.float32], faces: NDArray[np.int64]) -> NDArray[np.float32]:
+    """Unit vertex normals (n, 3): the area-weighted sum of the adjacent faces' normals
+    (trimesh's angle-weighted ones cost ~0.4 s on a 256^3 mesh, this ~0.05 s)."""
+    v, f = torch.from_numpy(np.asarray(vertices, np.float32)), torch.from_numpy(np.asarray(faces, np.int64))
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    face_n = torch.linalg.cross(b - a, c - a)  # length = 2 x area
+    out = torch.zeros_like(v).index_add_(0, f.reshape(-1), face_n.repeat_interleave(3, dim=0))
+    return F.normalize(out, dim=-1).numpy()
+
+
 def resample_field(field: NDArray[np.float32], grid: Grid, resolution: int) -> tuple[NDArray[np.float32], Grid]:
     """Trilinearly resample a field to ``resolution`` cells per axis over the same bounds."""
     coarse = Grid(resolution + 1, grid.bound)
     t = torch.from_numpy(np.ascontiguousarray(field))[None, None]
     out = F.interpolate(t, size=(coarse.resolution,) * 3, mode="trilinear", align_corners=True)[0, 0]
     return out.numpy(), coarse
+
+
+def surface_faces(field: NDArray[np.float32], *, level: float) -> int:
+    """About how many faces marching cubes makes of ``field`` at ``level``: twice the grid
+    edges the level crosses (one vertex each; a closed triangle mesh has ~2 faces per vertex)."""
+    inside = field > level
+    crossings = sum(int(np.count_nonzero(np.diff(inside, axis=axis))) for axis in range(3))
+    return 2 * crossings
+
+
+def _quadric_available() -> bool:
+    return importlib.util.find_spec("fast_simplification") is not None
+
+
+def mesh_field(
+    field: NDArray[np.float32],
+    grid: Grid,
+    *,
+    level: float,
+    inside_is_high: bool,
+    smooth_iterations: int = 3,
+    max_faces: int | None = None,
+) -> trimesh.Trimesh:
+    """The clean mesh of ``field`` at ``level``, with at most ``max_faces`` faces if given.
+
+    Without quadric decimation a face budget is met by meshing a coarser resampled field,
+    so the dense mesh is never built (at 256^3 it costs ~1 s and is thrown away).
+    """
+    if max_faces is not None and not _quadric_available():
+        estimate = surface_faces(field, level=level)
+        if estimate > max_faces:
+            return _coarse_mesh(field, grid, max_faces, estimate, level=level, inside_is_high=inside_is_high)
+    mesh = clean_mesh(*field_to_mesh(field, grid, level=level, inside_is_high=inside_is_high),
+                      smooth_iterations=smooth_iterations)
+    if max_faces is not None:
+        mesh = reduce_mesh(mesh, max_faces, field, grid, level=level, inside_is_high=inside_is_high)
+    return mesh
 
 
 def reduce_mesh(
@@ -84,13 +131,22 @@ def reduce_mesh(
     """
     if len(mesh.faces) <= max_faces:
         return mesh
-    if importlib.util.find_spec("fast_simplification") is not None:
+    if _quadric_available():
         return mesh.simplify_quadric_decimation(face_count=max_faces)
+    return _coarse_mesh(field, grid, max_faces, len(mesh.faces), level=level, inside_is_high=inside_is_high)
+
+
+def _coarse_mesh(
+    field: NDArray[np.float32], grid: Grid, max_faces: int, faces: int, *, level: float, inside_is_high: bool
+) -> trimesh.Trimesh:
+    """Marching cubes of ``field`` resampled so that its ``faces`` (at full resolution) drop
+    to at most ``max_faces``."""
     cells = grid.resolution - 1
     for _ in range(4):  # the face count of a surface scales with resolution^2
-        cells = max(8, int(cells * np.sqrt(0.9 * max_faces / len(mesh.faces))))
+        cells = max(8, int(cells * np.sqrt(0.9 * max_faces / faces)))
         coarse, cgrid = resample_field(field, grid, cells)
         mesh = clean_mesh(*field_to_mesh(coarse, cgrid, level=level, inside_is_high=inside_is_high))
-        if len(mesh.faces) <= max_faces:
+        faces = len(mesh.faces)
+        if faces <= max_faces:
             break
     return mesh

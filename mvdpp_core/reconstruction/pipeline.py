@@ -13,16 +13,16 @@ from ..cameras import intrinsics, rig_c2w
 from ..common import parse_enum
 from .carving import Grid, carve, keep_largest, occupancy_to_sdf
 from .mesh import Method, ReconstructedMesh
-from .meshing import clean_mesh, field_to_mesh, reduce_mesh, resample_field
+from .meshing import mesh_field, reduce_mesh, resample_field, vertex_normals
 from .photo import photo_carve
 from .sdf import SDFConfig, carve_with_sdf, fit_sdf
 from .silhouettes import snap_masks_to_color
-from .texturing import ViewSet, bake_texture, color_points, uv_atlas
+from .texturing import ViewSet, bake_texture, color_points, uv_atlas, visibility
 from .validation import check_resolution, normalize_masks, normalize_views
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_TEXTURED_FACES = 10_000
-_OCCLUDER_MAX_FACES = 60_000  # denser meshes use a coarser proxy for the visibility depth maps
+_OCCLUDER_MAX_FACES = 20_000  # denser meshes use a coarser proxy for the visibility depth maps
 
 
 class _Progress:
@@ -109,29 +109,28 @@ def reconstruct(
     level, high = 0.5, True  # occupancy: inside is high
     if method is Method.QUALITY:
         field, fgrid, level = _quality_field(views, masks, c2w, K, field, fgrid, config, progress)
-    verts, faces = field_to_mesh(field, fgrid, level=level, inside_is_high=high)
-    mesh = clean_mesh(verts, faces, smooth_iterations=smooth_iterations)
-    if max_faces is not None:
-        mesh = reduce_mesh(mesh, max_faces, field, fgrid, level=level, inside_is_high=high)
+    mesh = mesh_field(
+        field, fgrid, level=level, inside_is_high=high, smooth_iterations=smooth_iterations, max_faces=max_faces
+    )
     progress.advance()
     vs = ViewSet(views, masks, c2w, K)
     occluder = mesh
     if len(mesh.faces) > _OCCLUDER_MAX_FACES:
         occluder = reduce_mesh(mesh, _OCCLUDER_MAX_FACES, field, fgrid, level=level, inside_is_high=high)
     occ = (torch.from_numpy(np.asarray(occluder.vertices, np.float32)), torch.from_numpy(np.asarray(occluder.faces)))
-    tol = 2.0 * fgrid.spacing
+    vis = visibility(*occ, vs, tolerance=2.0 * fgrid.spacing)
 
     def color_fn(points: Tensor, normals: Tensor) -> np.ndarray:
-        return color_points(points, normals, vs, occ, tolerance=tol)
+        return color_points(points, normals, vs, vis)
 
     verts = np.asarray(mesh.vertices, np.float32)
-    normals = np.asarray(mesh.vertex_normals, np.float32)
+    normals = vertex_normals(verts, mesh.faces)
     colors = color_fn(torch.from_numpy(verts), torch.from_numpy(normals))
     progress.advance()
     dropped = tuple(carved.dropped_views)
     result = ReconstructedMesh(verts, np.asarray(mesh.faces, np.int64), colors, dropped_views=dropped)
     if texture_size:
-        result = _add_texture(result, normals, texture_size, color_fn)
+        result = _add_texture(result, normals, texture_size, color_fn, sample_size=2 * max(h, w))
     progress.advance()
     return result
 
@@ -168,13 +167,20 @@ def _quality_field(
 
 
 def _add_texture(
-    mesh: ReconstructedMesh, normals: np.ndarray, size: int, color_fn: Callable[[Tensor, Tensor], np.ndarray]
+    mesh: ReconstructedMesh,
+    normals: np.ndarray,
+    size: int,
+    color_fn: Callable[[Tensor, Tensor], np.ndarray],
+    *,
+    sample_size: int,
 ) -> ReconstructedMesh:
-    """UV-unwrap with xatlas (splitting vertices on seams) and bake a texture from the views."""
+    """UV-unwrap with xatlas (splitting vertices on seams) and bake a texture from the views,
+    looking colours up on at most a ``sample_size`` texel grid (twice the views' size)."""
     vmap, faces, uv = uv_atlas(mesh.vertices, mesh.faces)
     verts, nrm = mesh.vertices[vmap], normals[vmap]
     image = bake_texture(
-        torch.from_numpy(verts), torch.from_numpy(faces), torch.from_numpy(nrm), torch.from_numpy(uv), size, color_fn
+        torch.from_numpy(verts), torch.from_numpy(faces), torch.from_numpy(nrm), torch.from_numpy(uv), size, color_fn,
+        sample_size=sample_size,
     )
     return ReconstructedMesh(verts, faces, mesh.vertex_colors[vmap], uv, image, mesh.dropped_views)
 
