@@ -60,7 +60,7 @@ def clean_mesh(
 
 def vertex_normals(vertices: NDArray[np.float32], faces: NDArray[np.int64]) -> NDArray[np.float32]:
     """Unit vertex normals (n, 3): the area-weighted sum of the adjacent faces' normals
-    (trimesh's angle-weighted ones cost ~0.4 s on a 256^3 mesh, this ~0.05 s)."""
+    (trimesh's angle-weighted ones cost twice as long: 0.28 vs 0.14 s at 328k faces)."""
     v, f = torch.from_numpy(np.asarray(vertices, np.float32)), torch.from_numpy(np.asarray(faces, np.int64))
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
     face_n = torch.linalg.cross(b - a, c - a)  # length = 2 x area
