@@ -56,6 +56,7 @@ from torch import Tensor
 from ..cameras import pixel_rays, resized_intrinsics
 from .carving import Grid, largest_component
 from .meshing import resample_field
+from .render import project_to_screen
 from .texturing import ViewSet
 
 ProgressFn = Callable[[int, int], None]
@@ -127,12 +128,11 @@ class VoxelViews:
     to_cam: Tensor
 
 
-def _uv(points: Tensor, w2c: Tensor, K: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """Image coordinates (v, m, 2) in [0, 1] of world points (m, 3) in views ``w2c`` (v, 3, 4)
-    with intrinsics K at ``s`` px, and their camera-space coordinates (v, m, 3)."""
-    cam = torch.einsum("vij,mj->vmi", w2c[..., :3], points) + w2c[:, None, :, 3]  # v m 3
-    uv = torch.einsum("ij,vmj->vmi", K.float(), cam)
-    return uv[..., :2] / uv[..., 2:].clamp(min=1e-6) / s, cam
+def _uv(points: Tensor, c2w: Tensor, K: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """Image coordinates (v, m, 2) in [0, 1] of world points (m, 3) in views ``c2w`` (v, 4, 4)
+    with intrinsics K at ``s`` px, and their depths (v, m)."""
+    screen = project_to_screen(points, c2w, K)  # v m 3: x px, y px, depth
+    return screen[..., :2] / s, screen[..., 2]
 
 
 def _sample(images: Tensor, uv: Tensor) -> Tensor:
@@ -145,18 +145,14 @@ def _project_voxels(points: Tensor, images: Tensor, solid: Tensor, c2w: Tensor, 
     """Project world points (m, 3) into views: colours bilinear from images (v, 3, hi, hi),
     pixels on the depth maps' grid of ``solid`` (v, s, s) (same field of view)."""
     v, s = solid.shape[0], solid.shape[-1]
-    uv, cam = _uv(points, _w2c(c2w), K, s)
+    uv, depth = _uv(points, c2w, K, s)
     col, row = (uv[..., 0] * s).floor().long(), (uv[..., 1] * s).floor().long()
-    inside = (uv >= 0).all(-1) & (uv < 1).all(-1) & (cam[..., 2] > 0)
+    inside = (uv >= 0).all(-1) & (uv < 1).all(-1) & (depth > 0)
     col, row = col.clamp(0, s - 1), row.clamp(0, s - 1)
     pixel = (torch.arange(v)[:, None] * s + row) * s + col
     offset = c2w[:, None, :3, 3].float() - points[None]  # v m 3
     dist = offset.norm(dim=-1)
     return VoxelViews(pixel, dist, inside & solid.flatten()[pixel], _sample(images, uv), offset / dist[..., None])
-
-
-def _w2c(c2w: Tensor) -> Tensor:
-    return torch.linalg.inv(c2w.double())[:, :3].float()  # v 3 4
 
 
 def _ijk(flat: Tensor, n: int) -> Tensor:
@@ -205,7 +201,7 @@ def _spread_along(
     seen: Tensor,
     grid: Grid,
     steps: tuple[float, ...],
-    w2c: Tensor,
+    c2w: Tensor,
     images: Tensor,
     solid: Tensor,
     K: Tensor,
@@ -219,7 +215,7 @@ def _spread_along(
     best = torch.full((len(voxels),), float("inf"))
     for k in steps:
         moved = points + k * grid.spacing * normal
-        spread = color_spread(_sample(images, _uv(moved, w2c, K, solid.shape[-1])[0]), seen)[1]
+        spread = color_spread(_sample(images, _uv(moved, c2w, K, solid.shape[-1])[0]), seen)[1]
         if occ is not None:
             ijk = ((moved + grid.bound) / grid.spacing).round().long().clamp(0, n - 1)
             spread = torch.where(occ[(ijk[:, 0] * n + ijk[:, 1]) * n + ijk[:, 2]], spread, best)
@@ -319,7 +315,7 @@ def photo_carve(
     first, has = _first_hits(occ, rays.ids)
     rows = torch.arange(len(first))
     tol = tolerance * cgrid.spacing
-    views = (_w2c(vs.c2w), images, solid, K_d)  # what the extra colour samples need
+    views = (vs.c2w, images, solid, K_d)  # what the extra colour samples need
     for rnd in range(max_rounds):
         depth = torch.full((solid.numel(),), float("inf"))
         depth[rays.pixel[has]] = rays.near[has] + rays.step * first[has]

@@ -191,6 +191,7 @@ def bake_texture(
         _, (iy, ix) = ndimage.distance_transform_edt(~hit.numpy(), return_indices=True)
         image = image[iy, ix]
     if n < size:
-        up = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=(size, size), mode="bilinear")
+        chw = torch.from_numpy(image).permute(2, 0, 1)[None]
+        up = F.interpolate(chw, size=(size, size), mode="bilinear", align_corners=False)
         image = up[0].permute(1, 2, 0).contiguous().numpy()
     return image
