@@ -68,6 +68,13 @@ def attend(
     return rearrange(out, "n h l d -> n l (h d)")
 
 
+def _refuse_view_parallel(view_group, what: str, switch: str) -> None:
+    if view_group is not None:
+        raise ValueError(
+            f"{what} does not run under view parallelism yet; set parallel.view_group_size to 1 or {switch} to false."
+        )
+
+
 class EpipolarCache:
     """The epipolar bias of one set of view ids, built once per token count and gain and shared by
     the layers (and, while the ids stay the same, by the calls of a sampling run)."""
@@ -127,8 +134,11 @@ class MultiViewAttnProcessor:
     arrive through ``cross_attention_kwargs`` on every UNet call. ``geometry_proj`` (owned by
     the UNet's ``GeometryEncoding``, held here by reference) maps a token's geometry to terms
     added to its query, key and output: attention can then address views and positions.
-    ``epipolar`` (the layer's ``EpipolarGain`` of the UNet's ``EpipolarAttention``) scales the
-    epipolar bias of ``mvdpp_core.geometry`` per head.
+    ``epipolar`` (the layer's ``HeadGain`` of the UNet's ``EpipolarAttention``) scales the
+    epipolar bias of ``mvdpp_core.geometry`` per head. ``cosine`` (the layer's ``CosineScale``
+    of the UNet's ``CosineAttention``) makes the logits a per-head temperature times cos(q, k).
+    ``condition`` (the layer's ``HeadGain`` of the UNet's ``ConditionAttentionBias``) adds
+    ``gain[h]`` times ``condition_keys`` (b, v), per key view, to the logits.
     """
 
     def __init__(
@@ -138,11 +148,15 @@ class MultiViewAttnProcessor:
         backend: AttentionBackend = AttentionBackend.SDPA,
         geometry_proj: torch.nn.Linear | None = None,
         epipolar: torch.nn.Module | None = None,
+        cosine: torch.nn.Module | None = None,
+        condition: torch.nn.Module | None = None,
     ):
         self.global_views = global_views
         self.backend = backend
         self.geometry_proj = geometry_proj
         self.epipolar = epipolar
+        self.cosine = cosine
+        self.condition = condition
 
     def __call__(
         self,
@@ -155,6 +169,7 @@ class MultiViewAttnProcessor:
         view_group: torch.distributed.ProcessGroup | ViewShards | None = None,
         geometry: Tensor | None = None,
         epipolar: EpipolarCache | None = None,
+        condition_keys: Tensor | None = None,
     ) -> Tensor:
         if attention_mask is not None:
             raise ValueError("MultiViewAttnProcessor does not take an attention mask.")
@@ -176,17 +191,21 @@ class MultiViewAttnProcessor:
             g = self.geometry_proj(tokens_at(geometry, q.shape[1]).to(q.dtype))  # (b v) l (2 inner + c)
             q_g, k_g, out_geometry = g.split([q.shape[-1], k.shape[-1], g.shape[-1] - 2 * q.shape[-1]], dim=-1)
             q, k = q + q_g, k + k_g
+        if is_self and self.cosine is not None:
+            q, k = self.cosine(q, k)
         if is_self and self.global_views and num_views > 1:
             # All views of one object attend to each other: one sequence per object.
             q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
             bias = None
+            tokens = q.shape[1] // num_views
             if self.epipolar is not None and epipolar is not None:
-                if view_group is not None:
-                    raise ValueError(
-                        "epipolar attention does not run under view parallelism yet; set "
-                        "parallel.view_group_size to 1 or unet.epipolar_attention to false."
-                    )
-                bias = epipolar(q.shape[1] // num_views, self.epipolar.gain)
+                _refuse_view_parallel(view_group, "epipolar attention", "unet.epipolar_attention")
+                bias = epipolar(tokens, self.epipolar.gain)
+            if self.condition is not None and condition_keys is not None:
+                _refuse_view_parallel(view_group, "the condition-key bias", "unet.condition_attention_bias")
+                keys = condition_keys.to(q.dtype).repeat_interleave(tokens, dim=1)  # b (v l)
+                per_head = self.condition.gain.to(q.dtype)[None, :, None, None] * keys[:, None, None, :]  # b h 1 L
+                bias = per_head if bias is None else bias + per_head
             if view_group is not None:  # the other ranks hold the object's other views
                 k, v = gather_views(k, view_group), gather_views(v, view_group)
             out = attend(q, k, v, attn.heads, self.backend, bias)
@@ -211,17 +230,23 @@ def multiview_processors(
     backend: AttentionBackend,
     geometry_projs: dict[str, torch.nn.Linear] | None = None,
     epipolar_gains: dict[str, torch.nn.Module] | None = None,
+    cosine_scales: dict[str, torch.nn.Module] | None = None,
+    condition_gains: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, MultiViewAttnProcessor]:
     """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view;
-    ``geometry_projs`` and ``epipolar_gains`` by processor name (attn1 layers) when the UNet
-    has a geometry encoding or epipolar attention."""
+    ``geometry_projs``, ``epipolar_gains``, ``cosine_scales`` and ``condition_gains`` by processor
+    name (attn1 layers) when the UNet has a geometry encoding, epipolar or cosine attention, or
+    the condition-key bias."""
     geometry_projs, epipolar_gains = geometry_projs or {}, epipolar_gains or {}
+    cosine_scales, condition_gains = cosine_scales or {}, condition_gains or {}
     return {
         name: MultiViewAttnProcessor(
             global_views=global_attention and name.endswith("attn1.processor"),
             backend=backend,
             geometry_proj=geometry_projs.get(name),
             epipolar=epipolar_gains.get(name),
+            cosine=cosine_scales.get(name),
+            condition=condition_gains.get(name),
         )
         for name in attn_names
     }

@@ -67,11 +67,23 @@ class UNetConfig:
     # Gaussian of their distance to its epipolar segment; condition views stay pose-free (no bias
     # to or from them). Off in the paper's architecture; at gain 0 it leaves global attention as is.
     epipolar_attention: bool = False
+    # Scaled cosine attention (Swin V2) in every global attention layer: queries and keys are
+    # normalised per head and the logits are a learned per-head temperature (starting at 10) times
+    # their cosine, so attention is peaked from the first step instead of starting uniform. Off in
+    # the paper's architecture (it changes an initialised SD model); for models trained from scratch.
+    cosine_attention: bool = False
+    # Condition-key bias: in global attention every query's logit on a condition view's keys gets a
+    # fixed per-head gain times log(number of target views), so a condition view keeps the same
+    # share of (near-uniform) attention whether 6 targets are trained or 32 sampled. Off in the
+    # paper's architecture; at gain 0 it leaves global attention as is.
+    condition_attention_bias: bool = False
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for ``UNet2DConditionModel(**kwargs)`` (our extras removed)."""
         kwargs = dataclasses.asdict(self)
-        for extra in ("num_view_slots", "global_attention", "geometry_encoding", "epipolar_attention"):
+        extras = ("num_view_slots", "global_attention", "geometry_encoding", "epipolar_attention", "cosine_attention",
+                  "condition_attention_bias")
+        for extra in extras:
             kwargs.pop(extra)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 

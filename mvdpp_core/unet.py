@@ -15,16 +15,27 @@ random (``GeometryEncoding.reset_parameters``) so that geometry acts from the fi
 With ``UNetConfig.epipolar_attention`` a fourth, ``EpipolarAttention``, adds the rig's epipolar
 log-weights (``geometry.epipolar_bias``) to every global attention layer's logits, times a
 fixed per-head gain: 0 at initialisation (the base is kept), ``init.epipolar_gain`` from scratch.
+With ``UNetConfig.cosine_attention`` a fifth, ``CosineAttention``, makes every global attention
+layer's logits a learned per-head temperature times the cosine of query and key (Swin V2's
+scaled cosine attention): attention is then peaked from the first step whatever the scale of
+the new weights. It changes an initialised model, so it is for models trained from scratch.
+With ``UNetConfig.condition_attention_bias`` a sixth, ``ConditionAttentionBias``, adds a fixed
+per-head gain times log(number of target views) to every global attention logit on a condition
+view's key: 0 at initialisation (the base is kept), ``init.condition_bias_gain`` from scratch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .attention import AttentionBackend, EpipolarCache, multiview_processors, resolve_backend
+from .cameras import NUM_TARGET_VIEWS
 from .config import UNetConfig
 from .geometry import GEOMETRY_CHANNELS, token_geometry
 
@@ -65,8 +76,10 @@ class GeometryEncoding(nn.Module):
         return dict(zip(self.names, self.projs, strict=True))
 
 
-class EpipolarGain(nn.Module):
-    """One global attention layer's epipolar gain per head (the bias is ``gain[h] * log-weights``).
+class HeadGain(nn.Module):
+    """One global attention layer's gain per head for a fixed attention bias (``gain[h]`` times the
+    bias's log-weights): the epipolar bias (``EpipolarAttention``) or the condition-key bias
+    (``ConditionAttentionBias``).
 
     A fixed buffer (stored in checkpoints), not a parameter: a bias that needs a gradient makes
     PyTorch's SDPA materialise and differentiate the (b, h, l, l) logits, 4x the attention's time
@@ -79,22 +92,87 @@ class EpipolarGain(nn.Module):
         self.register_buffer("gain", torch.zeros(heads))
 
 
-class EpipolarAttention(nn.Module):
-    """An ``EpipolarGain`` per global attention layer (``UNetConfig.epipolar_attention``)."""
+class HeadGains(nn.Module):
+    """A ``HeadGain`` per global attention layer."""
 
     def __init__(self, layer_heads: dict[str, int]):
         super().__init__()
         self.names = list(layer_heads)
-        self.layers = nn.ModuleList(EpipolarGain(h) for h in layer_heads.values())
+        self.layers = nn.ModuleList(HeadGain(h) for h in layer_heads.values())
 
     @torch.no_grad()
     def reset_parameters(self, gain: float) -> None:
-        """Gain 0 (global attention as without it: the model equals its base) or ``gain``."""
+        """Gain 0 (global attention as without the bias: the model equals its base) or ``gain``."""
         for layer in self.layers:
             layer.gain.fill_(gain)
 
     def by_processor(self) -> dict[str, nn.Module]:
         return dict(zip(self.names, self.layers, strict=True))
+
+
+class EpipolarAttention(HeadGains):
+    """The epipolar bias's gains (``UNetConfig.epipolar_attention``)."""
+
+
+class ConditionAttentionBias(HeadGains):
+    """The condition-key bias's gains (``UNetConfig.condition_attention_bias``): in global
+    attention every query's logit on a condition-view key gets ``gain[h] * log(T)``, T the
+    object's number of target views. At gain 1, where attention is uniform, each condition view
+    draws as much mass as all T target views together, for any T: training on 6 targets and
+    sampling 32 then give the condition the same share (without it, 1/7 and 1/33)."""
+
+
+class CosineScale(nn.Module):
+    """One global attention layer's scaled cosine attention: queries and keys are unit vectors per
+    head, and the logit of a pair is ``exp(log_scale[h]) * cos(q, k)``."""
+
+    MAX_SCALE = 100.0  # Swin V2's clamp: a temperature above it would make attention one-hot
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(n, l, h*d) queries and keys -> the same, rescaled so that the usual ``q k / sqrt(d)``
+        of ``attention.attend`` is the scaled cosine (attend and its diagnostics stay unchanged)."""
+        heads = self.log_scale.shape[0]
+        qh, kh = (rearrange(t, "n l (h d) -> n l h d", h=heads) for t in (q, k))
+        scale = self.log_scale.clamp(max=math.log(self.MAX_SCALE)).exp() * math.sqrt(qh.shape[-1])
+        qh = F.normalize(qh, dim=-1) * scale[:, None].to(qh.dtype)
+        kh = F.normalize(kh, dim=-1)
+        return rearrange(qh, "n l h d -> n l (h d)"), rearrange(kh, "n l h d -> n l (h d)")
+
+
+class CosineAttention(nn.Module):
+    """A ``CosineScale`` per global attention layer (``UNetConfig.cosine_attention``)."""
+
+    def __init__(self, layer_heads: dict[str, int], scale: float = 10.0):
+        super().__init__()
+        self.names = list(layer_heads)
+        self.layers = nn.ModuleList(CosineScale(h) for h in layer_heads.values())
+        self.reset_parameters(scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, scale: float) -> None:
+        """Every head's temperature to ``scale`` (Swin V2 starts at 10)."""
+        if not 0 < scale <= CosineScale.MAX_SCALE:
+            raise ValueError(
+                f"cosine attention temperature {scale} must lie in (0, {CosineScale.MAX_SCALE:g}]; "
+                "10 is the usual start."
+            )
+        for layer in self.layers:
+            layer.log_scale.fill_(math.log(scale))
+
+    def by_processor(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names, self.layers, strict=True))
+
+
+def condition_key_weights(view_ids: Tensor) -> Tensor:
+    """(b, v) float: log(T) for the condition views (ids >= 32), 0 for targets; T = the object's
+    number of target views (at least 1)."""
+    cond = view_ids >= NUM_TARGET_VIEWS
+    targets = (~cond).sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(cond, targets.float().log(), torch.zeros((), device=view_ids.device))
 
 
 def _scale_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -115,9 +193,13 @@ class MultiViewUNet(nn.Module):
         self.unet.class_embedding = ViewIndexEmbedding(config.num_view_slots, time_embed_dim)
         if config.geometry_encoding:  # inside the diffusers UNet: bundles store its tensors as unet.geometry_encoding.*
             self.unet.geometry_encoding = GeometryEncoding(self._attn1_dims())
+        heads = {f"{n}.processor": m.heads for n, m in self.unet.named_modules() if n.endswith("attn1")}
         if config.epipolar_attention:
-            heads = {f"{n}.processor": m.heads for n, m in self.unet.named_modules() if n.endswith("attn1")}
             self.unet.epipolar_attention = EpipolarAttention(heads)
+        if config.cosine_attention:
+            self.unet.cosine_attention = CosineAttention(heads)
+        if config.condition_attention_bias:
+            self.unet.condition_attention_bias = ConditionAttentionBias(heads)
         self._epipolar_cache: EpipolarCache | None = None  # the last view ids' bias (a sampling run's)
         self.set_attention_backend(AttentionBackend.SDPA)
 
@@ -128,6 +210,14 @@ class MultiViewUNet(nn.Module):
     @property
     def epipolar(self) -> EpipolarAttention | None:
         return getattr(self.unet, "epipolar_attention", None)
+
+    @property
+    def cosine(self) -> CosineAttention | None:
+        return getattr(self.unet, "cosine_attention", None)
+
+    @property
+    def condition_bias(self) -> ConditionAttentionBias | None:
+        return getattr(self.unet, "condition_attention_bias", None)
 
     def _attn1_dims(self) -> dict[str, tuple[int, int]]:
         """attn1 processor name -> (inner dim, output dim) of every self-attention layer."""
@@ -148,6 +238,8 @@ class MultiViewUNet(nn.Module):
                 backend=resolve_backend(backend, device),
                 geometry_projs=self.geometry.by_processor() if self.geometry is not None else None,
                 epipolar_gains=self.epipolar.by_processor() if self.epipolar is not None else None,
+                cosine_scales=self.cosine.by_processor() if self.cosine is not None else None,
+                condition_gains=self.condition_bias.by_processor() if self.condition_bias is not None else None,
             )
         )
 
@@ -183,6 +275,8 @@ class MultiViewUNet(nn.Module):
             if self._epipolar_cache is None or not self._epipolar_cache.matches(view_ids):
                 self._epipolar_cache = EpipolarCache(view_ids)
             kwargs["epipolar"] = self._epipolar_cache
+        if self.condition_bias is not None:
+            kwargs["condition_keys"] = condition_key_weights(view_ids)
         out = self.unet(
             rearrange(sample, "b v c h w -> (b v) c h w"),
             rearrange(timesteps, "b v -> (b v)"),

@@ -279,20 +279,27 @@ def test_first_view_dropout_without_first_view_input_is_refused(data_dir, tmp_pa
 
 
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
-    """init.architecture switches the geometry encoding and epipolar attention on; the encoding's
-    trained (EMA) weights and the epipolar gain reach the bundle."""
+    """init.architecture switches the geometry encoding, epipolar and cosine attention and the
+    condition-key bias on; the encoding's and the temperatures' trained (EMA) weights and the two
+    fixed gains reach the bundle."""
     out = tmp_path / "geometry"
-    extra = {"init.architecture": "{unet: {geometry_encoding: true, epipolar_attention: true}}",
-             "init.geometry_init_std": 0.05, "init.epipolar_gain": 0.7, "optim.max_steps": 1}
+    switches = ("geometry_encoding: true, epipolar_attention: true, cosine_attention: true, "
+                "condition_attention_bias: true")
+    extra = {"init.architecture": f"{{unet: {{{switches}}}}}", "init.geometry_init_std": 0.05,
+             "init.epipolar_gain": 0.7, "init.condition_bias_gain": 0.5, "optim.max_steps": 1}
     train(run_config(data_dir, out, **extra))
     model = load_checkpoint(out / "export" / "model.safetensors")
     assert model.config.unet.geometry_encoding and model.unet.geometry is not None
     assert model.config.unet.epipolar_attention
     assert all(torch.allclose(layer.gain, torch.tensor(0.7)) for layer in model.unet.epipolar.layers)
+    assert all(torch.allclose(layer.gain, torch.tensor(0.5)) for layer in model.unet.condition_bias.layers)
     ema = load_file(str(out / "checkpoints" / "step_00000001" / "ema.safetensors"))
     for name, value in model.unet.geometry.named_parameters():
         torch.testing.assert_close(value, ema[f"unet.unet.geometry_encoding.{name}"])
     assert 0.03 < torch.cat([p.flatten() for p in model.unet.geometry.parameters()]).std() < 0.07
+    assert model.config.unet.cosine_attention
+    for name, value in model.unet.cosine.named_parameters():
+        torch.testing.assert_close(value, ema[f"unet.unet.cosine_attention.{name}"])
 
 
 def test_corrupt_png_and_missing_view_are_skipped_and_counted(tmp_path, caplog):

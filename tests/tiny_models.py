@@ -65,8 +65,8 @@ def assert_initialised_unet_equals_base(config: UNetConfig, views: int = 5):
 
 
 def unet_with(config: UNetConfig, part: str, value: float, seed: int = 1):
-    """A seeded MultiViewUNet of ``config`` in eval mode whose optional ``part`` ("geometry" or
-    "epipolar") is reset with ``value`` (its init std or gain) instead of its zero start."""
+    """A seeded MultiViewUNet of ``config`` in eval mode whose optional ``part`` ("geometry",
+    "epipolar" or "condition_bias") is reset with ``value`` (its init std or gain) instead of its zero start."""
     from mvdpp_core.unet import MultiViewUNet
 
     torch.manual_seed(seed)

@@ -107,6 +107,10 @@ class ModelInitConfig:
     # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; from scratch,
     # 1 makes attention follow the rig's epipolar geometry from the first step.
     epipolar_gain: float = 0.0
+    # Gain of the condition-key bias (UNetConfig.condition_attention_bias), fixed for the run and
+    # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; 1 gives each
+    # condition view as much (uniform) attention as all target views together.
+    condition_bias_gain: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,8 @@ def build_mvdiff_model(
             model.unet.geometry.reset_parameters(init.geometry_init_std)
         if model.unet.epipolar is not None:
             model.unet.epipolar.reset_parameters(init.epipolar_gain)
+        if model.unet.condition_bias is not None:
+            model.unet.condition_bias.reset_parameters(init.condition_bias_gain)
     return model
 
 
@@ -162,7 +164,7 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
 
 
 def _check_init(init: ModelInitConfig) -> None:
-    for key in ("view_embedding_scale", "geometry_init_std", "epipolar_gain"):
+    for key in ("view_embedding_scale", "geometry_init_std", "epipolar_gain", "condition_bias_gain"):
         if init.source is InitSource.BUNDLE and getattr(init, key):
             raise ValueError(
                 f"init.{key}={getattr(init, key)} applies to new models; a bundle keeps its trained "
@@ -230,7 +232,7 @@ def model_with_trained_weights(model: MVDPPModel, weights: dict[str, Tensor]) ->
             "layout or of another trainer."
         )
     unet = MultiViewUNet(model.config.unet)
-    # Buffers (the epipolar gain) are fixed for the run and absent from the EMA: the live model's.
+    # Buffers (the epipolar and condition-key gains) are fixed for the run and absent from the EMA: the live model's.
     buffers = {
         name: (b.full_tensor() if hasattr(b, "full_tensor") else b).detach().cpu()
         for name, b in model.unet.named_buffers()
