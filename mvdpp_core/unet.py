@@ -92,22 +92,30 @@ class HeadGain(nn.Module):
         self.register_buffer("gain", torch.zeros(heads))
 
 
-class HeadGains(nn.Module):
+class PerLayer(nn.Module):
+    """One small module per global attention layer, handed to that layer's processor by name."""
+
+    def __init__(self, layer_heads: dict[str, int], make: type[nn.Module]):
+        """``layer_heads``: attn1 processor name -> heads; ``make(heads)`` builds a layer's module."""
+        super().__init__()
+        self.names = list(layer_heads)
+        self.layers = nn.ModuleList(make(h) for h in layer_heads.values())
+
+    def by_processor(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names, self.layers, strict=True))
+
+
+class HeadGains(PerLayer):
     """A ``HeadGain`` per global attention layer."""
 
     def __init__(self, layer_heads: dict[str, int]):
-        super().__init__()
-        self.names = list(layer_heads)
-        self.layers = nn.ModuleList(HeadGain(h) for h in layer_heads.values())
+        super().__init__(layer_heads, HeadGain)
 
     @torch.no_grad()
     def reset_parameters(self, gain: float) -> None:
         """Gain 0 (global attention as without the bias: the model equals its base) or ``gain``."""
         for layer in self.layers:
             layer.gain.fill_(gain)
-
-    def by_processor(self) -> dict[str, nn.Module]:
-        return dict(zip(self.names, self.layers, strict=True))
 
 
 class EpipolarAttention(HeadGains):
@@ -143,13 +151,11 @@ class CosineScale(nn.Module):
         return rearrange(qh, "n l h d -> n l (h d)"), rearrange(kh, "n l h d -> n l (h d)")
 
 
-class CosineAttention(nn.Module):
+class CosineAttention(PerLayer):
     """A ``CosineScale`` per global attention layer (``UNetConfig.cosine_attention``)."""
 
     def __init__(self, layer_heads: dict[str, int], scale: float = 10.0):
-        super().__init__()
-        self.names = list(layer_heads)
-        self.layers = nn.ModuleList(CosineScale(h) for h in layer_heads.values())
+        super().__init__(layer_heads, CosineScale)
         self.reset_parameters(scale)
 
     @torch.no_grad()
@@ -162,9 +168,6 @@ class CosineAttention(nn.Module):
             )
         for layer in self.layers:
             layer.log_scale.fill_(math.log(scale))
-
-    def by_processor(self) -> dict[str, nn.Module]:
-        return dict(zip(self.names, self.layers, strict=True))
 
 
 def condition_key_weights(view_ids: Tensor) -> Tensor:

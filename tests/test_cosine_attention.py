@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import unet_inputs
+from tiny_models import assert_permutes_with_views, unet_inputs
 
 from mvdpp_core.config import PredictionType, preset
 from mvdpp_core.unet import CosineAttention, CosineScale, MultiViewUNet
@@ -73,11 +73,7 @@ def test_the_weights_scale_cannot_keep_attention_uniform():
 
 @torch.no_grad()
 def test_permuting_views_with_their_ids_permutes_outputs():
-    mv = cosine_unet()
-    sample, t, ids, ctx = unet_inputs(CFG, 2, 6, size=16)
-    perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    torch.testing.assert_close(mv(sample[:, perm], t, ids[:, perm], ctx), mv(sample, t, ids, ctx)[:, perm],
-                               atol=1e-5, rtol=1e-4)
+    assert_permutes_with_views(cosine_unet(), *unet_inputs(CFG, 2, 6, size=16))
 
 
 def test_the_temperature_is_learned_and_its_range_checked():

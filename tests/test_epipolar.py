@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import assert_initialised_unet_equals_base, unet_inputs, unet_with
+from tiny_models import (
+    assert_fixed_gains,
+    assert_initialised_unet_equals_base,
+    assert_permutes_with_views,
+    unet_inputs,
+    unet_with,
+)
 
 from mvdpp_core.attention import AttentionBackend, attend
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
@@ -93,17 +99,12 @@ def test_epipolar_bias_changes_global_attention_and_permutes_with_the_views(epip
     epipolar_unet.epipolar.reset_parameters(0.0)
     assert (epipolar_unet(sample, t, ids, ctx) - out).abs().max() > 1e-3
     epipolar_unet.epipolar.reset_parameters(1.0)
-    perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    torch.testing.assert_close(epipolar_unet(sample[:, perm], t, ids[:, perm], ctx), out[:, perm], atol=1e-5, rtol=1e-4)
+    assert_permutes_with_views(epipolar_unet, sample, t, ids, ctx, out)
 
 
 def test_gains_are_fixed_buffers_stored_with_the_model(epipolar_unet):
     """The bias needs no gradient (SDPA then keeps its fast path); the gain travels in the state dict."""
-    sample, t, _, ctx = unet_inputs(CFG, 1, 4, size=16)
-    epipolar_unet(sample, t, torch.tensor([[0, 9, 20, 32]]), ctx).square().mean().backward()
-    assert not any("epipolar" in name for name, _ in epipolar_unet.named_parameters())
-    gains = {k: v for k, v in epipolar_unet.state_dict().items() if "epipolar" in k}
-    assert len(gains) == len(epipolar_unet.epipolar.layers) and all((v == 1).all() for v in gains.values())
+    assert_fixed_gains(epipolar_unet, "epipolar", epipolar_unet.epipolar.layers, 1.0, torch.tensor([[0, 9, 20, 32]]))
 
 
 def test_training_init_starts_the_gain_and_refuses_it_for_bundles():

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from tiny_models import assert_initialised_unet_equals_base, unet_inputs
+from tiny_models import assert_initialised_unet_equals_base, assert_permutes_with_views, unet_inputs
 
 from mvdpp_core.config import preset
 from mvdpp_core.unet import MultiViewUNet
@@ -45,11 +45,7 @@ def trained_looking_unet() -> MultiViewUNet:
 
 @torch.no_grad()
 def test_permuting_views_with_their_ids_permutes_outputs(trained_looking_unet):
-    sample, t, ids, ctx = _inputs(2, 6)
-    perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    out = trained_looking_unet(sample, t, ids, ctx)
-    out_perm = trained_looking_unet(sample[:, perm], t, ids[:, perm], ctx)
-    torch.testing.assert_close(out_perm, out[:, perm], atol=1e-5, rtol=1e-4)
+    assert_permutes_with_views(trained_looking_unet, *_inputs(2, 6))
 
 
 @torch.no_grad()

@@ -64,6 +64,29 @@ def assert_initialised_unet_equals_base(config: UNetConfig, views: int = 5):
     return mv
 
 
+PERMUTATION = torch.tensor([3, 0, 5, 1, 4, 2])  # of 6 views
+
+
+@torch.no_grad()
+def assert_permutes_with_views(mv, sample, t, ids, ctx, out=None) -> None:
+    """Permuting 6 views together with their ids permutes the UNet's outputs (``out``: the
+    unpermuted output when the caller already has it)."""
+    out = mv(sample, t, ids, ctx) if out is None else out
+    perm = PERMUTATION
+    torch.testing.assert_close(mv(sample[:, perm], t, ids[:, perm], ctx), out[:, perm], atol=1e-5, rtol=1e-4)
+
+
+def assert_fixed_gains(mv, key: str, layers, value: float, ids: torch.Tensor) -> None:
+    """A bias's per-head gains (``layers``, state-dict keys containing ``key``) are buffers, not
+    parameters (a backward pass through ``ids`` views gives them no gradient), and travel in the
+    state dict at ``value``."""
+    sample, t, _, ctx = unet_inputs(mv.config, 1, ids.shape[1], size=16)
+    mv(sample, t, ids, ctx).square().mean().backward()
+    assert not any(key in name for name, _ in mv.named_parameters())
+    gains = {k: v for k, v in mv.state_dict().items() if key in k}
+    assert len(gains) == len(layers) and all((v == value).all() for v in gains.values())
+
+
 def unet_with(config: UNetConfig, part: str, value: float, seed: int = 1):
     """A seeded MultiViewUNet of ``config`` in eval mode whose optional ``part`` ("geometry",
     "epipolar" or "condition_bias") is reset with ``value`` (its init std or gain) instead of its zero start."""
