@@ -1,13 +1,14 @@
 """The flow diagnostics of train/diagnostics.py measure what they claim: silhouette consistency
-separates one object's views from views of different objects, and the attention recorder reads
-exactly the uniform share from attention that cannot tell keys apart."""
+separates one object's views from views of different objects, the consensus hull outvotes a
+few wrong masks, the single-view hull contains its object and reproduces its view, and the
+attention recorder reads exactly the uniform share from attention that cannot tell keys apart."""
 
 import torch
 from tiny_models import tiny_model
 
 from mvdpp_core.model import Condition
 from train.data.dataset import to_tensors
-from train.diagnostics import attention_flow, condition_share, silhouette_consistency
+from train.diagnostics import attention_flow, condition_share, hull_masks, silhouette_consistency, single_view_hull
 from train.procedural.render import render_object
 
 
@@ -22,6 +23,40 @@ def test_silhouette_consistency_of_true_views_is_high_and_of_mixed_objects_low()
     assert silhouette_consistency(mixed) < 0.75
     blobs = masks[0].roll(shifts=9, dims=0)  # right masks, wrong rig slots
     assert silhouette_consistency(blobs) < silhouette_consistency(masks[0]) - 0.2
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a & b).sum() / (a | b).sum()).item()
+
+
+def test_consensus_hull_outvotes_a_few_wrong_masks():
+    truth, other = _rig_masks(0), _rig_masks(1)
+    assert _iou(hull_masks(truth), truth > 0.5) > 0.95  # the exact hull of true views reprojects onto them
+    wrong = truth.clone()
+    wrong[[3, 20]] = other[[3, 20]]  # two views show another object
+    assert _iou(hull_masks(wrong), truth > 0.5) < 0.85  # the exact hull loses what either wrong view misses
+    assert _iou(hull_masks(wrong, max_dissent=2), truth > 0.5) > 0.93  # letting each voxel ignore 2 views does not
+
+
+def test_single_view_hull_contains_the_object_and_reproduces_its_view():
+    rendered = render_object("heldout", 2, size=64)
+    rgb, masks = to_tensors(rendered.targets, 64)
+    K = torch.tensor(rendered.cameras["K"])
+    front = torch.tensor(rendered.cameras["targets"][8]["c2w"])  # rig view 8 as the input, with its camera
+    images, hull = single_view_hull(rgb[8], masks[8], front, K)
+    inside, truth = hull[:, 0] > 0.5, masks[:, 0] > 0.5
+    assert (inside & truth).sum() / truth.sum() > 0.99  # every view of the object lies inside the hull
+    assert _iou(inside[8], truth[8]) > 0.97  # and the input's own view comes back
+    on = truth[8] & inside[8]
+    assert (images[8][:, on] - rgb[8][:, on]).abs().mean() < 0.03  # with its colours
+    assert silhouette_consistency(hull[:, 0]) > 0.97  # one 3D object by construction
+    cond = to_tensors(rendered.conditions, 64)
+    elevated = torch.tensor(rendered.cameras["conditions"][0]["c2w"])
+    _, hull = single_view_hull(cond[0][0], cond[1][0], elevated, K)  # a condition view at its own pose
+    assert (hull[:, 0] > 0.5)[truth].float().mean() > 0.99
+    wrong_pose = torch.tensor(rendered.cameras["targets"][10]["c2w"])  # the same view, told it is at azimuth 90
+    _, hull = single_view_hull(rgb[8], masks[8], wrong_pose, K)
+    assert _iou(hull[8, 0] > 0.5, truth[8]) < 0.8  # the input's view is not reproduced from the wrong camera
 
 
 @torch.no_grad()

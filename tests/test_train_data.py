@@ -167,3 +167,22 @@ def test_the_one_readable_object_is_found_whatever_the_epoch_order(tmp_path, bro
     assert sum(it["skipped"] > 0 for it in got) >= 10  # all but the intact object's own draws fell back
     for it in got:
         torch.testing.assert_close(it["cond_rgb"][0], cond_rgb[0])  # ... to the intact object
+
+
+def test_front_input_copy_puts_rig_view_8_first_and_keeps_the_rest(objects, tmp_path):
+    from train.procedural.front_input import main as front_input
+
+    out = tmp_path / "front"
+    assert front_input(["--src", str(objects), "--out", str(out)]) == 0
+    for folder in sorted(objects.iterdir()):
+        source, copy = fmt.read_object_folder(folder), fmt.read_object_folder(out / folder.name)
+        np.testing.assert_array_equal(copy.cond_rgba[0], source.target_rgba[8])  # the input is the front view
+        np.testing.assert_array_equal(copy.cond_rgba[1:], source.cond_rgba[1:])
+        np.testing.assert_array_equal(copy.target_rgba, source.target_rgba)
+        first = copy.cameras["conditions"][0]
+        assert (first["azimuth_deg"], first["elevation_deg"], first["file"]) == (0.0, 0.0, "cond_00.png")
+        assert first["c2w"] == source.cameras["targets"][8]["c2w"]
+        assert not (folder / "cond_00.png").samefile(out / folder.name / "cond_00.png")
+    assert front_input(["--src", str(objects), "--out", str(out)]) == 0  # a second run keeps the copies
+    with pytest.raises(SystemExit, match="inside --src"):
+        front_input(["--src", str(objects), "--out", str(objects / "front")])

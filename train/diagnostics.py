@@ -8,7 +8,10 @@
   the condition does not inform the targets; near 1, it decides them.
 * ``silhouette_consistency``: carve the visual hull of 32 masks on the rig, project it back
   and take the IoU with the masks: ~0.99 for the true views of one object; masks that do not
-  describe one 3D object carve to little and score low.
+  describe one 3D object carve to little and score low. ``hull_masks`` is that projection,
+  optionally of a consensus hull that lets each voxel ignore a few views.
+* ``single_view_hull``: an input view reprojected into the rig through its own visual hull, a
+  baseline that follows its input and is consistent in 3D by construction.
 
 Used by ``scripts/eval_default.py`` and ``scripts/overfit_default.py``.
 """
@@ -21,11 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from mvdpp_core import attention as attention_module
-from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.cameras import NUM_TARGET_VIEWS, TARGET_DISTANCE, intrinsics, pixel_rays, project, rig_c2w
+from mvdpp_core.geometry import OBJECT_RADIUS
 from mvdpp_core.model import Condition, MVDPPModel
 
 
@@ -125,11 +130,14 @@ def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t
     ]
 
 
-def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
-    """IoU of 32 rig masks (32, H, W) in [0, 1] with the reprojection of their visual hull.
+def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Tensor:
+    """The 32 rig views (32, H, W) bool of the visual hull of 32 rig masks (32, H, W) in [0, 1].
 
-    The hull keeps voxels inside every mask (threshold 0.5) in a [-0.5, 0.5]^3 grid of
-    ``resolution``^3; its projection is rendered per view by splatting voxel centres.
+    The hull keeps the voxels of a [-0.5, 0.5]^3 grid of ``resolution``^3 that at most
+    ``max_dissent`` views place outside their mask (threshold 0.5; a view the voxel projects
+    outside of counts as outside): 0 is the exact visual hull, a few lets every voxel ignore
+    that many views (a consensus of masks that disagree). Its projection is rendered per view
+    by splatting voxel centres.
     """
     size = masks.shape[-1]
     inside = masks > 0.5  # v H W
@@ -141,12 +149,49 @@ def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
     views = torch.arange(NUM_TARGET_VIEWS)[:, None].expand_as(valid)
     hit = torch.zeros_like(valid)
     hit[valid] = inside[views[valid], px[..., 1][valid], px[..., 0][valid]]
-    keep = hit.all(0)  # N: inside every mask
-    ious = []
+    keep = (~hit).sum(0) <= max_dissent  # N
+    out = torch.zeros(NUM_TARGET_VIEWS, size, size, dtype=torch.bool)
     for view in range(NUM_TARGET_VIEWS):
         sel = keep & valid[view]
-        proj = torch.zeros(size, size, dtype=torch.bool)
-        proj[px[view, sel, 1], px[view, sel, 0]] = True
-        union = (proj | inside[view]).sum().item()
-        ious.append((proj & inside[view]).sum().item() / union if union else 1.0)
-    return float(sum(ious) / len(ious))
+        out[view, px[view, sel, 1], px[view, sel, 0]] = True
+    return out
+
+
+def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
+    """IoU of 32 rig masks (32, H, W) in [0, 1] with the reprojection of their visual hull
+    (:func:`hull_masks`, every mask kept), averaged over the views."""
+    inside, proj = masks > 0.5, hull_masks(masks, resolution)
+    union = (proj | inside).sum((1, 2))
+    ious = torch.where(union > 0, (proj & inside).sum((1, 2)) / union.clamp(min=1), 1.0)  # no object in either: 1
+    return float(ious.mean())
+
+
+@torch.no_grad()
+def single_view_hull(rgb: Tensor, mask: Tensor, c2w: Tensor, K: Tensor, samples: int = 96) -> tuple[Tensor, Tensor]:
+    """One view of an object reprojected into the 32 rig views through its visual hull.
+
+    The hull of a single view is its silhouette extruded along the view's rays, clipped to
+    the [-0.5, 0.5]^3 box every object fits in (DESIGN section 3): a 3D object that contains
+    the true one and reproduces the view exactly. Each rig pixel marches ``samples`` points
+    through the box; the first inside the hull gives the mask, and its colour is the view's
+    colour where that point projects (the front colour, seen from behind too).
+
+    rgb (3, S, S) on white, mask (1, S, S), c2w (4, 4) OpenCV and K (3, 3) of the view ->
+    images (32, 3, S, S) on white and masks (32, 1, S, S) in {0, 1}.
+    """
+    size = rgb.shape[-1]
+    origins, dirs = pixel_rays(rig_c2w(torch.float64), intrinsics(size), size, size)  # 32 S S 3
+    reach = (TARGET_DISTANCE - OBJECT_RADIUS, TARGET_DISTANCE + OBJECT_RADIUS)  # the box's depths on every ray
+    depth = torch.linspace(*reach, samples, dtype=torch.float64)
+    points = (origins[..., None, :] + dirs[..., None, :] * depth[:, None]).float()  # 32 S S n 3
+    uv, z = project(points.reshape(-1, 3), c2w[None].float(), K.float())  # 1 N 2
+    to_ndc = (uv[0] / size * 2 - 1).float()  # grid_sample's frame (pixel centres at +0.5)
+    occupancy = F.grid_sample(mask[None].float(), to_ndc[None, None], align_corners=False)[0, 0, 0]
+    inside = (occupancy > 0.5) & (z[0] > 0) & (points.reshape(-1, 3).abs() <= 0.5).all(-1)
+    inside = inside.reshape(points.shape[:-1])  # 32 S S n
+    first = inside.float().argmax(-1, keepdim=True)  # the first sample inside, along each ray
+    at = to_ndc.reshape(*points.shape[:-1], 2).gather(-2, first[..., None].expand(-1, -1, -1, 1, 2))  # 32 S S 1 2
+    colour = F.grid_sample(rgb[None].float(), at.reshape(1, 1, -1, 2), align_corners=False, padding_mode="border")
+    colour = rearrange(colour[0, :, 0], "c (v h w) -> v c h w", v=NUM_TARGET_VIEWS, h=size)
+    masks = inside.any(-1).float()[:, None]  # 32 1 S S
+    return torch.where(masks > 0.5, colour, torch.ones_like(colour)), masks
