@@ -24,6 +24,9 @@ Sampling defaults to the demo's for the checkpoint (``scripts/demo.py``: 2 ddim 
 objects instead (the fit), ``--input-copy`` scores the input view repeated in all 32 slots, and
 ``--hull-baseline`` the input view reprojected through its own visual hull (with its true
 camera): the best a model can do that only extrudes the input's silhouette.
+``--retrieval-baseline TRAIN`` scores the 32 true masks of the training object whose input mask
+is closest to the object's, and of the training object closest in all 32 masks (chosen with the
+answer): what recalling the training set, rather than generalising from it, can reach.
 
 The same runs for an untrained model of the same shape (seeded random weights: the floor),
 and, with ``--curve``, for the EMA weights of each saved training checkpoint (a learning
@@ -216,6 +219,41 @@ def hull_baseline(folders: list[Path], size: int) -> dict[str, float]:
             "psnr_other": float(mean[2]), "mask_iou_other": float(mean[3]), "silhouette": float(mean[4])}
 
 
+def first_masks(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first input view's mask (S, S) and the 32 true masks (32, S, S) of an object, bool."""
+    views = fmt.read_object_folder(folder, cond_ids=[0])
+    return to_tensors(views.cond_rgba, size)[1][0, 0] > 0.5, to_tensors(views.target_rgba, size)[1][:, 0] > 0.5
+
+
+def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict[str, float]:
+    """Mask IoU of a training object's 32 true masks, against the object's own (and another
+    object's) true masks: the training object whose input mask has the highest IoU with the
+    object's input mask (nearest neighbour: a model that recalls the training set), and the
+    best training object for the answer itself (the oracle: the closest shape the training
+    set holds)."""
+    train = [first_masks(f, size) for f in sorted(train_root.iterdir()) if fmt.is_complete(f)]
+    if not train:
+        raise ValueError(f"--retrieval-baseline {train_root} holds no complete object folder; give the training "
+                         "split's folder (train.procedural.generate --split train).")
+    train_inputs = torch.stack([t[0] for t in train])  # n S S
+    train_masks = torch.stack([t[1] for t in train])  # n 32 S S
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pooled over the trailing views / pixels
+        dims = tuple(range(1, a.dim()))
+        return (a & b).sum(dims) / (a | b).sum(dims).clamp(min=1)
+
+    objects = [first_masks(f, size) for f in folders]
+    rows = []
+    for i, (cond, truth) in enumerate(objects):
+        nearest = int(iou(train_inputs, cond[None]).argmax())
+        rows.append((mask_iou(train_masks[nearest].float(), truth.float()),
+                     mask_iou(train_masks[nearest].float(), objects[(i + 1) % len(objects)][1].float()),
+                     float(iou(train_masks, truth[None]).max())))
+    mean = np.mean(rows, axis=0)
+    return {"objects": len(folders), "training_objects": len(train), "mask_iou": float(mean[0]),
+            "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2])}
+
+
 def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
     """Mean and standard deviation per metric (Chamfer over the objects with a mesh)."""
     out = {}
@@ -326,6 +364,12 @@ def markdown_table(report: dict) -> str:
         lines += ["", f"Input reprojected through its own visual hull ({c['objects']} objects): PSNR {c['psnr']:.2f} / "
                       f"{c['psnr_other']:.2f} dB, mask IoU {c['mask_iou']:.4f} / {c['mask_iou_other']:.4f} "
                       f"(own / another object), silhouette consistency {c['silhouette']:.4f}"]
+    if report.get("retrieval_baseline"):
+        c = report["retrieval_baseline"]
+        lines += ["", f"Nearest training object by input mask ({c['objects']} objects, "
+                      f"{c['training_objects']} training objects): mask IoU {c['mask_iou']:.4f} / "
+                      f"{c['mask_iou_other']:.4f} (own / another object); the best training object for the answer: "
+                      f"{c['oracle_mask_iou']:.4f}"]
     if report.get("copy_test"):
         c = report["copy_test"]
         lines += ["", f"Copy test (input = true rig view 8, {c['objects']} objects): view 8 PSNR {c['psnr']:.2f} dB, "
@@ -344,6 +388,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also score the input view repeated in all 32 slots (a model that only repeats its input)")
     p.add_argument("--hull-baseline", action="store_true",
                    help="also score the input view reprojected through its own visual hull (its true camera)")
+    p.add_argument("--retrieval-baseline", type=Path, default=None, metavar="TRAIN",
+                   help="also score recalling the training objects under TRAIN (nearest by input mask, and the oracle)")
     p.add_argument("--count", type=int, default=50, help="held-out objects")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
     p.add_argument("--sampler", default=None, help="default: the demo's for this checkpoint (scripts/demo.py)")
@@ -397,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         save("input_copy")(input_copy_baseline(folders, model.config.image_size))
     if args.hull_baseline:
         save("hull_baseline")(hull_baseline(folders, model.config.image_size))
+    if args.retrieval_baseline is not None:
+        save("retrieval_baseline")(retrieval_baseline(folders, args.retrieval_baseline, model.config.image_size))
     evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
                    on_result=save("trained"), grids=args.grids)
     if args.copy_count:
