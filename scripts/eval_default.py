@@ -245,10 +245,10 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
     objects = [first_masks(f, size) for f in folders]
     rows = []
     for i, (cond, truth) in enumerate(objects):
-        nearest = int(iou(train_inputs, cond[None]).argmax())
+        nearest, best = int(iou(train_inputs, cond[None]).argmax()), int(iou(train_masks, truth[None]).argmax())
         rows.append((mask_iou(train_masks[nearest].float(), truth.float()),
                      mask_iou(train_masks[nearest].float(), objects[(i + 1) % len(objects)][1].float()),
-                     float(iou(train_masks, truth[None]).max())))
+                     mask_iou(train_masks[best].float(), truth.float())))
     mean = np.mean(rows, axis=0)
     return {"objects": len(folders), "training_objects": len(train), "mask_iou": float(mean[0]),
             "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2])}
