@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import (
     assert_fixed_gains,
+    assert_gain_matters_and_permutes,
     assert_initialised_unet_equals_base,
-    assert_permutes_with_views,
     unet_inputs,
     unet_with,
 )
@@ -67,11 +67,7 @@ def test_uniform_attention_gives_the_condition_half_the_mass_at_any_target_count
 def test_the_bias_changes_global_attention_and_permutes_with_the_views(biased_unet):
     sample, t, ids, ctx = unet_inputs(CFG, 2, 6, size=16)
     ids[:, 4:] = torch.tensor([[33, 40], [32, 35]])  # two condition views each
-    out = biased_unet(sample, t, ids, ctx)
-    biased_unet.condition_bias.reset_parameters(0.0)
-    assert (biased_unet(sample, t, ids, ctx) - out).abs().max() > 1e-3
-    biased_unet.condition_bias.reset_parameters(1.0)
-    assert_permutes_with_views(biased_unet, sample, t, ids, ctx, out)
+    assert_gain_matters_and_permutes(biased_unet, biased_unet.condition_bias, sample, t, ids, ctx)
 
 
 def test_gains_are_fixed_buffers_and_view_parallelism_is_refused(biased_unet):

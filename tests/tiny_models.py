@@ -76,6 +76,16 @@ def assert_permutes_with_views(mv, sample, t, ids, ctx, out=None) -> None:
     torch.testing.assert_close(mv(sample[:, perm], t, ids[:, perm], ctx), out[:, perm], atol=1e-5, rtol=1e-4)
 
 
+def assert_gain_matters_and_permutes(mv, gains, sample, t, ids, ctx) -> None:
+    """At gain 1 a per-layer attention bias (``gains``, a HeadGains) changes the output against
+    gain 0, and the biased UNet is equivariant to the order of the views."""
+    out = mv(sample, t, ids, ctx)
+    gains.reset_parameters(0.0)
+    assert (mv(sample, t, ids, ctx) - out).abs().max() > 1e-3
+    gains.reset_parameters(1.0)
+    assert_permutes_with_views(mv, sample, t, ids, ctx, out)
+
+
 def assert_fixed_gains(mv, key: str, layers, value: float, ids: torch.Tensor) -> None:
     """A bias's per-head gains (``layers``, state-dict keys containing ``key``) are buffers, not
     parameters (a backward pass through ``ids`` views gives them no gradient), and travel in the

@@ -19,6 +19,7 @@ Used by ``scripts/eval_default.py`` and ``scripts/overfit_default.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +131,18 @@ def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t
     ]
 
 
+@functools.lru_cache(maxsize=4)
+def _rig_voxel_pixels(resolution: int, size: int) -> tuple[Tensor, Tensor]:
+    """The pixel (v, N, 2) each voxel centre of a [-0.5, 0.5]^3 grid of ``resolution``^3 falls
+    in, in each rig view of ``size`` pixels, and whether it is inside the frame (v, N); the
+    same for every set of masks, so computed once."""
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution - 0.5
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # N 3
+    uv, _ = project(grid, rig_c2w(torch.float32), intrinsics(size))  # v N 2
+    px = uv.floor().long().clamp(-1, size)
+    return px, ((px >= 0) & (px < size)).all(-1)
+
+
 def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Tensor:
     """The 32 rig views (32, H, W) bool of the visual hull of 32 rig masks (32, H, W) in [0, 1].
 
@@ -141,11 +154,7 @@ def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Ten
     """
     size = masks.shape[-1]
     inside = masks > 0.5  # v H W
-    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution - 0.5
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # N 3
-    uv, _ = project(grid, rig_c2w(torch.float32), intrinsics(size))  # v N 2
-    px = uv.floor().long().clamp(-1, size)
-    valid = ((px >= 0) & (px < size)).all(-1)  # v N
+    px, valid = _rig_voxel_pixels(resolution, size)
     views = torch.arange(NUM_TARGET_VIEWS)[:, None].expand_as(valid)
     hit = torch.zeros_like(valid)
     hit[valid] = inside[views[valid], px[..., 1][valid], px[..., 0][valid]]
