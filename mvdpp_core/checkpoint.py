@@ -8,7 +8,7 @@ includes prediction type and schedule), ``rig`` (the camera rig) and ``format`` 
 
 The MVAE file (``train_mvae.py``'s export, ``init.mvae_path`` of the UNet trainer) lives
 here too: ``vae.*`` tensors with metadata ``format`` = ``mvdpp-mvae`` and ``vae_config``
-(``VAEConfig`` as JSON).
+(``VAEConfig`` as JSON). Where an MVAE file is read, a bundle's VAE can be read instead.
 """
 
 from __future__ import annotations
@@ -481,15 +481,21 @@ def save_mvae(vae: MaskAwareVAE, path: str | Path, state: dict[str, Tensor] | No
 
 
 def read_mvae_config(path: str | Path) -> VAEConfig:
-    """The ``VAEConfig`` of an MVAE file, without reading its tensors."""
+    """The ``VAEConfig`` of an MVAE file, or of a model bundle's VAE, without reading tensors."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"MVAE file {path} must be an existing .safetensors written by train_mvae.py.")
+        raise ValueError(
+            f"MVAE file {path} must be an existing .safetensors written by train_mvae.py (or a model bundle, "
+            "whose VAE is then taken)."
+        )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+    if meta.get("format") == FORMAT_NAME:
+        return read_bundle_config(path).vae
     if meta.get("format") != MVAE_FORMAT:
         raise ValueError(
-            f"{path.name} is not an MVAE file (metadata format={meta.get('format')!r}); use train_mvae.py's export."
+            f"{path.name} is neither an MVAE file nor a model bundle (metadata format={meta.get('format')!r}); "
+            "use train_mvae.py's export or an exported model.safetensors."
         )
     return from_dict(VAEConfig, json.loads(meta["vae_config"]))
 
@@ -502,6 +508,7 @@ def load_mvae(path: str | Path) -> MaskAwareVAE:
 
 
 def load_mvae_weights(vae: MaskAwareVAE, path: str | Path) -> None:
-    """Load an MVAE file's tensors into ``vae`` (strict)."""
-    tensors = load_file(str(path))
-    vae.vae.load_state_dict({k.removeprefix("vae."): v for k, v in tensors.items()}, strict=True)
+    """Load an MVAE file's tensors (or a model bundle's ``vae.*`` ones) into ``vae`` (strict)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k.removeprefix("vae."): f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}
+    vae.vae.load_state_dict(tensors, strict=True)

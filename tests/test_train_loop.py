@@ -127,6 +127,37 @@ def test_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     assert max_diff(ema_full, ema_split) < 1e-6
 
 
+def test_time_limit_stops_with_a_checkpoint_and_export_and_the_same_command_resumes(data_dir, tmp_path, monkeypatch):
+    """optim.max_minutes: a clock that advances a minute per reading passes a 1.5-minute limit
+    at step 2 of 4; the run stops there with a verified checkpoint and the export, and the
+    same command (the limit lifted) continues to exactly the uninterrupted run."""
+    import train.loop as loop
+
+    small = {"stage.max_cond_views": 1, "optim.batch_size": 1, "optim.max_steps": 4}
+    ref = train(run_config(data_dir, tmp_path / "full", **small))
+    minutes = iter(range(1000))
+    monkeypatch.setattr(loop, "_clock", lambda: 60.0 * next(minutes))
+    out = tmp_path / "limited"
+    stopped = train(run_config(data_dir, out, **small, **{"optim.max_minutes": 1.5}))
+    assert stopped.step == 2 and len(stopped.losses) == 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert loop.verify_checkpoint(out / "checkpoints" / "step_00000002") is None
+    exported = load_checkpoint(out / "export" / "model.safetensors")
+    ema = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    name = next(k for k in ema if k.startswith("unet."))
+    assert torch.equal(exported.unet.state_dict()[name.removeprefix("unet.")], ema[name])  # the export is step 2's EMA
+    monkeypatch.setattr(loop, "_clock", time.monotonic)
+    resumed = train(run_config(data_dir, out, **small))
+    assert resumed.step == 4
+    assert resumed.losses == pytest.approx(ref.losses, abs=1e-6)
+    assert max_diff(unet_weights(tmp_path / "full", 4), unet_weights(out, 4)) < 1e-6
+
+
+def test_a_negative_time_limit_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"optim.max_minutes=-1.0 is not allowed; allowed: >= 0 \(0 = no time limit"):
+        run_config(tmp_path, tmp_path / "out", **{"optim.max_minutes": -1.0})
+
+
 def test_resume_keeps_the_architecture_the_run_started_with(data_dir, tmp_path, monkeypatch):
     """A preset edited between start and resume is not applied to the run's weights: a new head
     split changes no tensor shape (it would silently change the model), a new shape is refused."""

@@ -17,7 +17,8 @@ from train.data.synthetic import write_synthetic_dataset
 from train.models import build_mvae, build_mvdiff_model
 from train.train_mvae import train
 
-CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_cpu_mvae.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "train" / "configs" / "tiny_cpu_mvae.yaml"
 
 
 def test_sd_vae_folder_converts_to_an_mvae_equal_on_rgb(tmp_path):
@@ -72,3 +73,31 @@ def test_mvae_training_lowers_the_loss_and_exports_the_ema(tmp_path):
 def test_mvae_file_is_checked(tmp_path):
     with pytest.raises(ValueError, match="must be an existing .safetensors written by train_mvae.py"):
         load_mvae(tmp_path / "nope.safetensors")
+
+
+def test_a_model_bundle_serves_as_the_mvae_of_a_new_run(tmp_path):
+    """init.mvae_path may name a model bundle: the new run is exactly the run started from the
+    MVAE file of that bundle's VAE (weights and config, scaling factor included), and it takes
+    nothing else of the bundle (its UNet starts fresh)."""
+    from safetensors.torch import save_file
+
+    from mvdpp_core.checkpoint import load_checkpoint, save_mvae
+
+    bundle = REPO / "models" / "mvdpp_default.safetensors"
+    source = load_checkpoint(bundle)
+    save_mvae(source.vae, tmp_path / "mvae.safetensors")
+    built = [
+        build_mvdiff_model(ModelInitConfig(mvae_path=str(path), image_size=64), PredictionType.V_PREDICTION)
+        for path in (bundle, tmp_path / "mvae.safetensors")
+    ]
+    assert built[0].config == built[1].config and built[0].config.vae == source.config.vae
+    theirs = built[1].state_dict()
+    for name, value in built[0].state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    vae = source.vae.vae.state_dict()
+    assert all(torch.equal(v, vae[k]) for k, v in built[0].vae.vae.state_dict().items())
+    shipped = source.unet.state_dict()
+    assert any(not torch.equal(v, shipped[k]) for k, v in built[0].unet.state_dict().items() if k in shipped)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "other"})
+    with pytest.raises(ValueError, match="neither an MVAE file nor a model bundle .*format='other'"):
+        load_mvae(tmp_path / "other.safetensors")

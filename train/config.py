@@ -78,6 +78,10 @@ class OptimConfig:
     batch_size: int = 1
     grad_accum_steps: int = 1
     max_steps: int = 1000
+    # 0 = no limit; else training stops at the first optimizer step that ends past this many
+    # minutes of this process's training (resume and setup not counted), with a checkpoint and
+    # the export, and the same command continues it. The LR schedule still counts to max_steps.
+    max_minutes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class ModelInitConfig:
     preset: str = "tiny"
     path: str = ""  # SD 2 inpainting folder / .safetensors, or a bundle
     image_encoder_path: str = ""  # transformers CLIP vision folder (with sd2_inpainting)
-    mvae_path: str = ""  # a fine-tuned MVAE (train_mvae.py export) replacing the VAE
+    mvae_path: str = ""  # a fine-tuned MVAE (train_mvae.py export, or a model bundle: its VAE) replacing the VAE
     image_size: int = 0  # 0 = the source's own
     seed: int = 0  # weight init of presets
     # Starting value of the view-index embedding's scale. 0 (the design) keeps an initialised
@@ -285,6 +289,7 @@ RULES: dict[str, _Rule] = {
     "optim.batch_size": _at_least(1, "it is per device"),
     "optim.grad_accum_steps": _at_least(1, "1 = no accumulation"),
     "optim.max_steps": _at_least(1, "it counts optimizer steps, e.g. 1000"),
+    "optim.max_minutes": _at_least(0, "0 = no time limit; e.g. 90 stops after 90 minutes with a checkpoint"),
     "init.image_size": _at_least(0, "0 = the source's (or preset's) own size"),
     "stage.single_view_prob": _UNIT,
     "stage.max_cond_views": ((lambda v: 1 <= v <= 10), "[1, 10]", "the model takes 1 to 10 condition views"),

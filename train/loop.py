@@ -42,6 +42,7 @@ from .config import CheckpointConfig, Device, EMAConfig, LoggingConfig, OptimCon
 logger = logging.getLogger(__name__)
 LossFn = Callable[[dict], tuple[Tensor, dict[str, float]]]
 _MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no"}
+_clock = time.monotonic  # the clock of optim.max_minutes (tests replace it)
 
 
 def make_accelerator(runtime: RuntimeConfig, logging_cfg: LoggingConfig) -> Accelerator:
@@ -354,7 +355,9 @@ def run_loop(
     hooks: Hooks,
     cfg: LoopConfig,
 ) -> TrainState:
-    """Train ``module`` (already prepared) to ``optim.max_steps``, resuming from the latest checkpoint."""
+    """Train ``module`` (already prepared) to ``optim.max_steps``, resuming from the latest checkpoint;
+    with ``optim.max_minutes`` > 0, stop earlier at the first step past that time, with a
+    checkpoint and the export (the same command resumes)."""
     ckpt = Checkpointer(cfg.output_dir / "checkpoints", cfg.checkpoint)
     ema = EMA(acc.unwrap_model(module), cfg.ema) if cfg.ema.enabled else None
     state = TrainState()
@@ -363,6 +366,7 @@ def run_loop(
     batches = hooks.batches(state.micro_batches)
     module.train()
     accum, tick = cfg.optim.grad_accum_steps, time.time()
+    deadline = _clock() + 60.0 * cfg.optim.max_minutes if cfg.optim.max_minutes > 0 else None
     while state.step < cfg.optim.max_steps:
         loss_sum, skipped = _optimizer_step(acc, module, optimizer, scheduler, hooks, batches, cfg.optim)
         state.micro_batches += accum
@@ -385,14 +389,28 @@ def run_loop(
                 step=state.step,
             )
             acc.print(f"step {state.step} loss {mean_loss:.4f} skipped {state.skipped} ({rate:.2f} steps/s)")
-        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.optim.max_steps:
+        out_of_time = deadline is not None and _any_rank(acc, _clock() >= deadline)
+        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.optim.max_steps or out_of_time:
             ckpt.save(acc, state, ema)
         if hooks.validate and cfg.logging.validate_every and state.step % cfg.logging.validate_every == 0:
             _on_main(acc, module, ema, lambda w: hooks.validate(state.step, w))
+        if out_of_time and state.step < cfg.optim.max_steps:
+            acc.print(
+                f"stopped at step {state.step} of {cfg.optim.max_steps}: optim.max_minutes={cfg.optim.max_minutes:g} "
+                "reached; checkpoint saved, exporting. Run the same command again to continue."
+            )
+            break
     if hooks.export is not None:
         _on_main(acc, module, ema, hooks.export)
     acc.end_training()
     return state
+
+
+def _any_rank(acc: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (clocks differ between ranks)."""
+    if acc.num_processes == 1:
+        return flag
+    return acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0
 
 
 def _resume(acc: Accelerator, ckpt: Checkpointer, ema: EMA | None, module: nn.Module) -> TrainState | None:

@@ -1,0 +1,207 @@
+"""Train a default-recipe model at a size set by the clock, in one command: generate procedural
+objects on every CPU core, train `train/configs/default_unet.yaml` from scratch on the shipped
+default's MVAE for a fixed number of minutes, evaluate it on the held-out split, and put the
+bundle, the reports and the training log in one folder.
+
+Made for one call on a lent GPU machine (a 10-minute command: ~80 s of rendering on 16 cores,
+`--minutes` of training, ~2 min of evaluation), and runs the same on a CPU:
+
+  python scripts/train_default.py --work /tmp/mvdpp_big --out $OUT --objects 8000 --minutes 5 --batch-size 32
+  python scripts/train_default.py --work /tmp/small --out /tmp/small/out --objects 16 --max-steps 20 --eval-count 4
+
+Extra `--set KEY=VALUE` go to the trainer (e.g. `--set optim.lr=5e-4`). On CUDA it trains in
+bf16 with data-loader workers; on a CPU in fp32 in the main process. A rerun with the same
+--work resumes: complete object folders are kept and training continues from its checkpoint.
+Writes to --out: model.safetensors (the EMA export), eval.json (scripts/eval_default.py, with
+the nearest-training-object baseline), summary.json (timings, steps, object passes, the final
+loss, the eval's headline figures) and train.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.demo import EMBEDDED_SAMPLING  # noqa: E402
+from train.procedural.objects import Split  # noqa: E402
+from train.procedural.render import folder_name  # noqa: E402
+
+CONFIG = REPO / "train" / "configs" / "default_unet.yaml"
+SHIPPED = REPO / "models" / "mvdpp_default.safetensors"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="data and run folder (a rerun resumes here)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the bundle, reports and log")
+    p.add_argument("--objects", type=int, default=8000, help="procedural training objects")
+    p.add_argument("--minutes", type=float, default=0.0, help="training time limit (optim.max_minutes; 0 = none)")
+    p.add_argument("--max-steps", type=int, default=1_000_000, help="step limit (optim.max_steps)")
+    p.add_argument("--batch-size", type=int, default=2, help="objects per step (optim.batch_size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    p.add_argument("--loader-workers", type=int, default=-1, help="data-loader workers (-1: 8 on CUDA, 0 on a CPU)")
+    p.add_argument("--mvae", type=Path, default=SHIPPED, help="MVAE file or bundle whose VAE is used")
+    p.add_argument("--eval-count", type=int, default=50, help="held-out objects to evaluate (0: skip)")
+    p.add_argument("--eval-sampling", nargs=3, default=list(EMBEDDED_SAMPLING), metavar=("SAMPLER", "STEPS", "CFG"),
+                   help="sampling of the evaluation (default: the embedded default's, so the figures compare)")
+    p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the nearest training object (the bar a model must clear)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="more trainer overrides")
+    args = p.parse_args(argv)
+    for name in ("objects", "batch_size", "max_steps", "jobs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1.")
+    if args.minutes < 0 or not math.isfinite(args.minutes):
+        p.error(f"--minutes {args.minutes}: give 0 (no limit) or a positive number of minutes.")
+    try:
+        args.eval_sampling = [args.eval_sampling[0], int(args.eval_sampling[1]), float(args.eval_sampling[2])]
+    except ValueError:
+        p.error(f"--eval-sampling {' '.join(map(str, args.eval_sampling))}: give SAMPLER STEPS CFG, e.g. ddim 2 2.0.")
+    if args.out.resolve() == args.work.resolve():
+        p.error(f"--out {args.out} is --work; give a folder of its own for the results.")
+    return args
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def chunks(count: int, jobs: int) -> list[tuple[int, int]]:
+    """(start, count) of ``jobs`` near-equal contiguous shares of objects 0..count-1 (no empty ones)."""
+    jobs = min(jobs, count)
+    edges = [count * j // jobs for j in range(jobs + 1)]
+    return [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def render(root: Path, count: int, jobs: int) -> float:
+    """Training objects 0..count-1 under ``root`` (complete folders kept), ``jobs`` processes."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "train.procedural.generate", "--out", str(root), "--split", "train",
+             "--count", str(n), "--start", str(start), "--size", "64", "--threads", "1"],
+            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for start, n in chunks(count, jobs)
+    ]
+    failed = [(p.args, p.communicate()[1]) for p in procs if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"rendering failed: {failed[0][0]}\n{failed[0][1][-2000:]}")
+    missing = [i for i in range(count) if not (root / folder_name(Split.TRAIN, i) / "cameras.json").is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} objects were not rendered, e.g. {missing[:5]}")
+    return time.perf_counter() - t0
+
+
+def child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep + path if path else ''}", "PYTHONUNBUFFERED": "1"}
+
+
+def stream(cmd: list[str], log: Path, env: dict[str, str]) -> None:
+    """Run ``cmd``, echoing and appending its output to ``log``; raise with its tail if it fails."""
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in proc.stdout:
+            f.write(line)
+            print(line, end="", flush=True)
+            tail = (tail + [line])[-40:]
+        if proc.wait() != 0:
+            raise RuntimeError(f"{cmd[1]} failed (exit {proc.returncode}):\n{''.join(tail)}")
+
+
+def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: bool) -> list[str]:
+    workers = args.loader_workers if args.loader_workers >= 0 else (8 if cuda else 0)
+    sets = {
+        "data.folders": data, "runtime.output_dir": run, "init.mvae_path": args.mvae.resolve(),
+        "runtime.device": "auto" if cuda else "cpu", "runtime.precision": "bf16" if cuda else "fp32",
+        "optim.batch_size": args.batch_size, "optim.max_steps": args.max_steps, "optim.max_minutes": args.minutes,
+        "data.num_workers": workers, "checkpoint.every": 1000, "checkpoint.keep_last": 2,
+        "logging.log_every": 100 if cuda else 10,
+    }
+    return [f"{k}={v}" for k, v in sets.items()] + list(args.overrides)
+
+
+def run_summary(run: Path) -> dict:
+    """Step, object passes and loss of the newest checkpoint of ``run``."""
+    ckpt = run / "checkpoints"
+    state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "train_state.json").read_text())
+    losses = state["losses"]
+    return {"steps": state["step"], "loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:]))}
+
+
+def headline(report: dict) -> dict:
+    """The 1-view figures of an eval_default.py report, and the nearest-neighbour bar."""
+    trained = report.get("trained", {}).get("1", {}).get("summary", {})
+    keys = ("psnr", "mask_iou", "mask_iou_other", "psnr_other", "volume_iou", "silhouette", "mask_iou_consensus")
+    out = {k: round(trained[k]["mean"], 4) for k in keys if k in trained}
+    nearest = report.get("retrieval_baseline", {})
+    out.update({f"retrieval_{k}": round(v, 4) for k, v in nearest.items() if k != "objects"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
+    cuda = cuda_available() if cuda is None else cuda
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, run, log = args.work / "data" / "train", args.work / "run", args.out / "train.log"
+    summary: dict = {"objects": args.objects, "batch_size": args.batch_size, "minutes": args.minutes,
+                     "eval_sampling": list(args.eval_sampling),
+                     "device": "cuda" if cuda else "cpu", "overrides": list(args.overrides)}
+    if cuda:
+        import torch
+
+        summary["device_name"] = torch.cuda.get_device_name(0)
+    print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
+    summary["render_s"] = round(render(data, args.objects, args.jobs), 1)
+    print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
+    cmd = [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(CONFIG)]
+    for item in trainer_overrides(args, data, run, cuda):
+        cmd += ["--set", item]
+    t0 = time.perf_counter()
+    stream(cmd, log, child_env())
+    summary["train_s"] = round(time.perf_counter() - t0, 1)
+    summary.update(run_summary(run))
+    summary["object_passes"] = summary["steps"] * args.batch_size
+    summary["passes_per_object"] = round(summary["object_passes"] / args.objects, 2)
+    shutil.copyfile(run / "export" / "model.safetensors", args.out / "model.safetensors")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.eval_count:
+        sampler, steps, guidance = args.eval_sampling
+        cmd = [sys.executable, str(REPO / "scripts" / "eval_default.py"),
+               "--checkpoint", str(args.out / "model.safetensors"), "--heldout", str(args.work / "data" / "heldout"),
+               "--count", str(args.eval_count), "--views", "1", "--copy-count", "0", "--no-baseline",
+               "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance),
+               "--threads", str(args.jobs), "--out", str(args.out / "eval.json")]
+        if args.retrieval:
+            cmd += ["--retrieval-baseline", str(data)]
+        t0 = time.perf_counter()
+        stream(cmd, log, child_env())
+        summary["eval_s"] = round(time.perf_counter() - t0, 1)
+        summary["eval"] = headline(json.loads((args.out / "eval.json").read_text()))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

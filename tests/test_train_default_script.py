@@ -1,0 +1,74 @@
+"""scripts/train_default.py, the one-command run for a lent GPU, on the CPU: rendering shares
+cover every object once, the run trains on the shipped MVAE, reports, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvdpp_core.checkpoint import load_checkpoint
+from train.data import format as fmt
+from train.procedural.objects import Split
+from train.procedural.render import folder_name
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from train_default import chunks  # noqa: E402
+
+
+@pytest.mark.parametrize("count,jobs", [(1, 1), (5, 2), (7, 16), (8000, 16), (17, 5)])
+def test_render_shares_cover_every_object_once_in_near_equal_parts(count, jobs):
+    parts = chunks(count, jobs)
+    assert len(parts) == min(count, jobs) and all(n >= 1 for _, n in parts)
+    assert [i for start, n in parts for i in range(start, start + n)] == list(range(count))
+    assert max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_one_command_renders_trains_on_the_shipped_mvae_reports_and_resumes(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["--work", str(work), "--out", str(out), "--objects", "5", "--jobs", "2", "--device", "cpu",
+              "--set", "stage.max_cond_views=1"]
+    run(*common, "--max-steps", "2", "--eval-count", "2")
+    folders = sorted(p.name for p in (work / "data" / "train").iterdir() if fmt.is_complete(p))
+    assert folders == [folder_name(Split.TRAIN, i) for i in range(5)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["object_passes"] == 4 and summary["passes_per_object"] == 0.8
+    assert summary["eval_sampling"] == ["ddim", 2, 2.0]  # the embedded default's, so figures compare
+    ev = summary["eval"]
+    assert 0 <= ev["mask_iou"] <= 1 and ev["retrieval_training_objects"] == 5
+    assert ev["retrieval_mask_iou"] <= ev["retrieval_oracle_mask_iou"]
+    assert json.loads((out / "eval.json").read_text())["trained"]["1"]["objects"] == 2
+    model = load_checkpoint(out / "model.safetensors")
+    shipped = load_checkpoint(REPO / "models" / "mvdpp_default.safetensors")
+    assert model.config.vae == shipped.config.vae
+    theirs = shipped.vae.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.vae.state_dict().items())  # the frozen shipped MVAE
+    assert "step 2 loss" in (out / "train.log").read_text()
+
+    again = run(*common, "--max-steps", "3", "--eval-count", "0")
+    assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and "eval" not in summary
+
+
+def test_bad_arguments_are_refused_with_the_value(tmp_path):
+    for args, message in ((["--objects", "0"], "--objects 0: give at least 1"),
+                          (["--minutes", "-2"], "--minutes -2.0: give 0"),
+                          (["--eval-sampling", "ddim", "two", "2"], "--eval-sampling ddim two 2: give SAMPLER"),
+                          (["--out", str(tmp_path)], "is --work")):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
+                               "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
