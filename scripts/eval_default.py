@@ -235,23 +235,26 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
     if not train:
         raise ValueError(f"--retrieval-baseline {train_root} holds no complete object folder; give the training "
                          "split's folder (train.procedural.generate --split train).")
-    train_inputs = torch.stack([t[0] for t in train])  # n S S
-    train_masks = torch.stack([t[1] for t in train])  # n 32 S S
-
-    def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pooled over the trailing views / pixels
-        dims = tuple(range(1, a.dim()))
-        return (a & b).sum(dims) / (a | b).sum(dims).clamp(min=1)
-
     objects = [first_masks(f, size) for f in folders]
+    # IoU of every (training, evaluated) pair at once: intersections are dot products of 0/1 vectors
+    # (exact in float32 below 2^24 pixels), unions |a| + |b| - intersection; one matrix product.
+    nearest = _iou_matrix(torch.stack([t[0] for t in train]), torch.stack([o[0] for o in objects])).argmax(0)
+    best = _iou_matrix(torch.stack([t[1] for t in train]), torch.stack([o[1] for o in objects])).argmax(0)
     rows = []
-    for i, (cond, truth) in enumerate(objects):
-        nearest, best = int(iou(train_inputs, cond[None]).argmax()), int(iou(train_masks, truth[None]).argmax())
-        rows.append((mask_iou(train_masks[nearest].float(), truth.float()),
-                     mask_iou(train_masks[nearest].float(), objects[(i + 1) % len(objects)][1].float()),
-                     mask_iou(train_masks[best].float(), truth.float())))
+    for i, (_, truth) in enumerate(objects):
+        recalled, closest = train[int(nearest[i])][1].float(), train[int(best[i])][1].float()
+        rows.append((mask_iou(recalled, truth.float()), mask_iou(recalled, objects[(i + 1) % len(objects)][1].float()),
+                     mask_iou(closest, truth.float())))
     mean = np.mean(rows, axis=0)
     return {"objects": len(folders), "training_objects": len(train), "mask_iou": float(mean[0]),
             "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2])}
+
+
+def _iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU (n, m) of bool masks a (n, ...) and b (m, ...), each pooled over its trailing dims."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.T
+    return inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1)
 
 
 def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:

@@ -99,7 +99,8 @@ def render(root: Path, count: int, jobs: int) -> float:
         )
         for start, n in chunks(count, jobs)
     ]
-    failed = [(p.args, p.communicate()[1]) for p in procs if p.wait() != 0]
+    errors = [p.communicate()[1] for p in procs]  # communicate, not wait: a full stderr pipe would block
+    failed = [(p.args, err) for p, err in zip(procs, errors, strict=True) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"rendering failed: {failed[0][0]}\n{failed[0][1][-2000:]}")
     missing = [i for i in range(count) if not (root / folder_name(Split.TRAIN, i) / "cameras.json").is_file()]

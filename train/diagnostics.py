@@ -132,15 +132,18 @@ def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t
 
 
 @functools.lru_cache(maxsize=4)
-def _rig_voxel_pixels(resolution: int, size: int) -> tuple[Tensor, Tensor]:
-    """The pixel (v, N, 2) each voxel centre of a [-0.5, 0.5]^3 grid of ``resolution``^3 falls
-    in, in each rig view of ``size`` pixels, and whether it is inside the frame (v, N); the
-    same for every set of masks, so computed once."""
+def _rig_voxel_pixels(resolution: int, size: int) -> Tensor:
+    """For each rig view and voxel centre of a [-0.5, 0.5]^3 grid of ``resolution``^3, the flat
+    index (view * size^2 + row * size + column) of the pixel it falls in, or 32 * size^2 (one
+    past the last pixel) when it falls outside the frame (v, N); the same for every set of
+    masks, so computed once."""
     axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution - 0.5
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # N 3
     uv, _ = project(grid, rig_c2w(torch.float32), intrinsics(size))  # v N 2
-    px = uv.floor().long().clamp(-1, size)
-    return px, ((px >= 0) & (px < size)).all(-1)
+    px = uv.floor().long()
+    valid = ((px >= 0) & (px < size)).all(-1)
+    flat = torch.arange(NUM_TARGET_VIEWS)[:, None] * size * size + px[..., 1] * size + px[..., 0]
+    return torch.where(valid, flat, NUM_TARGET_VIEWS * size * size)
 
 
 def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Tensor:
@@ -153,17 +156,12 @@ def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Ten
     by splatting voxel centres.
     """
     size = masks.shape[-1]
-    inside = masks > 0.5  # v H W
-    px, valid = _rig_voxel_pixels(resolution, size)
-    views = torch.arange(NUM_TARGET_VIEWS)[:, None].expand_as(valid)
-    hit = torch.zeros_like(valid)
-    hit[valid] = inside[views[valid], px[..., 1][valid], px[..., 0][valid]]
-    keep = (~hit).sum(0) <= max_dissent  # N
-    out = torch.zeros(NUM_TARGET_VIEWS, size, size, dtype=torch.bool)
-    for view in range(NUM_TARGET_VIEWS):
-        sel = keep & valid[view]
-        out[view, px[view, sel, 1], px[view, sel, 0]] = True
-    return out
+    pixel = _rig_voxel_pixels(resolution, size)  # v N; one past the last pixel = outside the frame
+    inside = torch.cat([(masks > 0.5).reshape(-1), torch.zeros(1, dtype=torch.bool)])  # the extra pixel: outside
+    dissent = (~inside[pixel]).sum(0)  # N: the views that place each voxel outside
+    out = torch.zeros(NUM_TARGET_VIEWS * size * size + 1, dtype=torch.bool)
+    out[pixel[:, dissent <= max_dissent]] = True
+    return out[:-1].reshape(NUM_TARGET_VIEWS, size, size)
 
 
 def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
