@@ -250,11 +250,16 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
             "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2])}
 
 
-def _iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU (n, m) of bool masks a (n, ...) and b (m, ...), each pooled over its trailing dims."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    inter = a @ b.T
-    return inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1)
+def _iou_matrix(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """IoU (n, m) of bool masks a (n, ...) and b (m, ...), each pooled over its trailing dims;
+    ``rows`` of ``a`` at a time in float32, so memory stays near that of the bool masks."""
+    b = b.flatten(1).float()
+    out = []
+    for start in range(0, len(a), rows):
+        part = a[start : start + rows].flatten(1).float()
+        inter = part @ b.T
+        out.append(inter / (part.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1))
+    return torch.cat(out)
 
 
 def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
