@@ -141,7 +141,7 @@ def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: boo
 
 
 def run_summary(run: Path) -> dict:
-    """Step, object passes and loss of the newest checkpoint of ``run``."""
+    """Step and mean loss of the last 100 steps, from the newest checkpoint of ``run``."""
     ckpt = run / "checkpoints"
     state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "train_state.json").read_text())
     losses = state["losses"]
@@ -160,8 +160,10 @@ def headline(report: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
-    cuda = cuda_available() if cuda is None else cuda
+    cuda = cuda_available() if args.device != "cpu" else False
+    if args.device == "cuda" and not cuda:
+        print("--device cuda, but torch sees no CUDA device here; use --device cpu (or auto).", file=sys.stderr)
+        return 2
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     data, run, log = args.work / "data" / "train", args.work / "run", args.out / "train.log"
@@ -205,4 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as err:  # a step failed: its own output is above, the reason here
+        print(f"[train_default] {err}", file=sys.stderr)
+        sys.exit(1)

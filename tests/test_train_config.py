@@ -85,3 +85,22 @@ def test_view_embedding_scale_starts_where_configured(tmp_path):
                      view_embedding_scale=1.0)
     with pytest.raises(ValueError, match="view_embedding_scale=1.0 applies to new models"):
         build_mvdiff_model(bundle, PredictionType.EPSILON)
+
+
+@pytest.mark.parametrize("script,config,override,message", [
+    ("train_mvdiff.py", "default_unet.yaml", "optim.max_minutes=-1",
+     "optim.max_minutes=-1.0 is not allowed; allowed: >= 0"),
+    ("train_mvae.py", "default_mvae.yaml", "optim.nope=1", "unknown key(s) ['nope'] in optim"),
+])
+def test_the_trainers_refuse_a_bad_config_in_one_line_without_a_traceback(script, config, override, message):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "train" / script), "--config", str(repo / "train" / "configs" / config),
+           "--set", override]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: ") and message in proc.stderr

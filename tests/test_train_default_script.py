@@ -72,3 +72,8 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                                "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    if not torch.cuda.is_available():
+        cmd = [sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
+               "--out", str(tmp_path / "o"), "--device", "cuda"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and "torch sees no CUDA device here; use --device cpu" in proc.stderr, proc.stderr

@@ -175,7 +175,12 @@ def train(cfg: MVAETrainConfig) -> TrainState:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    train(load_config(MVAETrainConfig, args.config, args.set))
+    try:
+        cfg = load_config(MVAETrainConfig, args.config, args.set)
+    except ValueError as err:  # a bad key or value: the message names it and the fix
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    train(cfg)
     return 0
 
 
