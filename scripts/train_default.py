@@ -20,6 +20,7 @@ loss, the eval's headline figures) and train.log.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -33,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.demo import EMBEDDED_SAMPLING  # noqa: E402
+from train.config import CheckpointConfig  # noqa: E402
+from train.data import format as fmt  # noqa: E402
+from train.loop import Checkpointer  # noqa: E402
 from train.procedural.objects import Split  # noqa: E402
 from train.procedural.render import folder_name  # noqa: E402
 
@@ -85,7 +89,7 @@ def chunks(count: int, jobs: int) -> list[tuple[int, int]]:
     """(start, count) of ``jobs`` near-equal contiguous shares of objects 0..count-1 (no empty ones)."""
     jobs = min(jobs, count)
     edges = [count * j // jobs for j in range(jobs + 1)]
-    return [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
+    return [(a, b - a) for a, b in itertools.pairwise(edges)]
 
 
 def render(root: Path, count: int, jobs: int) -> float:
@@ -103,7 +107,7 @@ def render(root: Path, count: int, jobs: int) -> float:
     failed = [(p.args, err) for p, err in zip(procs, errors, strict=True) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"rendering failed: {failed[0][0]}\n{failed[0][1][-2000:]}")
-    missing = [i for i in range(count) if not (root / folder_name(Split.TRAIN, i) / "cameras.json").is_file()]
+    missing = [i for i in range(count) if not fmt.is_complete(root / folder_name(Split.TRAIN, i))]
     if missing:
         raise RuntimeError(f"{len(missing)} objects were not rendered, e.g. {missing[:5]}")
     return time.perf_counter() - t0
@@ -141,9 +145,9 @@ def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: boo
 
 
 def run_summary(run: Path) -> dict:
-    """Step and mean loss of the last 100 steps, from the newest checkpoint of ``run``."""
-    ckpt = run / "checkpoints"
-    state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "train_state.json").read_text())
+    """Step and mean loss of the last 100 steps, from the newest checkpoint of ``run`` that verifies."""
+    latest = Checkpointer(run / "checkpoints", CheckpointConfig()).latest()
+    state = json.loads((latest / "train_state.json").read_text())
     losses = state["losses"]
     return {"steps": state["step"], "loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:]))}
 

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -251,6 +252,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     config = from_dict(cls, coerce(cls, data))
     validate(config)
     return config
+
+
+def load_cli_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> T:
+    """``load_config`` for a command line: a bad key or value ends the process with exit code 2
+    and one line, ``config error: <the key, the value, what is allowed, the fix>``."""
+    try:
+        return load_config(cls, path, overrides)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _read_yaml(path: Path) -> Any:

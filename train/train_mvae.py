@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mvdpp_core.checkpoint import save_mvae
 from mvdpp_core.vae import MaskAwareVAE
-from train.config import MVAELossConfig, MVAETrainConfig, dump_config, load_config
+from train.config import MVAELossConfig, MVAETrainConfig, dump_config, load_cli_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture
@@ -175,12 +175,7 @@ def train(cfg: MVAETrainConfig) -> TrainState:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(MVAETrainConfig, args.config, args.set)
-    except ValueError as err:  # a bad key or value: the message names it and the fix
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
+    train(load_cli_config(MVAETrainConfig, args.config, args.set))
     return 0
 
 

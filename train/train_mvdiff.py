@@ -56,7 +56,7 @@ from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
 from mvdpp_core.unet import MultiViewUNet
-from train.config import StageConfig, TrainConfig, dump_config, load_config
+from train.config import StageConfig, TrainConfig, dump_config, load_cli_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import (
@@ -312,12 +312,7 @@ def train(cfg: TrainConfig) -> TrainState:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.set)
-    except ValueError as err:  # a bad key or value: the message names it and the fix
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
+    train(load_cli_config(TrainConfig, args.config, args.set))
     return 0
 
 
