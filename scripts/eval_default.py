@@ -25,8 +25,10 @@ objects instead (the fit), ``--input-copy`` scores the input view repeated in al
 ``--hull-baseline`` the input view reprojected through its own visual hull (with its true
 camera): the best a model can do that only extrudes the input's silhouette.
 ``--retrieval-baseline TRAIN`` scores the 32 true masks of the training object whose input mask
-is closest to the object's, and of the training object closest in all 32 masks (chosen with the
-answer): what recalling the training set, rather than generalising from it, can reach.
+is closest to the object's, the mean of the 32 masks of the 16 closest (thresholded at 0.5: an
+estimate of the mean of every shape that casts that input silhouette), and the training object
+closest in all 32 masks (chosen with the answer): what recalling the training set, rather than
+generalising from it, can reach. ``--parts K`` keeps only objects made of K primitives.
 
 The same runs for an untrained model of the same shape (seeded random weights: the floor),
 and, with ``--curve``, for the EMA weights of each saved training checkpoint (a learning
@@ -39,6 +41,7 @@ curve on a subset). Writes JSON and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -66,7 +69,7 @@ from scripts.demo import default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import hull_masks, silhouette_consistency, single_view_hull  # noqa: E402
-from train.procedural.objects import Split  # noqa: E402
+from train.procedural.objects import MAX_PARTS, Split, part_count  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
 
@@ -101,10 +104,12 @@ class ObjectMetrics:
     mask_iou_consensus: float = math.nan  # mask IoU of the reprojected consensus hull of the 32 masks
 
 
-def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT) -> list[Path]:
-    """The first ``count`` object folders of ``split`` under ``root``, rendered where missing."""
+def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0) -> list[Path]:
+    """The first ``count`` object folders of ``split`` under ``root`` (only those with exactly
+    ``parts`` primitives when ``parts`` > 0), rendered where missing."""
+    indices = (i for i in itertools.count() if not parts or part_count(split, i) == parts)
     folders = []
-    for index in range(count):
+    for index in itertools.islice(indices, count):
         folder = root / folder_name(split, index)
         if not (fmt.is_complete(folder) and (folder / "mesh.ply").is_file()):
             write_object(root, split, index, size, save_mesh=True)
@@ -225,12 +230,17 @@ def first_masks(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_tensors(views.cond_rgba, size)[1][0, 0] > 0.5, to_tensors(views.target_rgba, size)[1][:, 0] > 0.5
 
 
+KNN_MEAN = 16  # neighbours averaged by the retrieval baseline's mean masks
+
+
 def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict[str, float]:
     """Mask IoU of a training object's 32 true masks, against the object's own (and another
     object's) true masks: the training object whose input mask has the highest IoU with the
     object's input mask (nearest neighbour: a model that recalls the training set), and the
     best training object for the answer itself (the oracle: the closest shape the training
-    set holds)."""
+    set holds). Also the mean of the 32 masks of the ``KNN_MEAN`` nearest training objects,
+    thresholded at 0.5 (the silhouette's posterior mean, estimated from the training set:
+    the blurred answer a regression on the input's silhouette alone converges to)."""
     train = [first_masks(f, size) for f in sorted(train_root.iterdir()) if fmt.is_complete(f)]
     if not train:
         raise ValueError(f"--retrieval-baseline {train_root} holds no complete object folder; give the training "
@@ -238,16 +248,19 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
     objects = [first_masks(f, size) for f in folders]
     # IoU of every (training, evaluated) pair at once: intersections are dot products of 0/1 vectors
     # (exact in float32 below 2^24 pixels), unions |a| + |b| - intersection; one matrix product.
-    nearest = _iou_matrix(torch.stack([t[0] for t in train]), torch.stack([o[0] for o in objects])).argmax(0)
+    similar = _iou_matrix(torch.stack([t[0] for t in train]), torch.stack([o[0] for o in objects]))
+    nearest = similar.topk(min(KNN_MEAN, len(train)), dim=0).indices  # k m, the nearest first
     best = _iou_matrix(torch.stack([t[1] for t in train]), torch.stack([o[1] for o in objects])).argmax(0)
     rows = []
     for i, (_, truth) in enumerate(objects):
-        recalled, closest = train[int(nearest[i])][1].float(), train[int(best[i])][1].float()
+        recalled, closest = train[int(nearest[0, i])][1].float(), train[int(best[i])][1].float()
+        blurred = torch.stack([train[int(j)][1] for j in nearest[:, i]]).float().mean(0)  # mask_iou thresholds
         rows.append((mask_iou(recalled, truth.float()), mask_iou(recalled, objects[(i + 1) % len(objects)][1].float()),
-                     mask_iou(closest, truth.float())))
+                     mask_iou(closest, truth.float()), mask_iou(blurred, truth.float())))
     mean = np.mean(rows, axis=0)
     return {"objects": len(folders), "training_objects": len(train), "mask_iou": float(mean[0]),
-            "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2])}
+            "mask_iou_other": float(mean[1]), "oracle_mask_iou": float(mean[2]),
+            "knn_mean_mask_iou": float(mean[3]), "knn": min(KNN_MEAN, len(train))}
 
 
 def _iou_matrix(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torch.Tensor:
@@ -376,7 +389,8 @@ def markdown_table(report: dict) -> str:
         c = report["retrieval_baseline"]
         lines += ["", f"Nearest training object by input mask ({c['objects']} objects, "
                       f"{c['training_objects']} training objects): mask IoU {c['mask_iou']:.4f} / "
-                      f"{c['mask_iou_other']:.4f} (own / another object); the best training object for the answer: "
+                      f"{c['mask_iou_other']:.4f} (own / another object); the mean of the {c['knn']} nearest: "
+                      f"{c['knn_mean_mask_iou']:.4f}; the best training object for the answer: "
                       f"{c['oracle_mask_iou']:.4f}"]
     if report.get("copy_test"):
         c = report["copy_test"]
@@ -399,6 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrieval-baseline", type=Path, default=None, metavar="TRAIN",
                    help="also score recalling the training objects under TRAIN (nearest by input mask, and the oracle)")
     p.add_argument("--count", type=int, default=50, help="held-out objects")
+    p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
+                   help="only objects made of exactly this many primitives (0: any; a difficulty rung)")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
     p.add_argument("--sampler", default=None, help="default: the demo's for this checkpoint (scripts/demo.py)")
     p.add_argument("--steps", type=int, default=None, help="default: the demo's for this checkpoint")
@@ -431,10 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sampling = default_sampling(args.checkpoint, args.sampler, args.steps, args.guidance)  # the demo's unless given
     cfg = SamplingConfig(*sampling, args.seed, args.mesh_resolution)
-    folders = heldout_folders(args.heldout, args.count, 64, Split(args.split))
+    folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
-                    "sampling": asdict(cfg),
+                    "parts": args.parts, "sampling": asdict(cfg),
                     "targets_1_view": {"psnr": 20.0, "mask_iou": 0.85, "mask_iou_gap": 0.25, "psnr_gap": 4.0,
                                        "silhouette": 0.85, "volume_iou": 0.60}}
     t0 = time.perf_counter()

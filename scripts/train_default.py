@@ -9,6 +9,8 @@ Made for one call on a lent GPU machine (a 10-minute command: ~80 s of rendering
   python scripts/train_default.py --work /tmp/mvdpp_big --out $OUT --objects 8000 --minutes 5 --batch-size 32
   python scripts/train_default.py --work /tmp/small --out /tmp/small/out --objects 16 --max-steps 20 --eval-count 4
 
+`--parts K` trains on the first --objects training objects made of exactly K primitives, and
+evaluates on held-out objects made of K (a simpler rung of the same task; 0, the default: any).
 Extra `--set KEY=VALUE` go to the trainer (e.g. `--set optim.lr=5e-4`). On CUDA it trains in
 bf16 with data-loader workers; on a CPU in fp32 in the main process. A rerun with the same
 --work resumes: complete object folders are kept and training continues from its checkpoint.
@@ -37,7 +39,7 @@ from scripts.demo import EMBEDDED_SAMPLING  # noqa: E402
 from train.config import CheckpointConfig  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.loop import Checkpointer  # noqa: E402
-from train.procedural.objects import Split  # noqa: E402
+from train.procedural.objects import MAX_PARTS, Split, part_count  # noqa: E402
 from train.procedural.render import folder_name  # noqa: E402
 
 CONFIG = REPO / "train" / "configs" / "default_unet.yaml"
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sampling of the evaluation (default: the embedded default's, so the figures compare)")
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the nearest training object (the bar a model must clear)")
+    p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
+                   help="only objects made of exactly K primitives, for training and evaluation (0: any)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="more trainer overrides")
     args = p.parse_args(argv)
@@ -92,22 +96,31 @@ def chunks(count: int, jobs: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(edges)]
 
 
-def render(root: Path, count: int, jobs: int) -> float:
-    """Training objects 0..count-1 under ``root`` (complete folders kept), ``jobs`` processes."""
+def training_indices(count: int, parts: int) -> list[int]:
+    """The first ``count`` training objects (only those made of exactly ``parts`` primitives when
+    ``parts`` > 0)."""
+    indices = (i for i in itertools.count() if not parts or part_count(Split.TRAIN, i) == parts)
+    return list(itertools.islice(indices, count))
+
+
+def render(root: Path, count: int, jobs: int, parts: int = 0) -> float:
+    """The first ``count`` training objects (of ``parts`` primitives when > 0) under ``root``
+    (complete folders kept), ``jobs`` processes."""
     t0 = time.perf_counter()
+    indices = training_indices(count, parts)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "train.procedural.generate", "--out", str(root), "--split", "train",
-             "--count", str(n), "--start", str(start), "--size", "64", "--threads", "1"],
+             "--count", str(n), "--start", str(start), "--size", "64", "--threads", "1", "--parts", str(parts)],
             cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-        for start, n in chunks(count, jobs)
+        for start, n in chunks(indices[-1] + 1, jobs)
     ]
     errors = [p.communicate()[1] for p in procs]  # communicate, not wait: a full stderr pipe would block
     failed = [(p.args, err) for p, err in zip(procs, errors, strict=True) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"rendering failed: {failed[0][0]}\n{failed[0][1][-2000:]}")
-    missing = [i for i in range(count) if not fmt.is_complete(root / folder_name(Split.TRAIN, i))]
+    missing = [i for i in indices if not fmt.is_complete(root / folder_name(Split.TRAIN, i))]
     if missing:
         raise RuntimeError(f"{len(missing)} objects were not rendered, e.g. {missing[:5]}")
     return time.perf_counter() - t0
@@ -170,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    data, run, log = args.work / "data" / "train", args.work / "run", args.out / "train.log"
-    summary: dict = {"objects": args.objects, "batch_size": args.batch_size, "minutes": args.minutes,
+    # a rung gets its own objects and run, so a --work reused with another --parts never mixes the two
+    data = args.work / "data" / ("train" if not args.parts else f"train_{args.parts}_parts")
+    run, log = args.work / ("run" if not args.parts else f"run_{args.parts}_parts"), args.out / "train.log"
+    summary: dict = {"objects": args.objects, "parts": args.parts, "batch_size": args.batch_size,
+                     "minutes": args.minutes,
                      "eval_sampling": list(args.eval_sampling),
                      "device": "cuda" if cuda else "cpu", "overrides": list(args.overrides)}
     if cuda:
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary["device_name"] = torch.cuda.get_device_name(0)
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
-    summary["render_s"] = round(render(data, args.objects, args.jobs), 1)
+    summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
     cmd = [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(CONFIG)]
     for item in trainer_overrides(args, data, run, cuda):
@@ -196,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler, steps, guidance = args.eval_sampling
         cmd = [sys.executable, str(REPO / "scripts" / "eval_default.py"),
                "--checkpoint", str(args.out / "model.safetensors"), "--heldout", str(args.work / "data" / "heldout"),
-               "--count", str(args.eval_count), "--views", "1", "--copy-count", "0", "--no-baseline",
+               "--count", str(args.eval_count), "--parts", str(args.parts), "--views", "1", "--copy-count", "0",
+               "--no-baseline",
                "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance),
                "--threads", str(args.jobs), "--out", str(args.out / "eval.json")]
         if args.retrieval:

@@ -1,16 +1,20 @@
 """The baselines of scripts/eval_default.py measure what they claim: recalling the training
 set finds an object that is in it (nearest neighbour by input mask and the oracle both score
-mask IoU 1), and scores below 1 against another object's views."""
+mask IoU 1), and scores below 1 against another object's views; the mean of the nearest
+training objects' masks is their majority vote, and with one neighbour the nearest object."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from scripts.eval_default import retrieval_baseline
+from scripts import eval_default
+from scripts.eval_default import first_masks, heldout_folders, main, mask_iou, retrieval_baseline
 from train.data.synthetic import write_synthetic_dataset
+from train.procedural.objects import Split, object_seed, part_count, sample_parts
 
 
-def test_retrieval_recalls_an_object_of_its_training_set(tmp_path):
+def test_retrieval_recalls_an_object_of_its_training_set(tmp_path, monkeypatch):
     folders = write_synthetic_dataset(tmp_path / "train", num_objects=4, image_size=32, num_cond=1, seed=5)
     result = retrieval_baseline(folders, tmp_path / "train", 32)
     assert result["training_objects"] == 4
@@ -19,6 +23,29 @@ def test_retrieval_recalls_an_object_of_its_training_set(tmp_path):
     held_out = write_synthetic_dataset(tmp_path / "heldout", num_objects=3, image_size=32, num_cond=1, seed=6)
     other = retrieval_baseline(held_out, tmp_path / "train", 32)
     assert other["mask_iou"] <= other["oracle_mask_iou"] < 1.0  # the oracle bounds the nearest neighbour
+    assert other["knn"] == 4  # all 4 training objects: their per-pixel majority (ties go out)
+    majority = torch.stack([first_masks(f, 32)[1] for f in folders]).float().mean(0)
+    expected = [mask_iou(majority, first_masks(f, 32)[1].float()) for f in held_out]
+    assert other["knn_mean_mask_iou"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    monkeypatch.setattr(eval_default, "KNN_MEAN", 1)  # the mean of one neighbour is the nearest neighbour
+    one = retrieval_baseline(held_out, tmp_path / "train", 32)
+    assert one["knn"] == 1 and one["knn_mean_mask_iou"] == pytest.approx(other["mask_iou"], abs=1e-12)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no complete object folder"):
         retrieval_baseline(folders, tmp_path / "empty", 32)
+
+
+def test_parts_selects_objects_by_their_number_of_primitives(tmp_path, capsys):
+    # --parts K evaluates a difficulty rung: the first objects made of exactly K primitives, in
+    # index order, rendered where missing; any other K is refused by name.
+    singles = [i for i in range(40) if len(sample_parts(object_seed(Split.HELDOUT, i))) == 1][:2]
+    assert singles == [0, 11]  # held-out objects are pure functions of their index
+    folders = heldout_folders(tmp_path, 2, 64, Split.HELDOUT, parts=1)
+    assert [f.name for f in folders] == ["heldout_0000000", "heldout_0000011"]
+    assert all((f / "mesh.ply").is_file() and (f / "cameras.json").is_file() for f in folders)
+    assert [part_count(Split.HELDOUT, i) for i in range(12)].count(1) == 2
+    assert {part_count(Split.TRAIN, i) for i in range(30)} == {1, 2, 3}
+    with pytest.raises(SystemExit) as refused:
+        main(["--heldout", str(tmp_path), "--parts", "4", "--out", str(tmp_path / "r.json")])
+    assert refused.value.code == 2
+    assert "--parts: invalid choice: 4" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """scripts/train_default.py, the one-command run for a lent GPU, on the CPU: rendering shares
-cover every object once, the run trains on the shipped MVAE, reports, and a rerun resumes."""
+cover every object once, a rung (--parts) renders only objects of its number of primitives, the
+run trains on the shipped MVAE, reports, and a rerun resumes."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import torch
 
 from mvdpp_core.checkpoint import load_checkpoint
 from train.data import format as fmt
-from train.procedural.objects import Split
+from train.procedural.objects import Split, part_count
 from train.procedural.render import folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_default import chunks  # noqa: E402
+from train_default import chunks, render, training_indices  # noqa: E402
 
 
 @pytest.mark.parametrize("count,jobs", [(1, 1), (5, 2), (7, 16), (8000, 16), (17, 5)])
@@ -28,6 +29,16 @@ def test_render_shares_cover_every_object_once_in_near_equal_parts(count, jobs):
     assert len(parts) == min(count, jobs) and all(n >= 1 for _, n in parts)
     assert [i for start, n in parts for i in range(start, start + n)] == list(range(count))
     assert max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+def test_a_rung_renders_only_objects_of_its_number_of_primitives(tmp_path):
+    assert training_indices(4, 0) == [0, 1, 2, 3]
+    singles = training_indices(3, 1)
+    assert len(singles) == 3 and all(part_count(Split.TRAIN, i) == 1 for i in singles)
+    assert [i for i in range(singles[-1] + 1) if part_count(Split.TRAIN, i) == 1] == singles  # the first three
+    render(tmp_path, 3, 2, parts=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder_name(Split.TRAIN, i) for i in singles]
+    assert all(fmt.is_complete(p) for p in tmp_path.iterdir())
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -50,6 +61,7 @@ def test_one_command_renders_trains_on_the_shipped_mvae_reports_and_resumes(tmp_
     ev = summary["eval"]
     assert 0 <= ev["mask_iou"] <= 1 and ev["retrieval_training_objects"] == 5
     assert ev["retrieval_mask_iou"] <= ev["retrieval_oracle_mask_iou"]
+    assert ev["retrieval_knn"] == 5 and 0 <= ev["retrieval_knn_mean_mask_iou"] <= 1  # all 5: fewer than 16
     assert json.loads((out / "eval.json").read_text())["trained"]["1"]["objects"] == 2
     model = load_checkpoint(out / "model.safetensors")
     shipped = load_checkpoint(REPO / "models" / "mvdpp_default.safetensors")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import format as fmt
-from .objects import Split, parse_split
+from .objects import MAX_PARTS, Split, parse_split, part_count
 from .render import NUM_CONDITIONS, folder_name, write_object
 
 
@@ -33,16 +33,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=None,
                    help="save mesh.ply (default: for the held-out split only)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
+                   help="only the objects in the range made of exactly K primitives (0: all; a simpler rung)")
     return p.parse_args(argv)
 
 
-def generate(out: Path, split: Split, start: int, count: int, size: int, num_conditions: int, save_mesh: bool) -> int:
-    """Render objects start..start+count-1 into ``out``; returns how many were rendered now."""
+def generate(out: Path, split: Split, start: int, count: int, size: int, num_conditions: int, save_mesh: bool,
+             parts: int = 0) -> int:
+    """Render objects start..start+count-1 into ``out`` (only those made of exactly ``parts``
+    primitives when ``parts`` > 0); returns how many were rendered now."""
     if count < 1:
         raise ValueError(f"--count {count}; give at least 1 object.")
     out.mkdir(parents=True, exist_ok=True)
     done = 0
     for index in range(start, start + count):
+        if parts and part_count(split, index) != parts:
+            continue
         folder = out / folder_name(split, index)
         if fmt.is_complete(folder) and (not save_mesh or (folder / "mesh.ply").is_file()):
             continue
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     split = parse_split(args.split)
     save_mesh = split is Split.HELDOUT if args.mesh is None else args.mesh
     t0 = time.perf_counter()
-    done = generate(args.out, split, args.start, args.count, args.size, args.num_conditions, save_mesh)
+    done = generate(args.out, split, args.start, args.count, args.size, args.num_conditions, save_mesh, args.parts)
     seconds = time.perf_counter() - t0
     print(f"{done} objects rendered in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} objects/s) into {args.out}")
     return 0

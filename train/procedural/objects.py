@@ -113,6 +113,11 @@ def sample_parts(seed: int) -> list[Part]:
     return [sample_part(rng, first=i == 0) for i in range(n)]
 
 
+def part_count(split: Split | str, index: int) -> int:
+    """How many primitives object ``index`` of ``split`` has (1..MAX_PARTS), without building it."""
+    return len(sample_parts(object_seed(split, index)))
+
+
 def texture_colors(points: NDArray[np.floating], part: Part) -> NDArray[np.float64]:
     """Vertex colours (n, 3) of the part's pattern at its own-frame points (n, 3)."""
     a, b = (np.asarray(c, dtype=np.float64) for c in part.colors)
