@@ -15,9 +15,11 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs2/mvae/export/mvae.safetensors \
         --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae2_calibrated.safetensors --objects 8
     python train/train_mvdiff.py --config train/configs/default_unet.yaml
-    python train/train_mvdiff.py --config train/configs/default_unet_2.yaml
-    cp /tmp/mvdpp_default/runs2/unet/export/model.safetensors models/mvdpp_default.safetensors
+    cp /tmp/mvdpp_default/runs/unet/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --views 1 2 4 \
-        --multi-count 6 --no-baseline --copy-count 0 --grids /tmp/mvdpp_default/grids --out report.json
+        --multi-count 6 --no-baseline --copy-count 16 --input-copy --grids /tmp/mvdpp_default/grids --out report.json
+
+The last UNet step is also ``scripts/train_default.py --objects 791 --max-steps 6000 --batch-size 2``
+on the shipped bundle's MVAE (the same tensors as ``mvae2_calibrated.safetensors``).
 """
