@@ -41,7 +41,6 @@ curve on a subset). Writes JSON and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -69,7 +68,7 @@ from scripts.demo import default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import hull_masks, silhouette_consistency, single_view_hull  # noqa: E402
-from train.procedural.objects import MAX_PARTS, Split, part_count  # noqa: E402
+from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
 
@@ -107,9 +106,8 @@ class ObjectMetrics:
 def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0) -> list[Path]:
     """The first ``count`` object folders of ``split`` under ``root`` (only those with exactly
     ``parts`` primitives when ``parts`` > 0), rendered where missing."""
-    indices = (i for i in itertools.count() if not parts or part_count(split, i) == parts)
     folders = []
-    for index in itertools.islice(indices, count):
+    for index in first_objects(split, count, parts):
         folder = root / folder_name(split, index)
         if not (fmt.is_complete(folder) and (folder / "mesh.ply").is_file()):
             write_object(root, split, index, size, save_mesh=True)

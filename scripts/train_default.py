@@ -39,7 +39,7 @@ from scripts.demo import EMBEDDED_SAMPLING  # noqa: E402
 from train.config import CheckpointConfig  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.loop import Checkpointer  # noqa: E402
-from train.procedural.objects import MAX_PARTS, Split, part_count  # noqa: E402
+from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name  # noqa: E402
 
 CONFIG = REPO / "train" / "configs" / "default_unet.yaml"
@@ -96,18 +96,11 @@ def chunks(count: int, jobs: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(edges)]
 
 
-def training_indices(count: int, parts: int) -> list[int]:
-    """The first ``count`` training objects (only those made of exactly ``parts`` primitives when
-    ``parts`` > 0)."""
-    indices = (i for i in itertools.count() if not parts or part_count(Split.TRAIN, i) == parts)
-    return list(itertools.islice(indices, count))
-
-
 def render(root: Path, count: int, jobs: int, parts: int = 0) -> float:
     """The first ``count`` training objects (of ``parts`` primitives when > 0) under ``root``
     (complete folders kept), ``jobs`` processes."""
     t0 = time.perf_counter()
-    indices = training_indices(count, parts)
+    indices = first_objects(Split.TRAIN, count, parts)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "train.procedural.generate", "--out", str(root), "--split", "train",

@@ -14,13 +14,13 @@ import torch
 
 from mvdpp_core.checkpoint import load_checkpoint
 from train.data import format as fmt
-from train.procedural.objects import Split, part_count
+from train.procedural.objects import Split, first_objects, part_count
 from train.procedural.render import folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_default import chunks, render, training_indices  # noqa: E402
+from train_default import chunks, render  # noqa: E402
 
 
 @pytest.mark.parametrize("count,jobs", [(1, 1), (5, 2), (7, 16), (8000, 16), (17, 5)])
@@ -32,8 +32,8 @@ def test_render_shares_cover_every_object_once_in_near_equal_parts(count, jobs):
 
 
 def test_a_rung_renders_only_objects_of_its_number_of_primitives(tmp_path):
-    assert training_indices(4, 0) == [0, 1, 2, 3]
-    singles = training_indices(3, 1)
+    assert first_objects(Split.TRAIN, 4) == [0, 1, 2, 3]
+    singles = first_objects(Split.TRAIN, 3, 1)
     assert len(singles) == 3 and all(part_count(Split.TRAIN, i) == 1 for i in singles)
     assert [i for i in range(singles[-1] + 1) if part_count(Split.TRAIN, i) == 1] == singles  # the first three
     render(tmp_path, 3, 2, parts=1)

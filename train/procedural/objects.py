@@ -14,6 +14,7 @@ stretched, rotated and offset; the parts are concatenated and normalised per DES
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,13 @@ def sample_parts(seed: int) -> list[Part]:
 def part_count(split: Split | str, index: int) -> int:
     """How many primitives object ``index`` of ``split`` has (1..MAX_PARTS), without building it."""
     return len(sample_parts(object_seed(split, index)))
+
+
+def first_objects(split: Split | str, count: int, parts: int = 0) -> list[int]:
+    """The indices of the first ``count`` objects of ``split`` (only those made of exactly
+    ``parts`` primitives when ``parts`` > 0)."""
+    indices = (i for i in itertools.count() if not parts or part_count(split, i) == parts)
+    return list(itertools.islice(indices, count))
 
 
 def texture_colors(points: NDArray[np.floating], part: Part) -> NDArray[np.float64]:
