@@ -58,6 +58,16 @@ def view_index(elevation_idx: int, azimuth_idx: int) -> int:
     return elevation_idx * len(AZIMUTHS_DEG) + azimuth_idx
 
 
+def mirrored_view_order() -> list[int]:
+    """The rig slot that shows each view's mirror image. Reflecting the world across the
+    vertical plane through the azimuth-0 camera (the first input view's) moves the camera at
+    azimuth a to -a at the same elevation, and its image becomes the left-right flip:
+    ``views[mirrored_view_order()].flip(-1)`` are the 32 views of the mirrored object. Applying
+    it twice is the identity."""
+    n = len(AZIMUTHS_DEG)
+    return [view_index(e, (n - a) % n) for e in range(len(ELEVATIONS_DEG)) for a in range(n)]
+
+
 def camera_centers(azimuth_deg: Tensor, elevation_deg: Tensor, distance: Tensor) -> Tensor:
     """Camera centres ``r (cos el cos az, cos el sin az, sin el)``; inputs (n,), output (n, 3)."""
     az, el = torch.deg2rad(azimuth_deg), torch.deg2rad(elevation_deg)

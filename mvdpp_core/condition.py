@@ -103,6 +103,18 @@ class ConditionViews:
         check_not_empty(masks)
         return cls(rgb, masks, check_embeddings(embeddings))
 
+    def mirrored(self) -> ConditionViews:
+        """The views flipped left-right: the same photos of the mirrored object. Embeddings given
+        from outside belong to the unflipped images, so they are refused (the model's own
+        encoder embeds the flipped ones)."""
+        if self.embeddings is not None:
+            raise ValueError(
+                "mirror averaging flips the condition views, but their image embeddings were given from outside "
+                f"(shape {tuple(self.embeddings.shape)}) and belong to the unflipped images; turn mirror averaging "
+                "off, or leave the embeddings to the model's image encoder."
+            )
+        return ConditionViews(self.images.flip(-1), self.masks.flip(-1))
+
 
 def check_view_count(n: int) -> None:
     """1 to 10 condition views; the message names the count and the fix."""

@@ -8,15 +8,16 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .cameras import NUM_TARGET_VIEWS
+from .cameras import NUM_TARGET_VIEWS, mirrored_view_order
 from .common import composite_on_white, parse_enum
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
 from .inputs import DEFAULT_FILL, check_guidance, check_seed
 from .model import Condition, MVDPPModel
-from .samplers import Denoiser, SamplerName, StepCallback, get_sampler
+from .samplers import Denoiser, Sampler, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
 
 DECODE_CHUNK = 8
+MASK_WEIGHT_FLOOR = 1e-3  # MultiViewResult.averaged: background pixels average plainly
 # Default steps (DDPM: the paper's 75) and step placement per sampler. Multistep solvers
 # are second order only on even log-SNR steps (tests/test_schedule_samplers.py measures it).
 SAMPLER_DEFAULTS = {
@@ -42,6 +43,19 @@ class MultiViewResult:
         the boundary between generation and reconstruction: views (32, H, W, 3) and masks
         (32, H, W) (the masks decide what is object): ``reconstruct(*result.for_reconstruction())``."""
         return rearrange(self.images, "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
+
+    def mirrored(self) -> MultiViewResult:
+        """The 32 views of the mirrored object (reflected across the vertical plane of the
+        azimuth-0 camera): each view flipped left-right, in the slot of azimuth -a."""
+        order = mirrored_view_order()
+        return MultiViewResult(self.images[order].flip(-1), self.masks[order].flip(-1))
+
+    def averaged(self, other: MultiViewResult) -> MultiViewResult:
+        """The mean of two results: masks averaged, colours weighted by the masks (where
+        neither holds the object, the plain mean), so a view's colour is not diluted by the
+        other result's background."""
+        wa, wb = self.masks + MASK_WEIGHT_FLOOR, other.masks + MASK_WEIGHT_FLOOR
+        return MultiViewResult((self.images * wa + other.images * wb) / (wa + wb), (self.masks + other.masks) / 2)
 
 
 def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Denoiser:
@@ -85,6 +99,7 @@ def generate(
     background_tolerance: float = 0.1,
     object_fill: float = DEFAULT_FILL,
     callback: StepCallback | None = None,
+    mirror_average: bool = False,
 ) -> MultiViewResult:
     """Generate the 32 rig views of the object shown in 1-10 condition views.
 
@@ -104,6 +119,15 @@ def generate(
         embeddings: (n, d) CLIP image embeddings instead of the bundled image encoder.
         background_tolerance, object_fill: see ``frame_condition``.
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
+        mirror_average: also generate from the left-right flipped condition views (the same
+            photos of the mirrored object, same noise), mirror those 32 views back
+            (``MultiViewResult.mirrored``) and average the two results. The task is symmetric
+            under this reflection and a trained model only nearly so: the average of its two
+            estimates is closer to the answer wherever a sampler returns a mean-like estimate
+            (the embedded default's 2 ddim steps: README), and it makes the output exactly
+            equivariant to mirroring the input. It takes twice the UNet and decoder time; the
+            callback then counts the steps of both passes. Off by default: two samples of a
+            many-step stochastic sampler may differ in detail, and their average blurs it.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
     if not all(hasattr(model, a) for a in ("schedule", "encode_condition", "config")):  # duck-typed: the
@@ -119,10 +143,31 @@ def generate(
     seed, guidance = check_seed(seed), check_guidance(guidance)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
+    if not isinstance(mirror_average, bool):
+        raise TypeError(f"mirror_average={mirror_average!r}; pass True or False.")
     views = images if is_framed(images) else frame_condition(
         images, masks, size=model.config.image_size, mask_convention=mask_convention,
         background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
+    if not mirror_average:
+        return _sample(model, views, seed, ts, sample_fn, guidance, callback)
+    mirrored_views = views.mirrored()  # refuses outside embeddings before any UNet step
+    first_callback, second_callback = _two_pass_callbacks(callback)
+    plain = _sample(model, views, seed, ts, sample_fn, guidance, first_callback)
+    mirrored = _sample(model, mirrored_views, seed, ts, sample_fn, guidance, second_callback)
+    return plain.averaged(mirrored.mirrored())
+
+
+def _two_pass_callbacks(callback: StepCallback | None) -> tuple[StepCallback | None, StepCallback | None]:
+    """The callback of each of two sampling passes of n steps, counting steps 1 .. 2n in all."""
+    if callback is None:
+        return None, None
+    return (lambda i, n, x0: callback(i, 2 * n, x0)), (lambda i, n, x0: callback(n + i, 2 * n, x0))
+
+
+def _sample(model: MVDPPModel, views: ConditionViews, seed: int, ts: Tensor, sample_fn: Sampler, guidance: float,
+            callback: StepCallback | None) -> MultiViewResult:
+    """One sampling pass from framed condition views: encode, denoise from the seed's noise, decode."""
     vae_dtype = model.vae_dtype
     cond = encode_views(model, views)
     denoiser = guided_denoiser(model, cond, guidance)

@@ -89,3 +89,23 @@ def test_resized_intrinsics_scale_projected_pixels():
     uv, _ = project(points, c2w, K)
     uv_small, _ = project(points, c2w, resized_intrinsics(K, (256, 192), (64, 96)))
     torch.testing.assert_close(uv_small, uv * torch.tensor([64 / 256, 96 / 192], dtype=torch.float64))
+
+
+def test_mirrored_view_order_reflects_the_rig_across_the_azimuth_0_plane():
+    """Slot order[i] is camera i reflected across the plane y = 0 (azimuth 0 on +X, up +Z), and
+    it sees the reflected world as camera i's image flipped left-right."""
+    order = cameras.mirrored_view_order()
+    assert sorted(order) == list(range(32)) and [order[i] for i in order] == list(range(32))
+    assert order[cameras.view_index(2, 1)] == cameras.view_index(2, 7)  # 45 deg -> 315 deg, same elevation
+    c2w = cameras.rig_c2w(torch.float64)
+    S = torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    flip_x = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))  # camera x (image right) reversed
+    torch.testing.assert_close(c2w[order, :3, 3], c2w[:, :3, 3] @ S)
+    torch.testing.assert_close(c2w[order, :3, :3], S @ c2w[:, :3, :3] @ flip_x)
+    points = torch.rand(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5
+    K = cameras.intrinsics(64)
+    pix, depth = cameras.project(points, c2w, K)
+    pix_m, depth_m = cameras.project(points @ S, c2w[order], K)
+    torch.testing.assert_close(pix_m[..., 0], 64 - pix[..., 0], atol=1e-5, rtol=0)  # project divides in float32
+    torch.testing.assert_close(pix_m[..., 1], pix[..., 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(depth_m, depth, atol=1e-5, rtol=0)

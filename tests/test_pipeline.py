@@ -1,9 +1,10 @@
-"""generate(): layout of the 9-channel input, guidance, determinism, progress, bad input."""
+"""generate(): layout of the 9-channel input, guidance, determinism, progress, mirror averaging, bad input."""
 
 import pytest
 import torch
 from tiny_models import object_views, tiny_model
 
+from mvdpp_core.condition import ConditionViews
 from mvdpp_core.pipeline import generate, guided_denoiser
 
 
@@ -125,3 +126,33 @@ def test_recenter_centres_and_scales_the_object(size_in):
     torch.testing.assert_close(out_image[0, :, 0, 0], torch.ones(3), msg="background is white")
     inside = out_image[0, :, out_mask[0, 0] > 0.99]
     assert (inside[0] > 0.95).all() and (inside[1:] < 0.05).all(), "object colour survives"
+
+
+def test_mirror_average_is_equivariant_to_mirroring_the_input(model):
+    """With ``mirror_average`` the output for the flipped photos is exactly the mirrored output
+    (views flipped, azimuth a -> -a); the model alone is not, so the check can fail."""
+    images, masks = object_views(2)
+    views = ConditionViews.framed(images, masks)
+    kwargs = dict(seed=3, steps=2, sampler="dpmpp_2m", guidance=2.0)
+    seen = []
+    averaged = generate(model, views, mirror_average=True, callback=lambda i, n, x0: seen.append((i, n)), **kwargs)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)], "both passes report their steps on one count"
+    from_flipped = generate(model, views.mirrored(), mirror_average=True, **kwargs).mirrored()
+    torch.testing.assert_close(averaged.images, from_flipped.images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(averaged.masks, from_flipped.masks, atol=1e-6, rtol=0)
+    plain, mirrored = generate(model, views, **kwargs), generate(model, views.mirrored(), **kwargs).mirrored()
+    assert (plain.masks - mirrored.masks).abs().max() > 1e-3, "the tiny model alone must not be equivariant"
+    torch.testing.assert_close(averaged.masks, (plain.masks + mirrored.masks) / 2)
+    weights = plain.masks + 1e-3, mirrored.masks + 1e-3
+    torch.testing.assert_close(averaged.images, (plain.images * weights[0] + mirrored.images * weights[1])
+                               / (weights[0] + weights[1]))
+
+
+def test_mirror_average_refuses_outside_embeddings_and_non_bools(model):
+    images, masks = object_views(1)
+    dim = model.config.unet.cross_attention_dim
+    with pytest.raises(ValueError, match=rf"embeddings were given from outside \(shape \(1, {dim}\)\)"):
+        generate(model, ConditionViews.framed(images, masks, embeddings=torch.randn(1, dim)), steps=1,
+                 sampler="ddim", mirror_average=True)
+    with pytest.raises(TypeError, match="mirror_average='yes'; pass True or False"):
+        generate(model, images, masks, steps=1, sampler="ddim", mirror_average="yes")
