@@ -61,6 +61,13 @@ class MultiViewSampler(io.ComfyNode):
                     tooltip="Classifier-free guidance on the condition views (1 = off; higher follows the "
                     "photos more closely).",
                 ),
+                io.Boolean.Input(
+                    "mirror_average", default=False, optional=True,
+                    tooltip="Also generate from the photos flipped left-right and average the mirrored result in "
+                    "(twice the time). Helps where the views are mean-like estimates, as with the embedded tiny "
+                    "default at 2 ddim steps (README); leave it off for a real checkpoint's long sampler, whose "
+                    "two samples may differ in detail.",
+                ),
             ],
             outputs=[
                 io.Image.Output(
@@ -82,12 +89,14 @@ class MultiViewSampler(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model: LoadedModel, cond: ConditionViews, seed: int, steps: int, sampler: str, cfg: float
+        cls, model: LoadedModel, cond: ConditionViews, seed: int, steps: int, sampler: str, cfg: float,
+        mirror_average: bool = False,
     ) -> io.NodeOutput:
         from ..mvdpp_core.pipeline import generate
 
         model_management.throw_exception_if_processing_interrupted()
         result = generate(
-            model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, callback=step_callback(steps),
+            model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
+            callback=step_callback(2 * steps if mirror_average else steps),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))

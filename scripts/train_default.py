@@ -60,8 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=-1, help="data-loader workers (-1: 8 on CUDA, 0 on a CPU)")
     p.add_argument("--mvae", type=Path, default=SHIPPED, help="MVAE file or bundle whose VAE is used")
     p.add_argument("--eval-count", type=int, default=50, help="held-out objects to evaluate (0: skip)")
-    p.add_argument("--eval-sampling", nargs=3, default=list(EMBEDDED_SAMPLING), metavar=("SAMPLER", "STEPS", "CFG"),
+    p.add_argument("--eval-sampling", nargs=3, default=list(EMBEDDED_SAMPLING[:3]),
+                   metavar=("SAMPLER", "STEPS", "CFG"),
                    help="sampling of the evaluation (default: the embedded default's, so the figures compare)")
+    p.add_argument("--eval-mirror", action=argparse.BooleanOptionalAction, default=EMBEDDED_SAMPLING[3],
+                   help="average the evaluation's views with the mirrored input's (the embedded default's sampling)")
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the nearest training object (the bar a model must clear)")
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     run, log = args.work / ("run" if not args.parts else f"run_{args.parts}_parts"), args.out / "train.log"
     summary: dict = {"objects": args.objects, "parts": args.parts, "batch_size": args.batch_size,
                      "minutes": args.minutes,
-                     "eval_sampling": list(args.eval_sampling),
+                     "eval_sampling": list(args.eval_sampling), "eval_mirror": args.eval_mirror,
                      "device": "cuda" if cuda else "cpu", "overrides": list(args.overrides)}
     if cuda:
         import torch
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                "--count", str(args.eval_count), "--parts", str(args.parts), "--views", "1", "--copy-count", "0",
                "--no-baseline",
                "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance),
+               "--mirror" if args.eval_mirror else "--no-mirror",
                "--threads", str(args.jobs), "--out", str(args.out / "eval.json")]
         if args.retrieval:
             cmd += ["--retrieval-baseline", str(data)]

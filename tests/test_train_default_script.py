@@ -57,7 +57,8 @@ def test_one_command_renders_trains_on_the_shipped_mvae_reports_and_resumes(tmp_
     assert folders == [folder_name(Split.TRAIN, i) for i in range(5)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["object_passes"] == 4 and summary["passes_per_object"] == 0.8
-    assert summary["eval_sampling"] == ["ddim", 2, 2.0]  # the embedded default's, so figures compare
+    assert summary["eval_sampling"] == ["ddim", 2, 2.0] and summary["eval_mirror"]  # the embedded default's
+    assert json.loads((out / "eval.json").read_text())["sampling"]["mirror"] is True  # so the figures compare
     ev = summary["eval"]
     assert 0 <= ev["mask_iou"] <= 1 and ev["retrieval_training_objects"] == 5
     assert ev["retrieval_mask_iou"] <= ev["retrieval_oracle_mask_iou"]
