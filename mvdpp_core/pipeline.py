@@ -11,13 +11,14 @@ from torch import Tensor
 from .cameras import NUM_TARGET_VIEWS, mirrored_view_order
 from .common import composite_on_white, parse_enum
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
-from .inputs import DEFAULT_FILL, check_guidance, check_seed
+from .inputs import DEFAULT_FILL, MAX_SEED, check_guidance, check_seed
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, Sampler, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
 
 DECODE_CHUNK = 8
-MASK_WEIGHT_FLOOR = 1e-3  # MultiViewResult.averaged: background pixels average plainly
+MASK_WEIGHT_FLOOR = 1e-3  # MultiViewResult.mean: background pixels average plainly
+MAX_AVERAGE_SEEDS = 16
 # Default steps (DDPM: the paper's 75) and step placement per sampler. Multistep solvers
 # are second order only on even log-SNR steps (tests/test_schedule_samplers.py measures it).
 SAMPLER_DEFAULTS = {
@@ -50,12 +51,14 @@ class MultiViewResult:
         order = mirrored_view_order()
         return MultiViewResult(self.images[order].flip(-1), self.masks[order].flip(-1))
 
-    def averaged(self, other: MultiViewResult) -> MultiViewResult:
-        """The mean of two results: masks averaged, colours weighted by the masks (where
-        neither holds the object, the plain mean), so a view's colour is not diluted by the
-        other result's background."""
-        wa, wb = self.masks + MASK_WEIGHT_FLOOR, other.masks + MASK_WEIGHT_FLOOR
-        return MultiViewResult((self.images * wa + other.images * wb) / (wa + wb), (self.masks + other.masks) / 2)
+    @staticmethod
+    def mean(results: list[MultiViewResult]) -> MultiViewResult:
+        """The mean of results: masks averaged, colours weighted by the masks (where none holds
+        the object, the plain mean), so a view's colour is not diluted by another result's
+        background. The order of the results does not matter."""
+        weights = [r.masks + MASK_WEIGHT_FLOOR for r in results]
+        images = sum(r.images * w for r, w in zip(results, weights, strict=True)) / sum(weights)
+        return MultiViewResult(images, sum(r.masks for r in results) / len(results))
 
 
 def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Denoiser:
@@ -100,6 +103,7 @@ def generate(
     object_fill: float = DEFAULT_FILL,
     callback: StepCallback | None = None,
     mirror_average: bool = False,
+    average_seeds: int = 1,
 ) -> MultiViewResult:
     """Generate the 32 rig views of the object shown in 1-10 condition views.
 
@@ -121,13 +125,16 @@ def generate(
         callback: ``callback(step, total, x0)`` after each step; raise from it to cancel.
         mirror_average: also generate from the left-right flipped condition views (the same
             photos of the mirrored object, same noise), mirror those 32 views back
-            (``MultiViewResult.mirrored``) and average the two results. The task is symmetric
-            under this reflection and a trained model only nearly so: the average of its two
-            estimates is closer to the answer wherever a sampler returns a mean-like estimate
-            (the embedded default's 2 ddim steps: README), and it makes the output exactly
-            equivariant to mirroring the input. It takes twice the UNet and decoder time; the
-            callback then counts the steps of both passes. Off by default: two samples of a
-            many-step stochastic sampler may differ in detail, and their average blurs it.
+            (``MultiViewResult.mirrored``) and average the results. The task is symmetric
+            under this reflection and a trained model only nearly so: the average makes the
+            output exactly equivariant to mirroring the input.
+        average_seeds: average the views generated from this many noise seeds (``seed``,
+            ``seed + 1``, ...; each also mirrored with ``mirror_average``), 1 to 16. Averaged
+            estimates are closer to the answer wherever a sampler returns a mean-like estimate
+            (the embedded default's 2 ddim steps: README). Each pass costs one generation; the
+            callback counts the steps of all passes on one scale. Both are off by default: the
+            samples of a many-step stochastic sampler may differ in detail, and their average
+            blurs it.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
     if not all(hasattr(model, a) for a in ("schedule", "encode_condition", "config")):  # duck-typed: the
@@ -145,24 +152,33 @@ def generate(
         raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
     if not isinstance(mirror_average, bool):
         raise TypeError(f"mirror_average={mirror_average!r}; pass True or False.")
+    if isinstance(average_seeds, bool) or not isinstance(average_seeds, int) or not (
+            1 <= average_seeds <= MAX_AVERAGE_SEEDS):
+        raise ValueError(f"average_seeds={average_seeds!r}; allowed 1 to {MAX_AVERAGE_SEEDS} noise seeds whose views "
+                         "are averaged (1 = no averaging).")
     views = images if is_framed(images) else frame_condition(
         images, masks, size=model.config.image_size, mask_convention=mask_convention,
         background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
-    if not mirror_average:
+    if not mirror_average and average_seeds == 1:
         return _sample(model, views, seed, ts, sample_fn, guidance, callback)
-    mirrored_views = views.mirrored()  # refuses outside embeddings before any UNet step
-    first_callback, second_callback = _two_pass_callbacks(callback)
-    plain = _sample(model, views, seed, ts, sample_fn, guidance, first_callback)
-    mirrored = _sample(model, mirrored_views, seed, ts, sample_fn, guidance, second_callback)
-    return plain.averaged(mirrored.mirrored())
+    mirrored_views = views.mirrored() if mirror_average else None  # refuses outside embeddings before any step
+    sides = (False, True) if mirror_average else (False,)
+    passes = [(k, mirrored) for k in range(average_seeds) for mirrored in sides]
+    results = []
+    for j, (k, mirrored) in enumerate(passes):
+        result = _sample(model, mirrored_views if mirrored else views, (seed + k) % (MAX_SEED + 1), ts, sample_fn,
+                         guidance, _pass_callback(callback, j, len(passes)))
+        results.append(result.mirrored() if mirrored else result)
+    return MultiViewResult.mean(results)
 
 
-def _two_pass_callbacks(callback: StepCallback | None) -> tuple[StepCallback | None, StepCallback | None]:
-    """The callback of each of two sampling passes of n steps, counting steps 1 .. 2n in all."""
+def _pass_callback(callback: StepCallback | None, index: int, passes: int) -> StepCallback | None:
+    """The callback of pass ``index`` of ``passes`` sampling passes of n steps each, counting
+    steps 1 .. passes * n in all."""
     if callback is None:
-        return None, None
-    return (lambda i, n, x0: callback(i, 2 * n, x0)), (lambda i, n, x0: callback(n + i, 2 * n, x0))
+        return None
+    return lambda i, n, x0: callback(index * n + i, passes * n, x0)
 
 
 def _sample(model: MVDPPModel, views: ConditionViews, seed: int, ts: Tensor, sample_fn: Sampler, guidance: float,

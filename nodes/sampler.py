@@ -13,6 +13,7 @@ from ._convert import image_from_core, mask_from_core
 from .loader import LoadedModel
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
+MAX_AVERAGE_SEEDS = 16  # mvdpp_core.pipeline.MAX_AVERAGE_SEEDS
 CFG_MIN, CFG_MAX = 1.0, 20.0
 
 
@@ -66,7 +67,13 @@ class MultiViewSampler(io.ComfyNode):
                     tooltip="Also generate from the photos flipped left-right and average the mirrored result in "
                     "(twice the time). Helps where the views are mean-like estimates, as with the embedded tiny "
                     "default at 2 ddim steps (README); leave it off for a real checkpoint's long sampler, whose "
-                    "two samples may differ in detail.",
+                    "samples may differ in detail.",
+                ),
+                io.Int.Input(
+                    "average_seeds", default=1, min=1, max=MAX_AVERAGE_SEEDS, optional=True,
+                    tooltip="Average the views of this many noise seeds (seed, seed + 1, ...; each also mirrored "
+                    "with mirror_average), one generation each. 2 with the embedded tiny default (README); 1 for "
+                    "a real checkpoint.",
                 ),
             ],
             outputs=[
@@ -90,13 +97,13 @@ class MultiViewSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls, model: LoadedModel, cond: ConditionViews, seed: int, steps: int, sampler: str, cfg: float,
-        mirror_average: bool = False,
+        mirror_average: bool = False, average_seeds: int = 1,
     ) -> io.NodeOutput:
         from ..mvdpp_core.pipeline import generate
 
         model_management.throw_exception_if_processing_interrupted()
         result = generate(
             model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
-            callback=step_callback(2 * steps if mirror_average else steps),
+            average_seeds=average_seeds, callback=step_callback(steps * average_seeds * (2 if mirror_average else 1)),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))

@@ -20,8 +20,9 @@ at azimuth 0), generate the 32 rig views and masks and measure:
   distance) as the input, how closely generated view 8 reproduces it.
 
 Sampling defaults to the demo's for the checkpoint (``scripts/demo.py``: 2 ddim steps at cfg
-2, averaged with the mirrored input's views, for the embedded default; 20 dpmpp_2m steps
-otherwise; ``--no-mirror`` / ``--mirror`` override the averaging). ``--split train`` measures training
+2, averaged over 2 noise seeds and the mirrored input's views, for the embedded default; 20
+dpmpp_2m steps otherwise; ``--mirror`` / ``--no-mirror`` and ``--average-seeds N`` override
+the averaging). ``--split train`` measures training
 objects instead (the fit), ``--input-copy`` scores the input view repeated in all 32 slots, and
 ``--hull-baseline`` the input view reprojected through its own visual hull (with its true
 camera): the best a model can do that only extrudes the input's silhouette.
@@ -90,6 +91,7 @@ class SamplingConfig:
     seed: int = 0
     mesh_resolution: int = 64
     mirror: bool = False  # generate's mirror_average
+    average_seeds: int = 1  # generate's average_seeds
 
 
 @dataclass
@@ -151,7 +153,8 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     rgb, mask = to_tensors(views.target_rgba, size)
     cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
     result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
-                      sampler=cfg.sampler, guidance=cfg.guidance, mirror_average=cfg.mirror)
+                      sampler=cfg.sampler, guidance=cfg.guidance, mirror_average=cfg.mirror,
+                      average_seeds=cfg.average_seeds)
     p, s, m = view_metrics(result, rgb, mask)
     if grid is not None:
         cond = composite_on_white(cond_rgb[0], cond_mask[0])
@@ -177,7 +180,8 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
         views = fmt.read_object_folder(folder, target_ids=[COPY_VIEW], cond_ids=[0])
         rgb, mask = to_tensors(views.target_rgba, size)  # 1 3 S S: the input and the answer
         result = generate(model, ConditionViews.framed(rgb, mask), seed=cfg.seed, steps=cfg.steps,
-                          sampler=cfg.sampler, guidance=cfg.guidance, mirror_average=cfg.mirror)
+                          sampler=cfg.sampler, guidance=cfg.guidance, mirror_average=cfg.mirror,
+                          average_seeds=cfg.average_seeds)
         out = MultiViewResult(result.images[COPY_VIEW : COPY_VIEW + 1], result.masks[COPY_VIEW : COPY_VIEW + 1])
         p, _, m = view_metrics(out, rgb, mask)
         psnrs.append(p)
@@ -422,6 +426,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the views from the mirrored input (generate's mirror_average); default: the "
                    "demo's for this checkpoint")
+    p.add_argument("--average-seeds", type=int, default=None,
+                   help="average the views of this many noise seeds (generate's average_seeds); default: the demo's")
     p.add_argument("--copy-count", type=int, default=16, help="objects for the copy test (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
@@ -437,7 +443,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder for one PNG per object: its true rig views above the generated ones")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the markdown table of an existing --out JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.average_seeds is not None and not 1 <= args.average_seeds <= 16:
+        p.error(f"--average-seeds {args.average_seeds}: give 1 to 16 noise seeds (1 = no averaging).")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.views) > 4 or min(args.views) < 1:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
-    sampler, steps, guidance, mirror = default_sampling(  # the demo's unless given
-        args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror)
-    cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror)
+    sampler, steps, guidance, mirror, seeds = default_sampling(  # the demo's unless given
+        args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds)
+    cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),

@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sampling of the evaluation (default: the embedded default's, so the figures compare)")
     p.add_argument("--eval-mirror", action=argparse.BooleanOptionalAction, default=EMBEDDED_SAMPLING[3],
                    help="average the evaluation's views with the mirrored input's (the embedded default's sampling)")
+    p.add_argument("--eval-average-seeds", type=int, default=EMBEDDED_SAMPLING[4],
+                   help="noise seeds whose views the evaluation averages (the embedded default's sampling)")
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the nearest training object (the bar a model must clear)")
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("objects", "batch_size", "max_steps", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1.")
+    if not 1 <= args.eval_average_seeds <= 16:
+        p.error(f"--eval-average-seeds {args.eval_average_seeds}: give 1 to 16 noise seeds (1 = no averaging).")
     if args.minutes < 0 or not math.isfinite(args.minutes):
         p.error(f"--minutes {args.minutes}: give 0 (no limit) or a positive number of minutes.")
     try:
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"objects": args.objects, "parts": args.parts, "batch_size": args.batch_size,
                      "minutes": args.minutes,
                      "eval_sampling": list(args.eval_sampling), "eval_mirror": args.eval_mirror,
+                     "eval_average_seeds": args.eval_average_seeds,
                      "device": "cuda" if cuda else "cpu", "overrides": list(args.overrides)}
     if cuda:
         import torch
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                "--count", str(args.eval_count), "--parts", str(args.parts), "--views", "1", "--copy-count", "0",
                "--no-baseline",
                "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance),
-               "--mirror" if args.eval_mirror else "--no-mirror",
+               "--mirror" if args.eval_mirror else "--no-mirror", "--average-seeds", str(args.eval_average_seeds),
                "--threads", str(args.jobs), "--out", str(args.out / "eval.json")]
         if args.retrieval:
             cmd += ["--retrieval-baseline", str(data)]

@@ -199,7 +199,8 @@ def _demo_module():
 
 
 def test_demo_sampling_gives_views_that_agree(tmp_path):
-    """Under the demo's sampling of the embedded default (2 ddim steps, cfg 2, mirror-averaged), the 32 generated
+    """Under the demo's sampling of the embedded default (2 ddim steps, cfg 2, averaged over 2 seeds
+    and the mirrored input), the 32 generated
     masks of held-out objects carve one object: silhouette consistency well above that of the
     same model under 20 dpmpp_2m steps (0.33-0.46 on held-out objects, README), with masks that
     still cover the object (a model whose masks are empty would score 1 on consistency alone)."""
@@ -211,7 +212,7 @@ def test_demo_sampling_gives_views_that_agree(tmp_path):
     from train.procedural.render import write_object
 
     demo = _demo_module()
-    sampler, steps, cfg, mirror = demo.default_sampling(None)
+    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
     model = _load_default()
     consistency, ious = [], []
     for i in range(3):
@@ -219,7 +220,7 @@ def test_demo_sampling_gives_views_that_agree(tmp_path):
         _, mask = to_tensors(views.target_rgba, 64)
         cond_rgb, cond_mask = to_tensors(views.cond_rgba, 64)
         result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=steps, sampler=sampler,
-                          guidance=cfg, mirror_average=mirror)
+                          guidance=cfg, mirror_average=mirror, average_seeds=seeds)
         consistency.append(silhouette_consistency(result.masks[:, 0]))
         p, t = result.masks > 0.5, mask > 0.5
         ious.append(float((p & t).sum() / (p | t).sum()))
@@ -236,10 +237,10 @@ def test_quality_mesh_keeps_the_generated_object():
     from mvdpp_core.reconstruction import reconstruct
 
     demo = _demo_module()
-    sampler, steps, cfg, mirror = demo.default_sampling(None)
+    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
     images, masks = demo.load_rgba(demo.DEFAULT_IMAGE)
     result = generate(_load_default(), images, masks, seed=0, steps=steps, sampler=sampler, guidance=cfg,
-                      mirror_average=mirror)
+                      mirror_average=mirror, average_seeds=seeds)
     views, view_masks = result.for_reconstruction()
     fast = reconstruct(views, view_masks, method="fast", resolution=96).to_trimesh()
     quality = reconstruct(views, view_masks, method="quality", resolution=96).to_trimesh()
@@ -250,16 +251,17 @@ def test_demo_and_workflows_sample_the_embedded_default_alike():
     """scripts/demo.py and the three shipped workflows use one sampling for the embedded default;
     any other checkpoint gets the long sampler in the demo."""
     demo = _demo_module()
-    sampler, steps, cfg, mirror = demo.default_sampling(None)
-    assert demo.default_sampling(CHECKPOINT) == (sampler, steps, cfg, mirror)
-    assert demo.default_sampling(Path("other.safetensors")) == demo.CHECKPOINT_SAMPLING != (sampler, steps, cfg, mirror)
-    assert demo.CHECKPOINT_SAMPLING[3] is False, "a long stochastic sampler's two samples would blur when averaged"
+    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
+    embedded = (sampler, steps, cfg, mirror, seeds)
+    assert demo.default_sampling(CHECKPOINT) == embedded
+    assert demo.default_sampling(Path("other.safetensors")) == demo.CHECKPOINT_SAMPLING != embedded
+    assert demo.CHECKPOINT_SAMPLING[3:] == (False, 1), "a long stochastic sampler's samples would blur when averaged"
     for name in ("mvdpp_single_view.json", "mvdpp_two_views.json", "mvdpp_four_views.json"):
         graph = json.loads((ROOT / "workflows" / name).read_text())
         (node,) = [n for n in graph["nodes"] if n["type"] == "MVDPP_MultiViewSampler"]
         assert graph["nodes"] and any(n["type"] == "MVDPP_LoadModel" and n["widgets_values"][0] == CHECKPOINT.name
                                       for n in graph["nodes"]), name
-        assert node["widgets_values"][2:] == [steps, sampler, cfg, mirror], name
+        assert node["widgets_values"][2:] == [steps, sampler, cfg, mirror, seeds], name
 
 
 def test_vae_round_trip_keeps_object_colour(tmp_path):
@@ -350,3 +352,11 @@ def write_reference() -> Path:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-reference"]:
         print(f"wrote {write_reference()}")
+
+
+def test_demo_refuses_an_average_over_no_seeds(capsys):
+    demo = _demo_module()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--average-seeds", "0"])
+    assert exit_info.value.code == 2
+    assert "--average-seeds 0: give 1 to 16 noise seeds" in capsys.readouterr().err

@@ -372,8 +372,9 @@ def test_sampler_node_equals_core_generate_without_second_recentring(sampled, lo
     torch.testing.assert_close(sampled.masks, core.masks[:, 0].clamp(0, 1))
 
 
-def test_sampler_node_mirror_average_is_the_core_average_on_one_progress_bar(comfy, sampled, loaded):
-    """The node's mirror_average switch is the core's: the same views, and one bar over both passes."""
+def test_sampler_node_averaging_is_the_core_average_on_one_progress_bar(comfy, sampled, loaded):
+    """The node's mirror_average and average_seeds are the core's: the same views, and one bar
+    over every pass."""
     from einops import rearrange
 
     from mvdpp_core.pipeline import generate
@@ -382,11 +383,12 @@ def test_sampler_node_mirror_average_is_the_core_average_on_one_progress_bar(com
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
     try:
         views, masks = comfy.nodes["MVDPP_MultiViewSampler"].execute(loaded, sampled.cond, 7, 2, "ddim", 1.0,
-                                                                     mirror_average=True).args
+                                                                     mirror_average=True, average_seeds=2).args
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    core = generate(loaded.model, sampled.cond, seed=7, steps=2, sampler="ddim", guidance=1.0, mirror_average=True)
+    assert calls == [(i, 8) for i in range(1, 9)]
+    core = generate(loaded.model, sampled.cond, seed=7, steps=2, sampler="ddim", guidance=1.0, mirror_average=True,
+                    average_seeds=2)
     torch.testing.assert_close(views, rearrange(core.images, "v c h w -> v h w c").clamp(0, 1))
     torch.testing.assert_close(masks, core.masks[:, 0].clamp(0, 1))
     assert (masks - sampled.masks).abs().max() > 1e-4, "averaging changes the views of a model that is not symmetric"

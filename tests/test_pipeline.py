@@ -1,11 +1,11 @@
-"""generate(): layout of the 9-channel input, guidance, determinism, progress, mirror averaging, bad input."""
+"""generate(): layout of the 9-channel input, guidance, determinism, progress, mirror and seed averaging, bad input."""
 
 import pytest
 import torch
 from tiny_models import object_views, tiny_model
 
 from mvdpp_core.condition import ConditionViews
-from mvdpp_core.pipeline import generate, guided_denoiser
+from mvdpp_core.pipeline import MultiViewResult, generate, guided_denoiser
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,32 @@ def test_mirror_average_is_equivariant_to_mirroring_the_input(model):
     weights = plain.masks + 1e-3, mirrored.masks + 1e-3
     torch.testing.assert_close(averaged.images, (plain.images * weights[0] + mirrored.images * weights[1])
                                / (weights[0] + weights[1]))
+
+
+def test_average_seeds_is_the_mean_over_consecutive_seeds_and_keeps_equivariance(model):
+    images, masks = object_views(1)
+    views = ConditionViews.framed(images, masks)
+    kwargs = dict(steps=2, sampler="ddim", guidance=2.0)
+    seen = []
+    two = generate(model, views, seed=5, average_seeds=2, callback=lambda i, n, x0: seen.append((i, n)), **kwargs)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    each = [generate(model, views, seed=s, **kwargs) for s in (5, 6)]
+    assert (each[0].masks - each[1].masks).abs().max() > 1e-3, "two seeds must differ for the mean to be tested"
+    mean = MultiViewResult.mean(each)
+    torch.testing.assert_close(two.masks, mean.masks)
+    torch.testing.assert_close(two.images, mean.images)
+    torch.testing.assert_close(MultiViewResult.mean(each[::-1]).images, mean.images)
+    four = generate(model, views, seed=5, average_seeds=2, mirror_average=True, **kwargs)
+    from_flipped = generate(model, views.mirrored(), seed=5, average_seeds=2, mirror_average=True, **kwargs)
+    torch.testing.assert_close(four.masks, from_flipped.mirrored().masks, atol=1e-6, rtol=0)
+    assert torch.equal(generate(model, views, seed=5, average_seeds=1, **kwargs).masks, each[0].masks)
+
+
+@pytest.mark.parametrize("count", [0, 17, True, 1.5])
+def test_bad_average_seeds_are_refused(model, count):
+    images, masks = object_views(1)
+    with pytest.raises(ValueError, match=rf"average_seeds={count!r}; allowed 1 to 16"):
+        generate(model, images, masks, steps=1, sampler="ddim", average_seeds=count)
 
 
 def test_mirror_average_refuses_outside_embeddings_and_non_bools(model):

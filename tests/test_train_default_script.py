@@ -58,7 +58,8 @@ def test_one_command_renders_trains_on_the_shipped_mvae_reports_and_resumes(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["object_passes"] == 4 and summary["passes_per_object"] == 0.8
     assert summary["eval_sampling"] == ["ddim", 2, 2.0] and summary["eval_mirror"]  # the embedded default's
-    assert json.loads((out / "eval.json").read_text())["sampling"]["mirror"] is True  # so the figures compare
+    sampling = json.loads((out / "eval.json").read_text())["sampling"]
+    assert sampling["mirror"] is True and sampling["average_seeds"] == 2  # so the figures compare
     ev = summary["eval"]
     assert 0 <= ev["mask_iou"] <= 1 and ev["retrieval_training_objects"] == 5
     assert ev["retrieval_mask_iou"] <= ev["retrieval_oracle_mask_iou"]
@@ -81,6 +82,7 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
     for args, message in ((["--objects", "0"], "--objects 0: give at least 1"),
                           (["--minutes", "-2"], "--minutes -2.0: give 0"),
                           (["--eval-sampling", "ddim", "two", "2"], "--eval-sampling ddim two 2: give SAMPLER"),
+                          (["--eval-average-seeds", "0"], "--eval-average-seeds 0: give 1 to 16"),
                           (["--out", str(tmp_path)], "is --work")):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                                "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
