@@ -16,6 +16,7 @@ from .common import composite_on_white
 # A unit object seen at the training distances (1.5-2.2) with FOV 60 fills 0.45-0.65.
 DEFAULT_FILL = 0.55
 MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds (the node's seed range too)
+MAX_AVERAGE_SEEDS = 16  # generate's average_seeds (the sampler node's, the demo's and eval's range too)
 
 
 def as_int(name: str, value: object) -> int:
@@ -43,6 +44,14 @@ def check_seed(seed: object) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed} is out of range; allowed 0..2**64-1 (any integer in it, e.g. seed=0).")
     return seed
+
+
+def check_average_seeds(count: object) -> int:
+    """How many noise seeds ``generate`` averages: an int in 1..``MAX_AVERAGE_SEEDS``."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_AVERAGE_SEEDS:
+        raise ValueError(f"average_seeds={count!r}; allowed 1 to {MAX_AVERAGE_SEEDS} noise seeds whose views are "
+                         "averaged (1 = no averaging).")
+    return count
 
 
 def check_guidance(guidance: object) -> float:

@@ -11,14 +11,13 @@ from torch import Tensor
 from .cameras import NUM_TARGET_VIEWS, mirrored_view_order
 from .common import composite_on_white, parse_enum
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
-from .inputs import DEFAULT_FILL, MAX_SEED, check_guidance, check_seed
+from .inputs import DEFAULT_FILL, MAX_SEED, check_average_seeds, check_guidance, check_seed
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, Sampler, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
 
 DECODE_CHUNK = 8
 MASK_WEIGHT_FLOOR = 1e-3  # MultiViewResult.mean: background pixels average plainly
-MAX_AVERAGE_SEEDS = 16
 # Default steps (DDPM: the paper's 75) and step placement per sampler. Multistep solvers
 # are second order only on even log-SNR steps (tests/test_schedule_samplers.py measures it).
 SAMPLER_DEFAULTS = {
@@ -55,7 +54,9 @@ class MultiViewResult:
     def mean(results: list[MultiViewResult]) -> MultiViewResult:
         """The mean of results: masks averaged, colours weighted by the masks (where none holds
         the object, the plain mean), so a view's colour is not diluted by another result's
-        background. The order of the results does not matter."""
+        background. The order of the results does not matter; one result is returned as it is."""
+        if len(results) == 1:
+            return results[0]
         weights = [r.masks + MASK_WEIGHT_FLOOR for r in results]
         images = sum(r.images * w for r, w in zip(results, weights, strict=True)) / sum(weights)
         return MultiViewResult(images, sum(r.masks for r in results) / len(results))
@@ -152,16 +153,11 @@ def generate(
         raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
     if not isinstance(mirror_average, bool):
         raise TypeError(f"mirror_average={mirror_average!r}; pass True or False.")
-    if isinstance(average_seeds, bool) or not isinstance(average_seeds, int) or not (
-            1 <= average_seeds <= MAX_AVERAGE_SEEDS):
-        raise ValueError(f"average_seeds={average_seeds!r}; allowed 1 to {MAX_AVERAGE_SEEDS} noise seeds whose views "
-                         "are averaged (1 = no averaging).")
+    average_seeds = check_average_seeds(average_seeds)
     views = images if is_framed(images) else frame_condition(
         images, masks, size=model.config.image_size, mask_convention=mask_convention,
         background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
-    if not mirror_average and average_seeds == 1:
-        return _sample(model, views, seed, ts, sample_fn, guidance, callback)
     mirrored_views = views.mirrored() if mirror_average else None  # refuses outside embeddings before any step
     sides = (False, True) if mirror_average else (False,)
     passes = [(k, mirrored) for k in range(average_seeds) for mirrored in sides]

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..mvdpp_core.condition import ConditionViews
+from ..mvdpp_core.inputs import MAX_AVERAGE_SEEDS
 from ._checks import check_choice, check_number, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
 from ._convert import image_from_core, mask_from_core
 from .loader import LoadedModel
 
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
-MAX_AVERAGE_SEEDS = 16  # mvdpp_core.pipeline.MAX_AVERAGE_SEEDS
 CFG_MIN, CFG_MAX = 1.0, 20.0
 
 

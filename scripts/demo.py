@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.config import preset  # noqa: E402
 from mvdpp_core.grid import view_grid  # noqa: E402
+from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "with --checkpoint)")
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)
-    if args.average_seeds is not None and not 1 <= args.average_seeds <= 16:
-        parser.error(f"--average-seeds {args.average_seeds}: give 1 to 16 noise seeds (1 = no averaging).")
+    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
+        parser.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds "
+                     "(1 = no averaging).")
 
     torch.set_grad_enabled(False)
     model, source = load_model(args.checkpoint)

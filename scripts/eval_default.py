@@ -62,6 +62,7 @@ from mvdpp_core.cameras import resized_intrinsics  # noqa: E402
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
+from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
@@ -444,8 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the markdown table of an existing --out JSON")
     args = p.parse_args(argv)
-    if args.average_seeds is not None and not 1 <= args.average_seeds <= 16:
-        p.error(f"--average-seeds {args.average_seeds}: give 1 to 16 noise seeds (1 = no averaging).")
+    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
+        p.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds "
+                "(1 = no averaging).")
     return args
 
 
