@@ -68,6 +68,16 @@ def mirrored_view_order() -> list[int]:
     return [view_index(e, (n - a) % n) for e in range(len(ELEVATIONS_DEG)) for a in range(n)]
 
 
+def rotated_view_order(shift: int) -> list[int]:
+    """The rig slot whose view each slot takes when the frame turns by ``shift`` azimuth steps
+    (45 deg each) about the vertical axis: views generated with a view at rig azimuth
+    ``shift`` as the first (azimuth-0) input are ``views[rotated_view_order(shift)]`` in the
+    original first input's frame (slot a there is slot a - shift in theirs). Rotating by
+    ``shift`` and then ``-shift`` is the identity."""
+    n = len(AZIMUTHS_DEG)
+    return [view_index(e, (a - shift) % n) for e in range(len(ELEVATIONS_DEG)) for a in range(n)]
+
+
 def camera_centers(azimuth_deg: Tensor, elevation_deg: Tensor, distance: Tensor) -> Tensor:
     """Camera centres ``r (cos el cos az, cos el sin az, sin el)``; inputs (n,), output (n, 3)."""
     az, el = torch.deg2rad(azimuth_deg), torch.deg2rad(elevation_deg)

@@ -103,6 +103,11 @@ class ConditionViews:
         check_not_empty(masks)
         return cls(rgb, masks, check_embeddings(embeddings))
 
+    def reordered(self, order: list[int]) -> ConditionViews:
+        """The views (and their embeddings) in ``order``; the first defines azimuth 0."""
+        return ConditionViews(self.images[order], self.masks[order],
+                              None if self.embeddings is None else self.embeddings[order])
+
     def mirrored(self) -> ConditionViews:
         """The views flipped left-right: the same photos of the mirrored object. Embeddings given
         from outside belong to the unflipped images, so they are refused (the model's own

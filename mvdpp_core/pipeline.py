@@ -8,10 +8,10 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .cameras import NUM_TARGET_VIEWS, mirrored_view_order
+from .cameras import AZIMUTHS_DEG, NUM_TARGET_VIEWS, mirrored_view_order, rotated_view_order, view_index
 from .common import composite_on_white, parse_enum
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
-from .inputs import DEFAULT_FILL, MAX_SEED, check_average_seeds, check_guidance, check_seed
+from .inputs import DEFAULT_FILL, MAX_SEED, check_average_seeds, check_guidance, check_seed, recenter
 from .model import Condition, MVDPPModel
 from .samplers import Denoiser, Sampler, SamplerName, StepCallback, get_sampler
 from .schedule import TimestepSpacing
@@ -49,6 +49,12 @@ class MultiViewResult:
         azimuth-0 camera): each view flipped left-right, in the slot of azimuth -a."""
         order = mirrored_view_order()
         return MultiViewResult(self.images[order].flip(-1), self.masks[order].flip(-1))
+
+    def rotated(self, shift: int) -> MultiViewResult:
+        """The views in the frame turned by ``shift`` azimuth steps (``rotated_view_order``): views
+        generated with a view at rig azimuth ``shift`` first, in the first input's frame."""
+        order = rotated_view_order(shift)
+        return MultiViewResult(self.images[order], self.masks[order])
 
     @staticmethod
     def mean(results: list[MultiViewResult]) -> MultiViewResult:
@@ -105,6 +111,7 @@ def generate(
     callback: StepCallback | None = None,
     mirror_average: bool = False,
     average_seeds: int = 1,
+    input_average: bool = False,
 ) -> MultiViewResult:
     """Generate the 32 rig views of the object shown in 1-10 condition views.
 
@@ -136,6 +143,13 @@ def generate(
             callback counts the steps of all passes on one scale. Both are off by default: the
             samples of a many-step stochastic sampler may differ in detail, and their average
             blurs it.
+        input_average: with 2 or more condition views, also generate with each other view
+            first (it then defines azimuth 0, the others follow), find the rig azimuth at which
+            that view sits in the first view's frame (``azimuth_shift``: the views are pose-free),
+            turn its 32 views into that frame (``MultiViewResult.rotated``) and average all. A
+            model that reads only its first view (the embedded default) then gains from the
+            others; each view costs the passes above again. Off by default; with one view it
+            changes nothing.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
     if not all(hasattr(model, a) for a in ("schedule", "encode_condition", "config")):  # duck-typed: the
@@ -151,22 +165,90 @@ def generate(
     seed, guidance = check_seed(seed), check_guidance(guidance)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
-    if not isinstance(mirror_average, bool):
-        raise TypeError(f"mirror_average={mirror_average!r}; pass True or False.")
+    for name, switch in (("mirror_average", mirror_average), ("input_average", input_average)):
+        if not isinstance(switch, bool):
+            raise TypeError(f"{name}={switch!r}; pass True or False.")
     average_seeds = check_average_seeds(average_seeds)
     views = images if is_framed(images) else frame_condition(
         images, masks, size=model.config.image_size, mask_convention=mask_convention,
         background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
-    mirrored_views = views.mirrored() if mirror_average else None  # refuses outside embeddings before any step
+    if mirror_average:
+        views.mirrored()  # refuses outside embeddings before any step
+    n = views.images.shape[0]
+    firsts = range(n) if input_average else range(1)
     sides = (False, True) if mirror_average else (False,)
-    passes = [(k, mirrored) for k in range(average_seeds) for mirrored in sides]
-    results = []
-    for j, (k, mirrored) in enumerate(passes):
-        result = _sample(model, mirrored_views if mirrored else views, (seed + k) % (MAX_SEED + 1), ts, sample_fn,
-                         guidance, _pass_callback(callback, j, len(passes)))
-        results.append(result.mirrored() if mirrored else result)
-    return MultiViewResult.mean(results)
+    passes = [(first, k, mirrored) for first in firsts for k in range(average_seeds) for mirrored in sides]
+    estimates = [[] for _ in firsts]
+    for j, (first, k, mirrored) in enumerate(passes):
+        ordered = views.reordered([first] + [i for i in range(n) if i != first])
+        result = _sample(model, ordered.mirrored() if mirrored else ordered, (seed + k) % (MAX_SEED + 1), ts,
+                         sample_fn, guidance, _pass_callback(callback, j, len(passes)))
+        estimates[first].append(result.mirrored() if mirrored else result)
+    estimates = [MultiViewResult.mean(e) for e in estimates]
+    reference, first_view = estimates[0], views.masks[:1]
+    return MultiViewResult.mean([reference] + [
+        estimate.rotated(azimuth_shift(estimate, reference, views.masks[k : k + 1], first_view))
+        for k, estimate in enumerate(estimates[1:], start=1)
+    ])
+
+
+ALIGN_SIZE = 64  # azimuth_shift compares silhouettes recentred to this size
+ALIGN_ELEVATION_ROWS = (0, 1, 2)  # rig rows -30, 0 and 30 deg: around the condition views' -10..45
+
+
+def azimuth_shift(estimate: MultiViewResult, reference: MultiViewResult, view_mask: Tensor,
+                  reference_mask: Tensor) -> int:
+    """The rig azimuth step (0-7, 45 deg each) at which a condition view sits in another's frame,
+    judged from two estimates of the object's 32 views: ``estimate`` generated with the view
+    (mask (1, 1, H, W)) first, ``reference`` with the other (``reference_mask``) first.
+
+    A step s scores the mask IoU of ``estimate.rotated(s)`` with ``reference`` (pooled over
+    the 32 views), plus how well each view's silhouette matches the other estimate's views
+    where it would sit: the view against ``reference`` at azimuth s, the reference's view
+    against ``estimate`` at azimuth -s (best of the rows at -30, 0 and 30 deg, each recentred,
+    since a view's elevation and distance are unknown). The score is symmetric: swapping the
+    two estimates scores -s as it scored s. Ties go to the smallest turn."""
+    n = len(AZIMUTHS_DEG)
+    view, reference_view = _silhouette(view_mask), _silhouette(reference_mask)
+    scores = []
+    for s in range(n):
+        agreement = _mask_iou(estimate.rotated(s).masks, reference.masks)
+        scores.append(agreement + (_column_match(view, reference, s) + _column_match(reference_view, estimate, -s % n)))
+    best = max(scores)
+    return min((s for s in range(n) if scores[s] == best), key=lambda s: (min(s, n - s), s))
+
+
+def _mask_iou(a: Tensor, b: Tensor) -> float:
+    a, b = a > 0.5, b > 0.5
+    union = (a | b).sum().item()
+    return (a & b).sum().item() / union if union else 0.0
+
+
+def _silhouette(mask: Tensor) -> Tensor | None:
+    """A mask (1, 1, H, W) recentred to ALIGN_SIZE (what frame_condition does to a photo), or
+    None when it holds no object."""
+    if not (mask > 0.5).any():
+        return None
+    return recenter(mask.expand(-1, 3, -1, -1), mask, ALIGN_SIZE)[1]
+
+
+def _column_match(view: Tensor | None, estimate: MultiViewResult, azimuth: int) -> float:
+    """The best mask IoU of a recentred silhouette with ``estimate``'s views at one azimuth."""
+    if view is None:
+        return 0.0
+    ious = [0.0]
+    for row in ALIGN_ELEVATION_ROWS:
+        other = _silhouette(estimate.masks[view_index(row, azimuth)][None])
+        if other is not None:
+            ious.append(_mask_iou(view, other))
+    return max(ious)
+
+
+def sampling_passes(num_views: int, mirror_average: bool = False, average_seeds: int = 1,
+                    input_average: bool = False) -> int:
+    """How many sampling passes ``generate`` runs (each of ``steps`` steps) for these options."""
+    return (num_views if input_average else 1) * average_seeds * (2 if mirror_average else 1)
 
 
 def _pass_callback(callback: StepCallback | None, index: int, passes: int) -> StepCallback | None:

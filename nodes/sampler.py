@@ -75,6 +75,13 @@ class MultiViewSampler(io.ComfyNode):
                     "with mirror_average), one generation each. 2 with the embedded tiny default (README); 1 for "
                     "a real checkpoint.",
                 ),
+                io.Boolean.Input(
+                    "input_average", default=False, optional=True,
+                    tooltip="With 2 or more photos: also generate with each other photo first, find the azimuth "
+                    "it was taken from (the photos are pose-free), turn its views into the first photo's frame "
+                    "and average (one generation per photo). Lets the embedded tiny default, which reads only "
+                    "its first photo, gain from the others (README). Changes nothing with one photo.",
+                ),
             ],
             outputs=[
                 io.Image.Output(
@@ -97,13 +104,14 @@ class MultiViewSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls, model: LoadedModel, cond: ConditionViews, seed: int, steps: int, sampler: str, cfg: float,
-        mirror_average: bool = False, average_seeds: int = 1,
+        mirror_average: bool = False, average_seeds: int = 1, input_average: bool = False,
     ) -> io.NodeOutput:
-        from ..mvdpp_core.pipeline import generate
+        from ..mvdpp_core.pipeline import generate, sampling_passes
 
         model_management.throw_exception_if_processing_interrupted()
+        passes = sampling_passes(cond.images.shape[0], mirror_average, average_seeds, input_average)
         result = generate(
             model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
-            average_seeds=average_seeds, callback=step_callback(steps * average_seeds * (2 if mirror_average else 1)),
+            average_seeds=average_seeds, input_average=input_average, callback=step_callback(steps * passes),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))

@@ -20,9 +20,10 @@ at azimuth 0), generate the 32 rig views and masks and measure:
   distance) as the input, how closely generated view 8 reproduces it.
 
 Sampling defaults to the demo's for the checkpoint (``scripts/demo.py``: 2 ddim steps at cfg
-2, averaged over 2 noise seeds and the mirrored input's views, for the embedded default; 20
-dpmpp_2m steps otherwise; ``--mirror`` / ``--no-mirror`` and ``--average-seeds N`` override
-the averaging). ``--split train`` measures training
+2, averaged over 2 noise seeds and the mirrored input's views, and with 2 or 4 input views over
+the estimates with each view first, for the embedded default; 20 dpmpp_2m steps otherwise;
+``--mirror`` / ``--no-mirror``, ``--average-seeds N`` and ``--input-average`` /
+``--no-input-average`` override the averaging). ``--split train`` measures training
 objects instead (the fit), ``--input-copy`` scores the input view repeated in all 32 slots, and
 ``--hull-baseline`` the input view reprojected through its own visual hull (with its true
 camera): the best a model can do that only extrudes the input's silhouette.
@@ -93,6 +94,7 @@ class SamplingConfig:
     mesh_resolution: int = 64
     mirror: bool = False  # generate's mirror_average
     average_seeds: int = 1  # generate's average_seeds
+    input_average: bool = False  # generate's input_average
 
 
 @dataclass
@@ -155,7 +157,7 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
     result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
                       sampler=cfg.sampler, guidance=cfg.guidance, mirror_average=cfg.mirror,
-                      average_seeds=cfg.average_seeds)
+                      average_seeds=cfg.average_seeds, input_average=cfg.input_average)
     p, s, m = view_metrics(result, rgb, mask)
     if grid is not None:
         cond = composite_on_white(cond_rgb[0], cond_mask[0])
@@ -429,6 +431,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "demo's for this checkpoint")
     p.add_argument("--average-seeds", type=int, default=None,
                    help="average the views of this many noise seeds (generate's average_seeds); default: the demo's")
+    p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="with 2 or 4 input views, average the estimates with each view first, turned into the first "
+                   "view's frame (generate's input_average); default: the demo's for this checkpoint")
     p.add_argument("--copy-count", type=int, default=16, help="objects for the copy test (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
@@ -459,9 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.views) > 4 or min(args.views) < 1:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
-    sampler, steps, guidance, mirror, seeds = default_sampling(  # the demo's unless given
-        args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds)
-    cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds)
+    sampler, steps, guidance, mirror, seeds, inputs = default_sampling(  # the demo's unless given
+        args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds, args.input_average)
+    cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),

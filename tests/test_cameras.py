@@ -109,3 +109,21 @@ def test_mirrored_view_order_reflects_the_rig_across_the_azimuth_0_plane():
     torch.testing.assert_close(pix_m[..., 0], 64 - pix[..., 0], atol=1e-5, rtol=0)  # project divides in float32
     torch.testing.assert_close(pix_m[..., 1], pix[..., 1], atol=1e-5, rtol=0)
     torch.testing.assert_close(depth_m, depth, atol=1e-5, rtol=0)
+
+
+def test_rotated_view_order_turns_the_rig_about_the_vertical_axis():
+    """Slot i takes the view of slot order[i], whose camera turned by shift x 45 deg about +Z is
+    camera i: views generated in the frame of a view at rig azimuth ``shift``, moved into the
+    first view's frame."""
+    for shift in range(8):
+        order = cameras.rotated_view_order(shift)
+        assert sorted(order) == list(range(32))
+        back = cameras.rotated_view_order(-shift)
+        assert [order[back[i]] for i in range(32)] == list(range(32)), "turning back is the identity"
+        angle = torch.tensor(shift * math.pi / 4, dtype=torch.float64)
+        c, s = torch.cos(angle), torch.sin(angle)
+        R = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        c2w = cameras.rig_c2w(torch.float64)
+        torch.testing.assert_close(c2w[:, :3, 3], c2w[order, :3, 3] @ R.T)
+        torch.testing.assert_close(c2w[:, :3, :3], R @ c2w[order, :3, :3])
+    assert cameras.rotated_view_order(1)[cameras.view_index(2, 3)] == cameras.view_index(2, 2)

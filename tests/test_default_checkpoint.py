@@ -212,7 +212,7 @@ def test_demo_sampling_gives_views_that_agree(tmp_path):
     from train.procedural.render import write_object
 
     demo = _demo_module()
-    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
+    sampler, steps, cfg, mirror, seeds, _ = demo.default_sampling(None)
     model = _load_default()
     consistency, ious = [], []
     for i in range(3):
@@ -237,7 +237,7 @@ def test_quality_mesh_keeps_the_generated_object():
     from mvdpp_core.reconstruction import reconstruct
 
     demo = _demo_module()
-    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
+    sampler, steps, cfg, mirror, seeds, _ = demo.default_sampling(None)
     images, masks = demo.load_rgba(demo.DEFAULT_IMAGE)
     result = generate(_load_default(), images, masks, seed=0, steps=steps, sampler=sampler, guidance=cfg,
                       mirror_average=mirror, average_seeds=seeds)
@@ -251,17 +251,17 @@ def test_demo_and_workflows_sample_the_embedded_default_alike():
     """scripts/demo.py and the three shipped workflows use one sampling for the embedded default;
     any other checkpoint gets the long sampler in the demo."""
     demo = _demo_module()
-    sampler, steps, cfg, mirror, seeds = demo.default_sampling(None)
-    embedded = (sampler, steps, cfg, mirror, seeds)
+    sampler, steps, cfg, mirror, seeds, inputs = demo.default_sampling(None)
+    embedded = (sampler, steps, cfg, mirror, seeds, inputs)
     assert demo.default_sampling(CHECKPOINT) == embedded
     assert demo.default_sampling(Path("other.safetensors")) == demo.CHECKPOINT_SAMPLING != embedded
-    assert demo.CHECKPOINT_SAMPLING[3:] == (False, 1), "a long stochastic sampler's samples would blur when averaged"
+    assert demo.CHECKPOINT_SAMPLING[3:] == (False, 1, False), "a long stochastic sampler's samples would blur"
     for name in ("mvdpp_single_view.json", "mvdpp_two_views.json", "mvdpp_four_views.json"):
         graph = json.loads((ROOT / "workflows" / name).read_text())
         (node,) = [n for n in graph["nodes"] if n["type"] == "MVDPP_MultiViewSampler"]
         assert graph["nodes"] and any(n["type"] == "MVDPP_LoadModel" and n["widgets_values"][0] == CHECKPOINT.name
                                       for n in graph["nodes"]), name
-        assert node["widgets_values"][2:] == [steps, sampler, cfg, mirror, seeds], name
+        assert node["widgets_values"][2:] == [steps, sampler, cfg, mirror, seeds, inputs], name
 
 
 def test_vae_round_trip_keeps_object_colour(tmp_path):

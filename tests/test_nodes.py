@@ -394,6 +394,26 @@ def test_sampler_node_averaging_is_the_core_average_on_one_progress_bar(comfy, s
     assert (masks - sampled.masks).abs().max() > 1e-4, "averaging changes the views of a model that is not symmetric"
 
 
+def test_sampler_node_input_average_is_the_cores_with_a_bar_over_each_photos_passes(comfy, loaded):
+    """With 2 photos, input_average runs one generation per photo, on one bar, and gives the core's views."""
+    from einops import rearrange
+
+    from mvdpp_core.pipeline import generate
+
+    cond = encode(comfy, loaded, rgba_batch(2))[0]
+    calls: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        views, masks = comfy.nodes["MVDPP_MultiViewSampler"].execute(loaded, cond, 7, 2, "ddim", 1.0,
+                                                                     input_average=True).args
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert calls == [(i, 4) for i in range(1, 5)]
+    core = generate(loaded.model, cond, seed=7, steps=2, sampler="ddim", guidance=1.0, input_average=True)
+    torch.testing.assert_close(views, rearrange(core.images, "v c h w -> v h w c").clamp(0, 1))
+    torch.testing.assert_close(masks, core.masks[:, 0].clamp(0, 1))
+
+
 def test_cancel_stops_sampling_within_one_step(comfy, loaded, sampled, monkeypatch):
     unet = loaded.model.unet
     calls = {"unet": 0, "at_interrupt": None}

@@ -1,11 +1,19 @@
-"""generate(): layout of the 9-channel input, guidance, determinism, progress, mirror and seed averaging, bad input."""
+"""generate(): layout of the 9-channel input, guidance, determinism, progress, mirror, seed and input averaging
+(with the azimuth alignment of pose-free views), bad input."""
+
+import dataclasses
 
 import pytest
 import torch
 from tiny_models import object_views, tiny_model
 
+from mvdpp_core import pipeline
 from mvdpp_core.condition import ConditionViews
-from mvdpp_core.pipeline import MultiViewResult, generate, guided_denoiser
+from mvdpp_core.config import TargetCondition, preset
+from mvdpp_core.model import MVDPPModel
+from mvdpp_core.pipeline import MultiViewResult, azimuth_shift, generate, guided_denoiser
+from train.data.dataset import to_tensors
+from train.procedural.render import render_object
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +190,61 @@ def test_mirror_average_refuses_outside_embeddings_and_non_bools(model):
                  sampler="ddim", mirror_average=True)
     with pytest.raises(TypeError, match="mirror_average='yes'; pass True or False"):
         generate(model, images, masks, steps=1, sampler="ddim", mirror_average="yes")
+
+
+def test_azimuth_shift_finds_the_rig_azimuth_of_a_pose_free_condition_view():
+    """From true rig views, every condition view's azimuth (drawn from the rig's 8, at an unknown
+    elevation and distance) is found: with the estimate generated from it, the true views turned
+    into its frame; and from its silhouette alone, where the estimate tells nothing (one view
+    in every slot). Swapping the two estimates finds the opposite turn."""
+    for index in range(4):
+        rendered = render_object("heldout", index, size=64)
+        (rgb, mask), (_, cond_mask) = to_tensors(rendered.targets, 64), to_tensors(rendered.conditions, 64)
+        truth = MultiViewResult(rgb, mask)
+        flat = MultiViewResult(rgb[8:9].expand(32, -1, -1, -1), mask[8:9].expand(32, -1, -1, -1))
+        for k, camera in enumerate(rendered.cameras["conditions"]):
+            shift = round(camera["azimuth_deg"] / 45) % 8
+            view, first = cond_mask[k : k + 1], cond_mask[:1]
+            assert azimuth_shift(truth.rotated(-shift), truth, view, first) == shift
+            assert azimuth_shift(truth, truth.rotated(-shift), first, view) == -shift % 8
+            assert azimuth_shift(flat, truth, view, first) == shift, (index, k)
+
+
+@pytest.fixture(scope="module")
+def first_view_model():
+    """Like the embedded default, every target holds the first view's latent: which view comes
+    first changes the output."""
+    torch.manual_seed(0)
+    return MVDPPModel(dataclasses.replace(preset("tiny"), target_condition=TargetCondition.FIRST_VIEW)).eval()
+
+
+def test_input_average_averages_each_views_estimate_turned_into_the_first_views_frame(first_view_model, monkeypatch):
+    """With 2 views, the output is the mean of the estimate with view 0 first and the one with
+    view 1 first, turned by the azimuth found for view 1; so calling with the views swapped gives
+    the same output turned back. With one view it changes nothing."""
+    model = first_view_model
+    images, masks = object_views(2)
+    views = ConditionViews.framed(images, masks)
+    swapped = views.reordered([1, 0])
+    kwargs = dict(seed=3, steps=2, sampler="ddim", guidance=2.0)
+    seen = []
+    both = generate(model, views, input_average=True, callback=lambda i, n, x0: seen.append((i, n)), **kwargs)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)], "both estimates report their steps on one count"
+    first, second = generate(model, views, **kwargs), generate(model, swapped, **kwargs)
+    shift = azimuth_shift(second, first, views.masks[1:], views.masks[:1])
+    assert azimuth_shift(first, second, views.masks[:1], views.masks[1:]) == -shift % 8
+    mean = MultiViewResult.mean([first, second.rotated(shift)])
+    torch.testing.assert_close(both.masks, mean.masks, atol=0, rtol=0)
+    torch.testing.assert_close(both.images, mean.images, atol=0, rtol=0)
+    assert (both.masks - first.masks).abs().max() > 1e-3, "the second estimate must change the output"
+    from_swapped = generate(model, swapped, input_average=True, **kwargs).rotated(shift)
+    torch.testing.assert_close(both.masks, from_swapped.masks, atol=1e-6, rtol=0)
+    torch.testing.assert_close(both.images, from_swapped.images, atol=1e-6, rtol=0)
+    # The found turn is applied (two discs are alike from every side, so force one).
+    monkeypatch.setattr(pipeline, "azimuth_shift", lambda *args: 3)
+    turned = generate(model, views, input_average=True, **kwargs)
+    torch.testing.assert_close(turned.masks, MultiViewResult.mean([first, second.rotated(3)]).masks, atol=0, rtol=0)
+    one = ConditionViews.framed(images[:1], masks[:1])
+    assert torch.equal(generate(model, one, input_average=True, **kwargs).masks, generate(model, one, **kwargs).masks)
+    with pytest.raises(TypeError, match="input_average=1; pass True or False"):
+        generate(model, views, steps=1, sampler="ddim", input_average=1)

@@ -26,11 +26,13 @@ from train.procedural.render import render_views
 HERE = Path(__file__).resolve().parent
 INPUT_SIZE = 128
 CHECKPOINT = "mvdpp_default.safetensors"
-# The sampler's steps, sampler, cfg, mirror averaging and seeds averaged for the embedded default:
-# 2 deterministic steps keep its views in agreement, and averaging over 2 seeds and the mirrored
-# input's views brings its mean-like views closer (README, "Sampling the embedded default"); with
-# a real checkpoint use ~20 dpmpp_2m steps without averaging (the node's defaults).
-EMBEDDED_SAMPLING = [2, "ddim", 2.0, True, 2]
+# The sampler's steps, sampler, cfg, mirror averaging, seeds averaged and input averaging for the
+# embedded default: 2 deterministic steps keep its views in agreement, and averaging over 2 seeds
+# and the mirrored input's views brings its mean-like views closer (README, "Sampling the embedded
+# default"); it reads only its first photo, so the two- and four-view workflows average the
+# estimates with each photo first (README, "More than one input view"). With a real checkpoint
+# use ~20 dpmpp_2m steps without averaging (the node's defaults).
+EMBEDDED_SAMPLING = [2, "ddim", 2.0, True, 2, True]
 # (file stem, azimuth deg, elevation deg): the first view defines azimuth 0.
 EXAMPLE_OBJECT = 4
 EXAMPLE_VIEWS = [("front", 0.0, 15.0), ("left", 90.0, 20.0), ("back", 180.0, 15.0), ("right", 270.0, 25.0)]
