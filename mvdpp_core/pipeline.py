@@ -40,9 +40,13 @@ class MultiViewResult:
 
     def for_reconstruction(self) -> tuple[Tensor, Tensor]:
         """What ``mvdpp_core.reconstruction.reconstruct`` takes, in the channels-last layout of
-        the boundary between generation and reconstruction: views (32, H, W, 3) and masks
-        (32, H, W) (the masks decide what is object): ``reconstruct(*result.for_reconstruction())``."""
-        return rearrange(self.images, "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
+        the boundary between generation and reconstruction: the views on white through their
+        masks (32, H, W, 3), as the grid shows them, and the masks (32, H, W), which decide what
+        is object: ``reconstruct(*result.for_reconstruction())``. On white, a view's colours end
+        where its mask does. Averaged results (``mean``) carry one estimate's object colour
+        where the averaged mask says backdrop, and the reconstruction's colour snap would grow
+        the masks into it (README, "More than one input view")."""
+        return rearrange(self.on_white(), "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
 
     def mirrored(self) -> MultiViewResult:
         """The 32 views of the mirrored object (reflected across the vertical plane of the

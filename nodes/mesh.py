@@ -178,13 +178,16 @@ class MeshExport(io.ComfyNode):
     def execute(
         cls, views: Tensor, masks: Tensor, method: str, resolution: int, format: str, filename_prefix: str
     ) -> io.NodeOutput:
+        from ..mvdpp_core.common import composite_on_white
         from ..mvdpp_core.reconstruction import export_mesh, reconstruct
 
         masks = check_mask(masks, "masks")
         check_not_inverted(masks)
         path, subfolder, filename = output_path(filename_prefix, format)
+        # The views on white through their masks, as the core hands generated views over
+        # (MultiViewResult.for_reconstruction): the masks decide the extent, colours only trim it.
         mesh = reconstruct(
-            check_image(views, "views")[..., :3], masks,
+            composite_on_white(check_image(views, "views")[..., :3], masks[..., None]), masks,
             method=method, resolution=resolution, callback=progress_callback(),
             outlier_views=MAX_OUTLIER_VIEWS,
         )

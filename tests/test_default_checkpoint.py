@@ -360,3 +360,16 @@ def test_demo_refuses_an_average_over_no_seeds(capsys):
         demo.main(["--average-seeds", "0"])
     assert exit_info.value.code == 2
     assert "--average-seeds 0: give 1 to 16 noise seeds" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_missing_photo_and_more_photos_than_the_model_takes(capsys, tmp_path):
+    demo = _demo_module()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--image", str(demo.DEFAULT_IMAGE), str(tmp_path / "side.png"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--image {tmp_path / 'side.png'}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--image", *[str(demo.DEFAULT_IMAGE)] * 11, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--image: 11 photos given; the model takes 1 to 10" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is written before the arguments are checked"

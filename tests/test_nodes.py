@@ -620,6 +620,17 @@ def test_mesh_export_saves_inside_output_and_gives_a_y_up_mesh(comfy):
     assert math.isclose(v[:, 1].max().item(), -mesh.vertices[0, :, 2].min().item(), abs_tol=1e-4)
 
 
+def test_mesh_export_takes_the_extent_from_the_masks_not_from_colours_outside_them(comfy):
+    """Views whose colours show a larger sphere than their masks (as an average of estimates
+    that disagree at the rims does) give the masks' sphere: the node reads the views on white
+    through their masks, as MultiViewResult.for_reconstruction hands them over. Read as they
+    are, the colour snap grows the radius to 0.42."""
+    big, _ = rig_sphere_views(radius=0.42)
+    _, masks = rig_sphere_views(radius=0.35)
+    mesh, _ = comfy.nodes["MVDPP_MeshExport"].execute(big, masks, "fast", 48, "ply", "tests/rims").args
+    assert abs(mesh.vertices[0].norm(dim=-1).mean().item() - 0.35) < 0.02
+
+
 def test_mesh_export_refuses_inverted_masks_before_writing(comfy):
     views, masks = rig_sphere_views()
     with pytest.raises(ValueError, match="masks of 32 views.*look inverted.*InvertMask"):
