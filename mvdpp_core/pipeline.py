@@ -182,12 +182,16 @@ def generate(
     n = views.images.shape[0]
     firsts = range(n) if input_average else range(1)
     sides = (False, True) if mirror_average else (False,)
+    conditions = {}  # each order and side of the views is encoded once, whatever the seeds
+    for first in firsts:
+        ordered = views.reordered([first] + [i for i in range(n) if i != first])
+        for mirrored in sides:
+            conditions[first, mirrored] = encode_views(model, ordered.mirrored() if mirrored else ordered)
     passes = [(first, k, mirrored) for first in firsts for k in range(average_seeds) for mirrored in sides]
     estimates = [[] for _ in firsts]
     for j, (first, k, mirrored) in enumerate(passes):
-        ordered = views.reordered([first] + [i for i in range(n) if i != first])
-        result = _sample(model, ordered.mirrored() if mirrored else ordered, (seed + k) % (MAX_SEED + 1), ts,
-                         sample_fn, guidance, _pass_callback(callback, j, len(passes)))
+        result = _sample(model, conditions[first, mirrored], (seed + k) % (MAX_SEED + 1), ts, sample_fn, guidance,
+                         _pass_callback(callback, j, len(passes)))
         estimates[first].append(result.mirrored() if mirrored else result)
     estimates = [MultiViewResult.mean(e) for e in estimates]
     reference, first_view = estimates[0], views.masks[:1]
@@ -263,11 +267,10 @@ def _pass_callback(callback: StepCallback | None, index: int, passes: int) -> St
     return lambda i, n, x0: callback(index * n + i, passes * n, x0)
 
 
-def _sample(model: MVDPPModel, views: ConditionViews, seed: int, ts: Tensor, sample_fn: Sampler, guidance: float,
+def _sample(model: MVDPPModel, cond: Condition, seed: int, ts: Tensor, sample_fn: Sampler, guidance: float,
             callback: StepCallback | None) -> MultiViewResult:
-    """One sampling pass from framed condition views: encode, denoise from the seed's noise, decode."""
+    """One sampling pass from an encoded condition: denoise from the seed's noise, decode."""
     vae_dtype = model.vae_dtype
-    cond = encode_views(model, views)
     denoiser = guided_denoiser(model, cond, guidance)
     generator = torch.Generator().manual_seed(seed)
     latent = model.config.latent_size

@@ -86,6 +86,15 @@ def default_sampling(
     return tuple(b if g is None else g for b, g in zip(base, given, strict=True))
 
 
+def average_seeds_error(flag: str, count: int | None) -> str | None:
+    """The message for a count of averaged seeds outside 1..MAX_AVERAGE_SEEDS given to ``flag``
+    (None when it is fine or not given); the demo, eval_default and train_default pass it to
+    ``parser.error`` before any work."""
+    if count is None or 1 <= count <= MAX_AVERAGE_SEEDS:
+        return None
+    return f"{flag} {count}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging)."
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] -> PNG."""
     array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
@@ -117,9 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "off with --checkpoint)")
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)
-    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
-        parser.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds "
-                     "(1 = no averaging).")
+    if message := average_seeds_error("--average-seeds", args.average_seeds):
+        parser.error(message)
     if len(args.image) > MAX_CONDITION_VIEWS:
         parser.error(f"--image: {len(args.image)} photos given; the model takes 1 to {MAX_CONDITION_VIEWS}.")
     for path in args.image:

@@ -63,12 +63,11 @@ from mvdpp_core.cameras import resized_intrinsics  # noqa: E402
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
-from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
 from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
-from scripts.demo import default_sampling  # noqa: E402
+from scripts.demo import average_seeds_error, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import hull_masks, silhouette_consistency, single_view_hull  # noqa: E402
@@ -450,9 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="only print the markdown table of an existing --out JSON")
     args = p.parse_args(argv)
-    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
-        p.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds "
-                "(1 = no averaging).")
+    if message := average_seeds_error("--average-seeds", args.average_seeds):
+        p.error(message)
     return args
 
 

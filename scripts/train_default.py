@@ -35,8 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
-from scripts.demo import EMBEDDED_SAMPLING  # noqa: E402
+from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error  # noqa: E402
 from train.config import CheckpointConfig  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.loop import Checkpointer  # noqa: E402
@@ -78,9 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("objects", "batch_size", "max_steps", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1.")
-    if not 1 <= args.eval_average_seeds <= MAX_AVERAGE_SEEDS:
-        p.error(f"--eval-average-seeds {args.eval_average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds "
-                "(1 = no averaging).")
+    if message := average_seeds_error("--eval-average-seeds", args.eval_average_seeds):
+        p.error(message)
     if args.minutes < 0 or not math.isfinite(args.minutes):
         p.error(f"--minutes {args.minutes}: give 0 (no limit) or a positive number of minutes.")
     try:
