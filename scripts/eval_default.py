@@ -5,7 +5,9 @@ each number of input views n (default 1, 2, 4: the first n rendered condition vi
 at azimuth 0), generate the 32 rig views and masks and measure:
 
 * view PSNR and SSIM of the generated views composited on white against the true renders;
-* mask IoU (masks thresholded at 0.5, pooled over the 32 views);
+* mask IoU (masks thresholded at 0.5, pooled over the 32 views), and per rig view, averaged
+  over the objects into a 4 x 8 grid (azimuth 0 is the first input's): how accuracy falls
+  from the views next to the input to those only 3D inference can fill;
 * mesh volume IoU and Chamfer distance of the fast-path reconstruction
   (``mvdpp_core.reconstruction.reconstruct``) against the true mesh (``mesh.ply``);
 * whether the output follows its input: PSNR and mask IoU of the same generated views against
@@ -49,7 +51,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,7 @@ import trimesh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvdpp_core.cameras import resized_intrinsics  # noqa: E402
+from mvdpp_core.cameras import AZIMUTHS_DEG, ELEVATIONS_DEG, resized_intrinsics  # noqa: E402
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
@@ -107,6 +109,7 @@ class ObjectMetrics:
     mask_iou_other: float = math.nan
     silhouette: float = math.nan  # silhouette consistency of the 32 generated masks
     mask_iou_consensus: float = math.nan  # mask IoU of the reprojected consensus hull of the 32 masks
+    mask_iou_views: list[float] = field(default_factory=list)  # per rig view, in rig order
 
 
 def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0) -> list[Path]:
@@ -126,6 +129,24 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
     p, t = pred > 0.5, truth > 0.5
     union = (p | t).sum().item()
     return float((p & t).sum().item() / union) if union else 1.0
+
+
+def per_view_mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> list[float]:
+    """IoU of each view's masks (v, H, W) thresholded at 0.5 (1 where both are empty)."""
+    p, t = pred > 0.5, truth > 0.5
+    inter, union = (p & t).sum((1, 2)).double(), (p | t).sum((1, 2)).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
+
+
+def by_view_grid(rows: list[ObjectMetrics]) -> dict[str, list]:
+    """Mean per-view mask IoU over the objects: a grid [elevation row][azimuth column] (rig
+    order, azimuth 0 = the first input's), with its column and row means."""
+    views = np.array([r.mask_iou_views for r in rows if r.mask_iou_views], dtype=np.float64)
+    if not len(views):
+        return {}
+    grid = views.mean(0).reshape(len(ELEVATIONS_DEG), len(AZIMUTHS_DEG))
+    return {"grid": grid.round(4).tolist(), "azimuth_deg": list(AZIMUTHS_DEG), "elevation_deg": list(ELEVATIONS_DEG),
+            "by_azimuth": grid.mean(0).round(4).tolist(), "by_elevation": grid.mean(1).round(4).tolist()}
 
 
 def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
@@ -171,7 +192,8 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
         p_other, _, m_other = view_metrics(result, other_rgb, other_mask)
     generated = result.masks[:, 0]
     consensus = mask_iou(hull_masks(generated, max_dissent=CONSENSUS_DISSENT).float(), mask[:, 0])
-    return ObjectMetrics(p, s, m, v_iou, chamfer, p_other, m_other, silhouette_consistency(generated), consensus)
+    return ObjectMetrics(p, s, m, v_iou, chamfer, p_other, m_other, silhouette_consistency(generated), consensus,
+                         per_view_mask_iou(generated, mask[:, 0]))
 
 
 def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> dict[str, float]:
@@ -305,12 +327,14 @@ def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int
         rows = [evaluate_object(model, f, n, cfg, with_mesh, other=subset[(i + 1) % len(subset)],
                                 grid=grids / f"{label}_{f.name}_{n}view.png" if grids is not None else None)
                 for i, f in enumerate(subset)]
-        results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "per_object": [asdict(r) for r in rows],
-                           "seconds": round(time.perf_counter() - t0, 1)}
+        results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "mask_iou_by_view": by_view_grid(rows),
+                           "per_object": [asdict(r) for r in rows], "seconds": round(time.perf_counter() - t0, 1)}
         if on_result is not None:
             on_result(results)
         s = results[str(n)]["summary"]
         print(f"[{label}] {n} view(s): " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in METRICS), flush=True)
+        print(f"[{label}] {n} view(s): mask IoU by azimuth from the first input "
+              + " / ".join(f"{v:.3f}" for v in results[str(n)]["mask_iou_by_view"]["by_azimuth"]), flush=True)
     return results
 
 
@@ -381,6 +405,11 @@ def markdown_table(report: dict) -> str:
         lines += [f"| {c['step']} | {c['psnr']:.2f} | {c.get('psnr_other', math.nan):.2f} | {c['mask_iou']:.4f} "
                   f"| {c.get('mask_iou_other', math.nan):.4f} | {c.get('silhouette', math.nan):.4f} |"
                   for c in report["curve"]]
+    for label, n, entry in matched_rows(report):
+        if by_view := entry.get("mask_iou_by_view"):
+            az, el = (" / ".join(f"{v:.3f}" for v in by_view[k]) for k in ("by_azimuth", "by_elevation"))
+            lines += ["", f"Mask IoU per rig view, {label}, {n} input view(s), mean over the objects: by azimuth "
+                          f"from the first input (0, 45, ..., 315 deg) {az}; by elevation (-30, 0, 30, 60 deg) {el}"]
     if report.get("input_copy"):
         c = report["input_copy"]
         lines += ["", f"Input copied into all 32 slots ({c['objects']} objects): PSNR {c['psnr']:.2f} / "

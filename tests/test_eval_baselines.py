@@ -5,6 +5,7 @@ training objects' masks is their majority vote, and with one neighbour the neare
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,23 @@ def test_parts_selects_objects_by_their_number_of_primitives(tmp_path, capsys):
         main(["--heldout", str(tmp_path), "--parts", "4", "--out", str(tmp_path / "r.json")])
     assert refused.value.code == 2
     assert "--parts: invalid choice: 4" in capsys.readouterr().err
+
+
+def test_per_view_mask_iou_and_its_rig_grid():
+    # Each view's IoU on its own (1 where both masks are empty), and the grid puts rig view
+    # i = elevation * 8 + azimuth at [elevation][azimuth], averaged over the objects.
+    truth = torch.zeros(3, 4, 4)
+    truth[:, :2] = 1  # 8 of 16 pixels
+    pred = truth.clone()
+    pred[1] = 0
+    pred[1, :, :2] = 1  # overlaps 4 of 12 in the union
+    pred[2] = 0
+    truth[2] = 0  # both empty
+    assert eval_default.per_view_mask_iou(pred, truth) == pytest.approx([1.0, 1 / 3, 1.0])
+    assert eval_default.mask_iou(pred, truth) == pytest.approx(12 / 20)  # pooled, unlike the per-view mean
+    rows = [eval_default.ObjectMetrics(0, 0, 0, 0, 0, mask_iou_views=[(i + k) / 64 for i in range(32)]) for k in (0, 2)]
+    by_view = eval_default.by_view_grid(rows)
+    assert by_view["grid"][2][5] == pytest.approx((2 * 8 + 5 + 1) / 64, abs=1e-4)  # stored to 4 decimals
+    assert by_view["by_azimuth"][3] == pytest.approx((np.mean([e * 8 + 3 for e in range(4)]) + 1) / 64, abs=1e-4)
+    assert by_view["by_elevation"][1] == pytest.approx((8 + 3.5 + 1) / 64, abs=1e-4)
+    assert eval_default.by_view_grid([eval_default.ObjectMetrics(0, 0, 0, 0, 0)]) == {}  # older reports
