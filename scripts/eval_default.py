@@ -72,7 +72,7 @@ from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volu
 from scripts.demo import average_seeds_error, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
-from train.diagnostics import hull_masks, silhouette_consistency, single_view_hull  # noqa: E402
+from train.diagnostics import hull_masks, per_view_iou, silhouette_consistency, single_view_hull  # noqa: E402
 from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
@@ -131,13 +131,6 @@ def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return float((p & t).sum().item() / union) if union else 1.0
 
 
-def per_view_mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> list[float]:
-    """IoU of each view's masks (v, H, W) thresholded at 0.5 (1 where both are empty)."""
-    p, t = pred > 0.5, truth > 0.5
-    inter, union = (p & t).sum((1, 2)).double(), (p | t).sum((1, 2)).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
-
-
 def by_view_grid(rows: list[ObjectMetrics]) -> dict[str, list]:
     """Mean per-view mask IoU over the objects: a grid [elevation row][azimuth column] (rig
     order, azimuth 0 = the first input's), with its column and row means."""
@@ -193,7 +186,7 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
     generated = result.masks[:, 0]
     consensus = mask_iou(hull_masks(generated, max_dissent=CONSENSUS_DISSENT).float(), mask[:, 0])
     return ObjectMetrics(p, s, m, v_iou, chamfer, p_other, m_other, silhouette_consistency(generated), consensus,
-                         per_view_mask_iou(generated, mask[:, 0]))
+                         per_view_iou(generated, mask[:, 0]).tolist())
 
 
 def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> dict[str, float]:
@@ -333,8 +326,9 @@ def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int
             on_result(results)
         s = results[str(n)]["summary"]
         print(f"[{label}] {n} view(s): " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in METRICS), flush=True)
-        print(f"[{label}] {n} view(s): mask IoU by azimuth from the first input "
-              + " / ".join(f"{v:.3f}" for v in results[str(n)]["mask_iou_by_view"]["by_azimuth"]), flush=True)
+        if by_view := results[str(n)]["mask_iou_by_view"]:  # empty without objects
+            print(f"[{label}] {n} view(s): mask IoU by azimuth from the first input "
+                  + " / ".join(f"{v:.3f}" for v in by_view["by_azimuth"]), flush=True)
     return results
 
 

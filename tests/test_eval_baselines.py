@@ -12,6 +12,7 @@ import torch
 from scripts import eval_default
 from scripts.eval_default import first_masks, heldout_folders, main, mask_iou, retrieval_baseline
 from train.data.synthetic import write_synthetic_dataset
+from train.diagnostics import per_view_iou
 from train.procedural.objects import Split, object_seed, part_count, sample_parts
 
 
@@ -62,7 +63,7 @@ def test_per_view_mask_iou_and_its_rig_grid():
     pred[1, :, :2] = 1  # overlaps 4 of 12 in the union
     pred[2] = 0
     truth[2] = 0  # both empty
-    assert eval_default.per_view_mask_iou(pred, truth) == pytest.approx([1.0, 1 / 3, 1.0])
+    assert per_view_iou(pred, truth).tolist() == pytest.approx([1.0, 1 / 3, 1.0])
     assert eval_default.mask_iou(pred, truth) == pytest.approx(12 / 20)  # pooled, unlike the per-view mean
     rows = [eval_default.ObjectMetrics(0, 0, 0, 0, 0, mask_iou_views=[(i + k) / 64 for i in range(32)]) for k in (0, 2)]
     by_view = eval_default.by_view_grid(rows)

@@ -164,13 +164,17 @@ def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Ten
     return out[:-1].reshape(NUM_TARGET_VIEWS, size, size)
 
 
+def per_view_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of each view's masks (v, H, W), thresholded at 0.5; 1 where both are empty."""
+    a, b = a > 0.5, b > 0.5
+    union = (a | b).sum((1, 2))
+    return torch.where(union > 0, (a & b).sum((1, 2)) / union.clamp(min=1), 1.0)
+
+
 def silhouette_consistency(masks: Tensor, resolution: int = 96) -> float:
     """IoU of 32 rig masks (32, H, W) in [0, 1] with the reprojection of their visual hull
     (:func:`hull_masks`, every mask kept), averaged over the views."""
-    inside, proj = masks > 0.5, hull_masks(masks, resolution)
-    union = (proj | inside).sum((1, 2))
-    ious = torch.where(union > 0, (proj & inside).sum((1, 2)) / union.clamp(min=1), 1.0)  # no object in either: 1
-    return float(ious.mean())
+    return float(per_view_iou(masks, hull_masks(masks, resolution)).mean())
 
 
 @torch.no_grad()
