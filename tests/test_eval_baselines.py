@@ -71,3 +71,25 @@ def test_per_view_mask_iou_and_its_rig_grid():
     assert by_view["by_azimuth"][3] == pytest.approx((np.mean([e * 8 + 3 for e in range(4)]) + 1) / 64, abs=1e-4)
     assert by_view["by_elevation"][1] == pytest.approx((8 + 3.5 + 1) / 64, abs=1e-4)
     assert eval_default.by_view_grid([eval_default.ObjectMetrics(0, 0, 0, 0, 0)]) == {}  # older reports
+
+
+def test_evaluation_reports_each_object_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """A long evaluation prints one line per object (its place in the run and its mask IoU),
+    and view counts above 1 run on the first ``multi_count`` objects only."""
+    scores = iter([0.5, 0.25, 0.75, 0.125, 0.625])
+
+    def scored(model, folder, n, cfg, with_mesh, other=None, grid=None):
+        return eval_default.ObjectMetrics(0, 0, next(scores), 0, 0)
+
+    monkeypatch.setattr(eval_default, "evaluate_object", scored)
+    folders = [tmp_path / f"heldout_{i:07d}" for i in range(3)]
+    results = eval_default.evaluate_model(None, folders, [1, 2], eval_default.SamplingConfig(), label="t",
+                                          multi_count=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " object " in line]
+    assert [line.split(",")[0] for line in lines] == [
+        "[t] 1 view(s): object 1/3 heldout_0000000", "[t] 1 view(s): object 2/3 heldout_0000001",
+        "[t] 1 view(s): object 3/3 heldout_0000002", "[t] 2 view(s): object 1/2 heldout_0000000",
+        "[t] 2 view(s): object 2/2 heldout_0000001"]
+    assert [line.split(", ")[1] for line in lines] == ["mask IoU 0.500", "mask IoU 0.250", "mask IoU 0.750",
+                                                       "mask IoU 0.125", "mask IoU 0.625"]
+    assert results["2"]["summary"]["mask_iou"]["mean"] == pytest.approx(0.375)
