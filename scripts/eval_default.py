@@ -72,7 +72,7 @@ from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volu
 from scripts.demo import average_seeds_error, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
-from train.diagnostics import hull_masks, per_view_iou, silhouette_consistency, single_view_hull  # noqa: E402
+from train.diagnostics import hull_masks, mask_iou, per_view_iou, silhouette_consistency, single_view_hull  # noqa: E402
 from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
@@ -122,13 +122,6 @@ def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELD
             write_object(root, split, index, size, save_mesh=True)
         folders.append(folder)
     return folders
-
-
-def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """IoU of masks (v, H, W) thresholded at 0.5, pooled over all views."""
-    p, t = pred > 0.5, truth > 0.5
-    union = (p | t).sum().item()
-    return float((p & t).sum().item() / union) if union else 1.0
 
 
 def by_view_grid(rows: list[ObjectMetrics]) -> dict[str, list]:

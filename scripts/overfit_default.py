@@ -40,7 +40,13 @@ from mvdpp_core.pipeline import generate  # noqa: E402
 from train.config import TrainConfig, load_config  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import object_folders, to_tensors  # noqa: E402
-from train.diagnostics import attention_flow, condition_share, object_latents, silhouette_consistency  # noqa: E402
+from train.diagnostics import (  # noqa: E402
+    attention_flow,
+    condition_share,
+    mask_iou,
+    object_latents,
+    silhouette_consistency,
+)
 from train.train_mvdiff import train  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "default_unet.yaml"
@@ -57,11 +63,6 @@ def subset_folder(source: Path, count: int, dest: Path) -> list[Path]:
         if not link.exists():
             link.symlink_to(folder.resolve())
     return [dest / f.name for f in folders]
-
-
-def mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    p, t = pred > 0.5, truth > 0.5
-    return float((p & t).sum() / (p | t).sum().clamp(min=1))
 
 
 def psnr_on_white(images: torch.Tensor, masks: torch.Tensor, truth: torch.Tensor) -> float:

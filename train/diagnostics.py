@@ -164,6 +164,14 @@ def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Ten
     return out[:-1].reshape(NUM_TARGET_VIEWS, size, size)
 
 
+def mask_iou(a: Tensor, b: Tensor) -> float:
+    """IoU of masks of any shape, thresholded at 0.5 and pooled over all pixels (views too);
+    1 where both are empty."""
+    a, b = a > 0.5, b > 0.5
+    union = (a | b).sum().item()
+    return float((a & b).sum().item() / union) if union else 1.0
+
+
 def per_view_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of each view's masks (v, H, W), thresholded at 0.5; 1 where both are empty."""
     a, b = a > 0.5, b > 0.5
