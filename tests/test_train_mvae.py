@@ -101,3 +101,43 @@ def test_a_model_bundle_serves_as_the_mvae_of_a_new_run(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "other"})
     with pytest.raises(ValueError, match="neither an MVAE file nor a model bundle .*format='other'"):
         load_mvae(tmp_path / "other.safetensors")
+
+
+def test_a_decoder_trained_with_the_encoder_fixed_replaces_the_bundles(tmp_path):
+    """init.train_encoder=false trains the decoder only: the export's encoder side is bit for bit
+    the bundle's, so every latent (and the UNet trained on them) stays valid, and
+    train.replace_decoder puts the new decoder into the bundle, refusing an MVAE whose encoder moved."""
+    from mvdpp_core.checkpoint import load_checkpoint, read_metadata, save_mvae
+    from train.replace_decoder import ENCODER_SIDE, main, replace_decoder
+
+    bundle = REPO / "models" / "mvdpp_default.safetensors"
+    data = tmp_path / "objects"
+    write_synthetic_dataset(data, num_objects=2, image_size=64, num_cond=1, seed=3)
+    out = tmp_path / "mvae"
+    overrides = [f"data.folders={data}", f"runtime.output_dir={out}", "optim.max_steps=3", "optim.batch_size=1",
+                 "logging.tensorboard=false", "checkpoint.every=3", "optim.lr=1e-3"]
+    train(load_config(MVAETrainConfig, REPO / "train" / "configs" / "default_mvae_3.yaml", overrides))
+    source, trained = load_checkpoint(bundle).vae.vae.state_dict(), load_mvae(out / "export" / "mvae.safetensors")
+    after = trained.vae.state_dict()
+    encoder = [k for k in source if k.startswith(ENCODER_SIDE)]
+    assert encoder and all(torch.equal(source[k], after[k]) for k in encoder)
+    assert any(not torch.equal(source[k], after[k]) for k in source if k.startswith("decoder."))
+
+    replaced = replace_decoder(bundle, out / "export" / "mvae.safetensors", tmp_path / "new.safetensors")
+    new, old = load_checkpoint(replaced), load_checkpoint(bundle)
+    assert all(torch.equal(v, after[k]) for k, v in new.vae.vae.state_dict().items())
+    assert all(torch.equal(v, old.unet.state_dict()[k]) for k, v in new.unet.state_dict().items())
+    assert read_metadata(replaced)["training_stage"] == read_metadata(bundle)["training_stage"]
+
+    trained.vae.encoder.conv_in.bias.data += 1e-3  # an encoder that moved: its latents are not the UNet's
+    save_mvae(trained, tmp_path / "moved.safetensors")
+    with pytest.raises(ValueError, match="encoder differs from the bundle's in 1 tensors .*train_encoder=false"):
+        replace_decoder(bundle, tmp_path / "moved.safetensors", tmp_path / "bad.safetensors")
+    assert main(["--bundle", str(bundle), "--mvae", str(tmp_path / "moved.safetensors"),
+                 "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_random_encoder_cannot_be_frozen():
+    with pytest.raises(ValueError, match="init.train_encoder=False with init.source=preset"):
+        load_config(MVAETrainConfig, CONFIG, ["init.train_encoder=false"])

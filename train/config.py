@@ -125,6 +125,9 @@ class MVAEInitConfig:
     path: str = ""
     image_size: int = 0  # 0 = the preset's image size (512 for an SD VAE)
     seed: int = 0
+    # false = only the decoder learns: the encoder (and its quant_conv) stay exactly as loaded, so
+    # the latent space a trained UNet was fitted to does not move and the UNet stays valid.
+    train_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,13 @@ def validate(config: Any) -> None:
         raise ValueError(
             f"optim.decay_steps={optim.decay_steps} exceeds optim.max_steps={optim.max_steps}; allowed: "
             "0 to optim.max_steps (the LR decays over the last decay_steps of the run)."
+        )
+    init = getattr(config, "init", None)
+    if isinstance(init, MVAEInitConfig) and not init.train_encoder and init.source is MVAEInitSource.PRESET:
+        raise ValueError(
+            "init.train_encoder=False with init.source=preset would freeze a randomly initialised encoder; "
+            "allowed: false only with init.source=mvae or sd_vae (a trained encoder to keep), else set "
+            "init.train_encoder=true."
         )
 
 

@@ -124,6 +124,20 @@ def validate(mvae: MaskAwareVAE, weights: dict[str, Tensor], cfg: MVAETrainConfi
     )
 
 
+def freeze_encoder(mvae: MaskAwareVAE) -> None:
+    """Fix the encoder side (``encoder``, ``quant_conv``): the latents of every image stay exactly
+    what they were, so a UNet trained on them stays valid while the decoder learns."""
+    mvae.vae.encoder.requires_grad_(False)
+    if mvae.vae.quant_conv is not None:
+        mvae.vae.quant_conv.requires_grad_(False)
+
+
+def fixed_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters the optimizer does not train, keyed like the trained weights (``mvae.*``):
+    the EMA and the saved weights hold only trained ones, the export needs all."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
 def export(mvae: MaskAwareVAE, weights: dict[str, Tensor], path: Path) -> Path:
     return save_mvae(mvae, path, {k.removeprefix("mvae."): v for k, v in weights.items()})
 
@@ -141,7 +155,10 @@ def train(cfg: MVAETrainConfig) -> TrainState:
     if cfg.runtime.gradient_checkpointing:
         mvae.vae.enable_gradient_checkpointing()
     model = MVAEAutoencoder(mvae).to(acc.device)
-    optimizer, scheduler = make_optimizer(list(model.parameters()), cfg.optim)
+    if not cfg.init.train_encoder:
+        freeze_encoder(mvae)
+    fixed = fixed_weights(model)
+    optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     down = mvae.config.downsample
     latent_shape = (mvae.config.latent_channels, image_size // down, image_size // down)
@@ -164,8 +181,8 @@ def train(cfg: MVAETrainConfig) -> TrainState:
     hooks = Hooks(
         loss_fn=lambda batch: mvae_loss(prepared, batch, cfg.loss, latent_shape, acc.device),
         batches=batches,
-        validate=lambda step, weights: validate(mvae, weights, cfg, image_size, step),
-        export=lambda weights: export(mvae, weights, out / "export" / "mvae.safetensors"),
+        validate=lambda step, weights: validate(mvae, {**fixed, **weights}, cfg, image_size, step),
+        export=lambda weights: export(mvae, {**fixed, **weights}, out / "export" / "mvae.safetensors"),
     )
     if cfg.logging.tensorboard:
         acc.init_trackers("mvae")
