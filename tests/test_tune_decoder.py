@@ -79,3 +79,19 @@ def test_bad_arguments_are_refused(objects, tmp_path, capsys):
         main(["--bundle", str(BUNDLE), "--data", str(objects), "--out", str(tmp_path / "x.safetensors"),
               "--fit-steps", "0"])
     assert "--fit-steps 0: give 1 or more" in capsys.readouterr().err
+
+
+def test_captured_pairs_are_reused_only_for_the_same_bundle_objects_and_settings(objects, tmp_path, monkeypatch):
+    import train.tune_decoder as tune
+
+    model, folders, pairs = load_checkpoint(BUNDLE), sorted(objects.iterdir())[:1], tmp_path / "pairs.safetensors"
+    calls = []
+    real = tune.capture
+    monkeypatch.setattr(tune, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    quiet = {"log": lambda _: None}
+    first = tune.captured_pairs(model, folders, TuneConfig(), pairs, bundle_digest="a", **quiet)
+    again = tune.captured_pairs(model, folders, TuneConfig(), pairs, bundle_digest="a", **quiet)
+    assert len(calls) == 1 and all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    tune.captured_pairs(model, folders, TuneConfig(seed=1), pairs, bundle_digest="a", **quiet)
+    tune.captured_pairs(model, folders, TuneConfig(seed=1), pairs, bundle_digest="b", **quiet)
+    assert len(calls) == 3

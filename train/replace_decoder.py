@@ -49,11 +49,16 @@ def with_decoder(model: MVDPPModel, mvae: MaskAwareVAE) -> MVDPPModel:
     return model
 
 
+def carried_metadata(bundle: Path) -> dict[str, str]:
+    """The bundle's metadata that a rewrite of it keeps (``save_checkpoint`` writes the rest)."""
+    return {k: v for k, v in read_metadata(bundle).items() if k not in _OWN_METADATA}
+
+
 def replace_decoder(bundle: Path, mvae_path: Path, out: Path) -> Path:
     """Write ``out``: the bundle with the MVAE's decoder; returns ``out``."""
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end in .safetensors (a model bundle).")
-    metadata = {k: v for k, v in read_metadata(bundle).items() if k not in _OWN_METADATA}
+    metadata = carried_metadata(bundle)
     model = with_decoder(load_checkpoint(bundle), load_mvae(mvae_path))
     return save_checkpoint(model, out, metadata=metadata)
 

@@ -31,6 +31,7 @@ at 64 px): made for the CPU-sized embedded default.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -47,18 +48,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mvdpp_core.cameras import NUM_TARGET_VIEWS
-from mvdpp_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from mvdpp_core.checkpoint import load_checkpoint, save_checkpoint
 from mvdpp_core.condition import ConditionViews
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
 from train.data import format as fmt
 from train.data.dataset import to_tensors
 from train.data.shards import object_folders
+from train.replace_decoder import carried_metadata
 
 _EPS = 1e-4
 MAX_PAIR_BYTES = 8 << 30
-# Written by save_checkpoint itself; every other metadata key of the bundle is carried over.
-_OWN_METADATA = ("format", "format_version", "config", "rig")
 
 
 @dataclass(frozen=True)
@@ -154,22 +154,31 @@ def fit(model: MVDPPModel, latents: Tensor, rgba: Tensor, cfg: TuneConfig, log=p
     return losses
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def captured_pairs(model: MVDPPModel, folders: list[Path], cfg: TuneConfig, pairs: Path | None,
-                   log=print) -> tuple[Tensor, Tensor]:
-    """``capture``'s pairs, read from ``pairs`` when it holds those of the same objects and sampler
-    settings (a re-fit skips the capture), else captured and written there."""
-    key = json.dumps({"objects": [f.name for f in folders], "sampler": cfg.sampler, "steps": cfg.steps,
-                      "guidance": cfg.guidance, "seed": cfg.seed})
+                   log=print, bundle_digest: str = "") -> tuple[Tensor, Tensor]:
+    """``capture``'s pairs, read from ``pairs`` when it holds those of the same bundle (its
+    ``bundle_digest``), objects and sampler settings (a re-fit skips the capture), else captured
+    and written there."""
+    key = json.dumps({"bundle": bundle_digest, "objects": [f.name for f in folders], "sampler": cfg.sampler,
+                      "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed})
     if pairs is not None and pairs.is_file():
         with safe_open(str(pairs), framework="pt") as f:
             if (f.metadata() or {}).get("capture") == key:
                 log(f"[capture] pairs read from {pairs}")
                 return f.get_tensor("latents"), f.get_tensor("rgba")
-        log(f"[capture] {pairs} holds other objects or settings: capturing again")
+        log(f"[capture] {pairs} holds another bundle's, objects or settings: capturing again")
     latents, rgba = capture(model, folders, cfg, log)
     if pairs is not None:
         pairs.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents, "rgba": rgba}, str(pairs), metadata={"capture": key})
+        save_file({"latents": latents.contiguous(), "rgba": rgba.contiguous()}, str(pairs), metadata={"capture": key})
     return latents, rgba
 
 
@@ -178,7 +187,7 @@ def tune_decoder(bundle: Path, data: Path, out: Path, cfg: TuneConfig, device: s
     """Capture (or read ``pairs``), fit, and write ``out``: the bundle with the fitted decoder."""
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end in .safetensors (a model bundle).")
-    metadata = {k: v for k, v in read_metadata(bundle).items() if k not in _OWN_METADATA}
+    metadata = carried_metadata(bundle)
     model = load_checkpoint(bundle, device=device, dtype="fp32")
     folders = object_folders(data)[: cfg.objects]
     if not folders:
@@ -190,7 +199,7 @@ def tune_decoder(bundle: Path, data: Path, out: Path, cfg: TuneConfig, device: s
             f"--objects {len(folders)} at {size} px needs {need / 2**30:.1f} GiB of pairs in memory; allowed: up to "
             f"{MAX_PAIR_BYTES / 2**30:.0f} GiB: give fewer --objects."
         )
-    latents, rgba = captured_pairs(model, folders, cfg, pairs, log)
+    latents, rgba = captured_pairs(model, folders, cfg, pairs, log, file_digest(bundle) if pairs else "")
     fit(model, latents, rgba, cfg, log)
     metadata["decoder_tuned"] = json.dumps({**asdict(cfg), "objects": len(folders)})
     return save_checkpoint(model.to("cpu"), out, metadata=metadata)
