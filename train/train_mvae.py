@@ -96,16 +96,22 @@ def mvae_loss(
     x = x.to(device)
     noise = posterior_noise(batch["sample_seed"].tolist(), per_object, latent_shape).to(device)
     recon, posterior = model(x, noise)
-    recon = recon.float()
+    loss, parts = reconstruction_loss(recon.float(), x, cfg)
+    kl = posterior.kl().mean()
+    return loss + cfg.kl_weight * kl, {**parts, "kl": kl.item()}
+
+
+def reconstruction_loss(recon: Tensor, x: Tensor, cfg: MVAELossConfig) -> tuple[Tensor, dict[str, float]]:
+    """The decoding terms of the MVAE's loss (L1 + L2 on RGBA, mask BCE) of raw decoded RGBA
+    ``recon`` against ``x``, both (n, 4, H, W) in [-1, 1]."""
     l1 = (recon - x).abs().mean()
     l2 = (recon - x).pow(2).mean()
     # The mask decodes as (x + 1) / 2 clamped; BCE on the clamped value, while the L1/L2 terms
     # keep a gradient where the clamp is flat.
     p_mask = ((recon[:, 3:] + 1) / 2).clamp(_EPS, 1 - _EPS)
     bce = F.binary_cross_entropy(p_mask, (x[:, 3:] + 1) / 2)
-    kl = posterior.kl().mean()
-    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.mask_bce_weight * bce + cfg.kl_weight * kl
-    return loss, {"l1": l1.item(), "bce": bce.item(), "kl": kl.item()}
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.mask_bce_weight * bce
+    return loss, {"l1": l1.item(), "bce": bce.item()}
 
 
 @torch.no_grad()

@@ -42,7 +42,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -52,12 +51,14 @@ from mvdpp_core.checkpoint import load_checkpoint, save_checkpoint
 from mvdpp_core.condition import ConditionViews
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
+from train.config import EMAConfig, MVAELossConfig, OptimConfig
 from train.data import format as fmt
 from train.data.dataset import to_tensors
 from train.data.shards import object_folders
+from train.loop import EMA, make_optimizer
 from train.replace_decoder import carried_metadata
+from train.train_mvae import reconstruction_loss
 
-_EPS = 1e-4
 MAX_PAIR_BYTES = 8 << 30
 
 
@@ -107,22 +108,23 @@ def capture(model: MVDPPModel, folders: list[Path], cfg: TuneConfig, log=print) 
 
 
 def decoder_loss(model: MVDPPModel, latents: Tensor, rgba: Tensor) -> Tensor:
-    """The MVAE's loss of decoding scaled ``latents`` against ``rgba`` in [-1, 1]."""
+    """The MVAE's decoding loss (``train_mvae.reconstruction_loss``, unit weights) of scaled
+    ``latents`` against ``rgba`` in [-1, 1]."""
     vae = model.vae
     recon = vae.vae.decode(latents / vae.scaling_factor).sample.float()
-    p_mask = ((recon[:, 3:] + 1) / 2).clamp(_EPS, 1 - _EPS)
-    l1, l2 = (recon - rgba).abs().mean(), (recon - rgba).pow(2).mean()
-    return l1 + l2 + F.binary_cross_entropy(p_mask, (rgba[:, 3:] + 1) / 2)
+    return reconstruction_loss(recon, rgba, MVAELossConfig())[0]
 
 
 def fit(model: MVDPPModel, latents: Tensor, rgba: Tensor, cfg: TuneConfig, log=print) -> list[float]:
     """Fit the decoder side in place (it ends holding the EMA weights); returns the losses."""
-    model.vae.vae.requires_grad_(False)
+    vae = model.vae.vae
+    vae.requires_grad_(False)
     params = decoder_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA(vae, EMAConfig(decay=cfg.ema_decay, warmup=True))  # tracks the trainable: the decoder side
+    optimizer, scheduler = make_optimizer(params, OptimConfig(lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                                              warmup_steps=50, max_steps=cfg.fit_steps))
     z = latents.flatten(0, 1)
     x = rgba.flatten(0, 1)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -130,8 +132,6 @@ def fit(model: MVDPPModel, latents: Tensor, rgba: Tensor, cfg: TuneConfig, log=p
     t0 = time.perf_counter()
     model.vae.train()
     for step in range(1, cfg.fit_steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / 50)  # warm-up
         idx = torch.randint(len(z), (cfg.batch_views,), generator=generator)
         batch = x[idx].to(model.device).float() / 255 * 2 - 1
         loss = decoder_loss(model, z[idx].to(model.device).float(), batch)
@@ -139,17 +139,13 @@ def fit(model: MVDPPModel, latents: Tensor, rgba: Tensor, cfg: TuneConfig, log=p
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema, params, strict=True):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        scheduler.step()
+        ema.update(step)
         losses.append(loss.item())
         if step % 100 == 0 or step == cfg.fit_steps:
             log(f"[fit] step {step}/{cfg.fit_steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}, "
                 f"{time.perf_counter() - t0:.0f} s")
-    with torch.no_grad():
-        for e, p in zip(ema, params, strict=True):
-            p.copy_(e)
+    vae.load_state_dict(ema.full_state_dict(), strict=False)  # the decoder side; the rest is unchanged
     model.vae.requires_grad_(False).eval()
     return losses
 
