@@ -1,0 +1,107 @@
+"""train.regression_bar: the direct regressor learns the views its input determines, its
+mirrored objects are the true views of the mirror image, and it is scored as eval_default scores
+a checkpoint (the truth scores mask IoU 1; another object's views score lower)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mvdpp_core.pipeline import MultiViewResult
+from train.data.synthetic import write_synthetic_dataset
+from train.regression_bar import (
+    ObjectArrays,
+    ViewRegressor,
+    batch_tensors,
+    load_objects,
+    main,
+    object_folders,
+    predict,
+    score,
+    train_regressor,
+)
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regression") / "train"
+    write_synthetic_dataset(root, num_objects=3, image_size=32, num_cond=1, seed=3)
+    return root
+
+
+def test_mirrored_objects_are_the_mirror_images_views(objects):
+    data = load_objects(object_folders(objects, 3), 32)
+    index = torch.arange(3)
+    inputs, views = batch_tensors(data, index)
+    m_inputs, m_views = batch_tensors(data, index, torch.tensor([True, False, True]))
+    assert torch.equal(m_inputs[0], inputs[0].flip(-1)) and torch.equal(m_inputs[1], inputs[1])
+    for i in (0, 2):  # the same as the pipeline's mirrored result (tests/test_pipeline.py)
+        mirrored = MultiViewResult(views[i, :, :3], views[i, :, 3:]).mirrored()
+        assert torch.equal(m_views[i, :, :3], mirrored.images) and torch.equal(m_views[i, :, 3:], mirrored.masks)
+    assert torch.equal(m_views[1], views[1])
+    twice = ObjectArrays((m_inputs * 255).round().to(torch.uint8), (m_views * 255).round().to(torch.uint8))
+    back = batch_tensors(twice, index, torch.tensor([True, False, True]))
+    assert torch.equal(back[0], inputs) and torch.equal(back[1], views)  # an involution
+
+
+def test_the_truth_scores_one_and_another_objects_views_less(objects):
+    data = load_objects(object_folders(objects, 3), 32)
+    _, views = batch_tensors(data, torch.arange(3))
+    figures = score(views[:, :, :3], views[:, :, 3:], data)
+    assert figures["mask_iou"] == 1.0 and figures["psnr"] == pytest.approx(100.0)  # psnr's floor on the error
+    assert figures["mask_iou_other"] < 0.95 and figures["psnr_other"] < 30
+    assert figures["silhouette"] > 0.9  # true views carve one object
+
+
+def test_the_regressor_learns_its_training_objects_from_their_input(objects):
+    data = load_objects(object_folders(objects, 3), 32)
+    torch.manual_seed(0)
+    model = ViewRegressor(width=16, size=32, bottleneck=128)
+    before = score(*predict(model, data.inputs.float() / 255), data, silhouette=False)
+    losses = train_regressor(model, data, steps=400, batch_size=6, lr=3e-3, mirror=False)
+    after = score(*predict(model, data.inputs.float() / 255), data, silhouette=False)
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    assert before["mask_iou"] < 0.5 < 0.9 < after["mask_iou"]
+    assert after["mask_iou"] - after["mask_iou_other"] > 0.1  # each object from its own input
+
+
+def test_the_cache_is_reused_only_for_the_same_objects(objects, tmp_path):
+    folders = object_folders(objects, 3)
+    cache = tmp_path / "c.npz"
+    first = load_objects(folders, 32, cache)
+    assert cache.is_file()
+    again = load_objects(folders, 32, cache)
+    assert torch.equal(first.views, again.views)
+    fewer = load_objects(folders[:2], 32, cache)  # another key: read again, not the cached 3
+    assert len(fewer) == 2 and torch.equal(fewer.views, first.views[:2])
+    with pytest.raises(ValueError, match="fewer than the 5 asked for"):
+        object_folders(objects, 5)
+
+
+def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["--train", str(objects), "--heldout", str(objects), "--objects", "2", "--widths", "16",
+                 "--heldout-count", "3", "--fit-count", "2", "--steps", "3", "--batch-size", "2", "--size", "32",
+                 "--out", str(out), "--save", str(tmp_path / "w")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["objects"] == 2 and run["width"] == 16 and run["object_passes_each"] == 3.0
+    assert set(run["heldout"]) == {"psnr", "mask_iou", "psnr_other", "mask_iou_other", "silhouette",
+                                   "mask_iou_by_azimuth"}
+    assert len(run["heldout"]["mask_iou_by_azimuth"]) == 8 and "silhouette" not in run["training_objects"]
+    assert 0.9 < report["resolution_ceiling"]["mask_iou"] < 1.0  # half-size views upsampled: close, not exact
+    weights = load_file(tmp_path / "w" / "regressor_w16_n2.safetensors")
+    model = ViewRegressor(width=16, size=32)
+    model.load_state_dict(weights)  # the saved run loads into a regressor of its width
+    assert main(["--train", str(tmp_path / "missing"), "--heldout", str(objects), "--size", "32",
+                 "--out", str(out)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--train", str(objects), "--heldout", str(objects), "--objects", "0", "--out", str(out)])
+    assert refused.value.code == 2
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ViewRegressor(size=40)

@@ -1,0 +1,319 @@
+"""What one view determines: a direct regressor from the input view to the 32 rig views.
+
+The embedded default, sampled with 2 ddim steps and its views averaged over seeds and the
+mirrored input, returns close to the *mean* of the views that agree with its input. This
+trains a network for nothing but that mean: from the first input view (RGB on white and mask)
+straight to the 32 rig views' masks (binary cross-entropy) and views on white (squared error),
+with no noise levels and no latents, and every object pass teaching all 32 views. Scored as
+``scripts/eval_default.py`` scores a checkpoint (mask IoU pooled over the 32 views at 0.5, view
+PSNR on white, both also against the next held-out object's views, silhouette consistency, mask
+IoU by azimuth), its figures, as the training set, the steps and the network grow, estimate what
+a deterministic predictor reaches from one view of this object distribution: the bar against
+which the model and the issue's targets can be read (README, "Finding why the model ignored
+its input").
+
+  python -m train.regression_bar --train D/train --heldout D/heldout --objects 8000 791 \
+      --steps 4000 --cache C.npz --out R.json [--widths 32 48] [--save DIR]
+
+Prints one JSON line per run and writes them all to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mvdpp_core.cameras import AZIMUTHS_DEG, ELEVATIONS_DEG, NUM_TARGET_VIEWS, mirrored_view_order
+from mvdpp_core.reconstruction.metrics import psnr
+
+from .data import format as fmt
+from .data.dataset import to_tensors
+from .diagnostics import mask_iou, per_view_iou, silhouette_consistency
+
+
+@dataclass(frozen=True)
+class ObjectArrays:
+    """Objects as uint8 arrays: ``inputs`` (n, 4, S, S) the first input view (RGB on white and
+    mask), ``views`` (n, 32, 4, S, S) the 32 rig views (RGB on white and mask)."""
+
+    inputs: Tensor
+    views: Tensor
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def first(self, n: int) -> ObjectArrays:
+        return ObjectArrays(self.inputs[:n], self.views[:n])
+
+    def half_size_views(self, chunk: int = 256) -> ObjectArrays:
+        """The same objects with their views at half size (``half_size``, rounded to uint8): the
+        regressor's training targets, computed once rather than at every step."""
+        views = torch.cat([(half_size(self.views[i : i + chunk].float())).round().to(torch.uint8)
+                           for i in range(0, len(self), chunk)])
+        return ObjectArrays(self.inputs, views)
+
+
+def _as_uint8(rgb: Tensor, mask: Tensor) -> Tensor:
+    return (torch.cat([rgb, mask], dim=1) * 255).round().to(torch.uint8)
+
+
+def object_folders(root: Path, count: int) -> list[Path]:
+    """The first ``count`` complete object folders under ``root``, in name order."""
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; give a folder of rendered objects "
+                         "(python -m train.procedural.generate --out FOLDER ...).")
+    folders = [f for f in sorted(root.iterdir()) if fmt.is_complete(f)][:count]
+    if len(folders) < count:
+        raise ValueError(f"{root} holds {len(folders)} complete object folders, fewer than the {count} asked for; "
+                         "render more (train.procedural.generate --count N) or ask for fewer.")
+    return folders
+
+
+def load_objects(folders: list[Path], size: int, cache: Path | None = None) -> ObjectArrays:
+    """Read the folders' first input view and 32 rig views at ``size`` px; with ``cache``, keep
+    them in that .npz (keyed by the folder paths and the size) and reuse it."""
+    key = hashlib.sha256(json.dumps([size, [str(f.resolve()) for f in folders]]).encode()).hexdigest()[:16]
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            if str(stored["key"]) == key:
+                return ObjectArrays(torch.from_numpy(stored["inputs"]), torch.from_numpy(stored["views"]))
+    inputs = torch.empty(len(folders), 4, size, size, dtype=torch.uint8)
+    views = torch.empty(len(folders), NUM_TARGET_VIEWS, 4, size, size, dtype=torch.uint8)
+    for i, folder in enumerate(folders):
+        obj = fmt.read_object_folder(folder, cond_ids=[0])
+        inputs[i] = _as_uint8(*to_tensors(obj.cond_rgba, size))[0]
+        views[i] = _as_uint8(*to_tensors(obj.target_rgba, size))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, key=np.array(key), inputs=inputs.numpy(), views=views.numpy())
+    return ObjectArrays(inputs, views)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU(),
+                         nn.Conv2d(cout, cout, 3, 1, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class ViewRegressor(nn.Module):
+    """Input view (b, 4, S, S) -> logits of the 32 rig views (b, 32, 4, S/2, S/2): RGB on white
+    and mask, at half the input's size (the full size costs 4x the output layers on a CPU;
+    ``resolution_ceiling`` measures what it gives up). A convolutional encoder down to S/16, a
+    fully connected bottleneck (every output pixel sees the whole input), a decoder back to S/4
+    with the encoder's features there concatenated (the views next to the input keep its
+    detail), and a pixel shuffle to S/2."""
+
+    def __init__(self, width: int = 32, size: int = 64, bottleneck: int = 1024):
+        super().__init__()
+        if size % 16:
+            raise ValueError(f"size={size} must be a multiple of 16 (the encoder halves it 4 times).")
+        w = width
+        self.enc = nn.ModuleList([_block(4, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
+                                  _block(4 * w, 4 * w, 2)])
+        self.low = (4 * w, size // 16)
+        flat = 4 * w * (size // 16) ** 2
+        self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(flat, bottleneck), nn.SiLU(),
+                                        nn.Linear(bottleneck, flat), nn.SiLU())
+        self.dec = nn.ModuleList([_block(8 * w, 4 * w), _block(8 * w, 4 * w), _block(6 * w, 4 * w)])
+        self.head = nn.Conv2d(4 * w, NUM_TARGET_VIEWS * 4 * 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        h = x * 2 - 1
+        for block in self.enc:
+            h = block(h)
+            skips.append(h)  # S/2, S/4, S/8, S/16
+        h = self.bottleneck(h).view(-1, self.low[0], self.low[1], self.low[1])
+        for block, skip in zip(self.dec, reversed(skips[1:]), strict=True):  # at S/16, S/8, S/4
+            h = block(torch.cat([h, skip], dim=1))
+            if h.shape[-1] < x.shape[-1] // 4:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        out = F.pixel_shuffle(self.head(h), 2)  # b 128 S/2 S/2
+        return out.view(x.shape[0], NUM_TARGET_VIEWS, 4, *out.shape[-2:])
+
+
+def half_size(views: Tensor) -> Tensor:
+    """Views (b, v, c, S, S) averaged over 2 x 2 pixels: what the regressor is trained to output."""
+    b, v = views.shape[:2]
+    return F.avg_pool2d(views.flatten(0, 1), 2).view(b, v, *views.shape[2:3], *(s // 2 for s in views.shape[-2:]))
+
+
+def full_size(views: Tensor) -> Tensor:
+    """Views (b, v, c, S/2, S/2) upsampled (bilinear) to S px: how the regressor's output is scored."""
+    b, v = views.shape[:2]
+    up = F.interpolate(views.flatten(0, 1), scale_factor=2.0, mode="bilinear", align_corners=False)
+    return up.view(b, v, *up.shape[1:]).clamp(0, 1)
+
+
+def batch_tensors(data: ObjectArrays, index: Tensor, mirror: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Float inputs (b, 4, S, S) and views (b, 32, 4, S, S) in [0, 1] of objects ``index``;
+    where ``mirror`` is set, the mirrored object's (input flipped, views in their mirrored
+    slots, flipped: ``mirrored_view_order``)."""
+    inputs, views = data.inputs[index].float() / 255, data.views[index].float() / 255
+    if mirror is not None and bool(mirror.any()):
+        order = torch.tensor(mirrored_view_order())
+        inputs[mirror] = inputs[mirror].flip(-1)
+        views[mirror] = views[mirror][:, order].flip(-1)
+    return inputs, views
+
+
+def regression_loss(logits: Tensor, views: Tensor, rgb_weight: float = 5.0) -> Tensor:
+    """Binary cross-entropy of the masks plus ``rgb_weight`` x squared error of the views on white,
+    against the true views at the output's (half) size."""
+    if logits.shape != views.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and views {tuple(views.shape)} differ; give the views at the "
+                         "regressor's output size (ObjectArrays.half_size_views).")
+    mask_loss = F.binary_cross_entropy_with_logits(logits[:, :, 3], views[:, :, 3])
+    return mask_loss + rgb_weight * (torch.sigmoid(logits[:, :, :3]) - views[:, :, :3]).pow(2).mean()
+
+
+def train_regressor(model: ViewRegressor, data: ObjectArrays, steps: int, batch_size: int = 32, lr: float = 1e-3,
+                    seed: int = 0, mirror: bool = True, log_every: int = 0) -> list[float]:
+    """AdamW with the LR along a cosine to 0; batches of objects drawn at random (half of them
+    mirrored with ``mirror``). Returns the loss of every step."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1.")
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    targets, losses, start = data.half_size_views(), [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        index = torch.randint(len(data), (batch_size,), generator=g)
+        flips = torch.rand(batch_size, generator=g) < 0.5 if mirror else None
+        inputs, views = batch_tensors(targets, index, flips)
+        loss = regression_loss(model(inputs), views)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(model: ViewRegressor, inputs: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Views on white (n, 32, 3, S, S) and mask probabilities (n, 32, 1, S, S) for float inputs."""
+    outs = [full_size(torch.sigmoid(model(inputs[i : i + batch_size]))) for i in range(0, len(inputs), batch_size)]
+    out = torch.cat(outs)
+    return out[:, :, :3], out[:, :, 3:]
+
+
+def score(rgb: Tensor, masks: Tensor, data: ObjectArrays, silhouette: bool = True) -> dict[str, float]:
+    """Mean over objects of eval_default's figures: view PSNR on white and mask IoU (pooled over the
+    32 views, at 0.5) against the object's own true views and against the next object's
+    (``*_other``), silhouette consistency of the predicted masks, and the mask IoU of each rig
+    view averaged over the objects and then over each azimuth (``mask_iou_by_azimuth``, azimuth 0
+    the input's, as eval_default's ``mask_iou_by_view``)."""
+    _, truth = batch_tensors(data, torch.arange(len(data)))
+    rows, by_view = [], []
+    for i in range(len(data)):
+        j = (i + 1) % len(data)
+        hwc = rgb[i].permute(0, 2, 3, 1)
+        row = [psnr(hwc, truth[i, :, :3].permute(0, 2, 3, 1)), mask_iou(masks[i, :, 0], truth[i, :, 3]),
+               psnr(hwc, truth[j, :, :3].permute(0, 2, 3, 1)), mask_iou(masks[i, :, 0], truth[j, :, 3])]
+        if silhouette:
+            row.append(silhouette_consistency(masks[i, :, 0]))
+        rows.append(row)
+        by_view.append(per_view_iou(masks[i, :, 0], truth[i, :, 3]))
+    names = ("psnr", "mask_iou", "psnr_other", "mask_iou_other", "silhouette")[: len(rows[0])]
+    means = np.mean(np.array(rows, dtype=np.float64), axis=0)
+    out = {name: round(float(v), 4) for name, v in zip(names, means, strict=True)}
+    grid = torch.stack(by_view).double().mean(0).view(len(ELEVATIONS_DEG), len(AZIMUTHS_DEG))
+    return out | {"mask_iou_by_azimuth": [round(float(v), 4) for v in grid.mean(0)]}
+
+
+def resolution_ceiling(data: ObjectArrays) -> dict[str, float]:
+    """The true views at half size, upsampled as the regressor's are, scored against themselves:
+    what predicting at S/2 px gives up."""
+    _, truth = batch_tensors(data, torch.arange(len(data)))
+    coarse = full_size(half_size(truth))
+    return score(coarse[:, :, :3], coarse[:, :, 3:], data, silhouette=False)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train direct regressors from the input view to the 32 rig views and "
+                                            "score them on held-out objects.")
+    p.add_argument("--train", type=Path, required=True, help="folder of rendered training objects")
+    p.add_argument("--heldout", type=Path, required=True, help="folder of rendered held-out objects")
+    p.add_argument("--objects", type=int, nargs="+", default=[791], help="training-set sizes (the first N objects)")
+    p.add_argument("--widths", type=int, nargs="+", default=[32], help="network widths (channels of the first level)")
+    p.add_argument("--heldout-count", type=int, default=50)
+    p.add_argument("--fit-count", type=int, default=50, help="training objects scored for the fit")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--no-mirror", dest="mirror", action="store_false", help="no mirrored objects in training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cache", type=Path, default=None, help=".npz keeping the decoded training objects")
+    p.add_argument("--out", type=Path, required=True, help="JSON file receiving every run's figures")
+    p.add_argument("--save", type=Path, default=None,
+                   help="folder receiving each run's weights (regressor_w{width}_n{objects}.safetensors)")
+    args = p.parse_args(argv)
+    for name in ("objects", "widths"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            p.error(f"--{name} {bad[0]}: must be >= 1")
+    for name in ("heldout_count", "steps", "batch_size", "size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        train = load_objects(object_folders(args.train, max(args.objects)), args.size, args.cache)
+        heldout = load_objects(object_folders(args.heldout, args.heldout_count), args.size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    held_inputs = heldout.inputs.float() / 255
+    ceiling, runs = resolution_ceiling(heldout), []
+    for width in args.widths:
+        for n in args.objects:
+            torch.manual_seed(args.seed)
+            model = ViewRegressor(width, args.size)
+            start = time.perf_counter()
+            losses = train_regressor(model, train.first(n), args.steps, args.batch_size, args.lr, args.seed,
+                                     args.mirror, log_every=max(args.steps // 10, 1))
+            train_s = time.perf_counter() - start
+            fit = train.first(min(args.fit_count, n))
+            run = {"objects": n, "width": width, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                   "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
+                   round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
+                   "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
+                   "heldout": score(*predict(model, held_inputs), heldout),
+                   "training_objects": score(*predict(model, fit.inputs.float() / 255), fit, silhouette=False)}
+            if args.save is not None:
+                args.save.mkdir(parents=True, exist_ok=True)
+                save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}.safetensors")
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"command": " ".join(sys.argv), "heldout_objects": len(heldout),
+                                            "resolution_ceiling": ceiling, "runs": runs}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
