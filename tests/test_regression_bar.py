@@ -16,9 +16,9 @@ from train.regression_bar import (
     ObjectArrays,
     ViewRegressor,
     batch_tensors,
+    first_folders,
     load_objects,
     main,
-    object_folders,
     predict,
     score,
     train_regressor,
@@ -33,7 +33,7 @@ def objects(tmp_path_factory):
 
 
 def test_mirrored_objects_are_the_mirror_images_views(objects):
-    data = load_objects(object_folders(objects, 3), 32)
+    data = load_objects(first_folders(objects, 3), 32)
     index = torch.arange(3)
     inputs, views = batch_tensors(data, index)
     m_inputs, m_views = batch_tensors(data, index, torch.tensor([True, False, True]))
@@ -48,7 +48,7 @@ def test_mirrored_objects_are_the_mirror_images_views(objects):
 
 
 def test_the_truth_scores_one_and_another_objects_views_less(objects):
-    data = load_objects(object_folders(objects, 3), 32)
+    data = load_objects(first_folders(objects, 3), 32)
     _, views = batch_tensors(data, torch.arange(3))
     figures = score(views[:, :, :3], views[:, :, 3:], data)
     assert figures["mask_iou"] == 1.0 and figures["psnr"] == pytest.approx(100.0)  # psnr's floor on the error
@@ -57,7 +57,7 @@ def test_the_truth_scores_one_and_another_objects_views_less(objects):
 
 
 def test_the_regressor_learns_its_training_objects_from_their_input(objects):
-    data = load_objects(object_folders(objects, 3), 32)
+    data = load_objects(first_folders(objects, 3), 32)
     torch.manual_seed(0)
     model = ViewRegressor(width=16, size=32, bottleneck=128)
     before = score(*predict(model, data.inputs.float() / 255), data, silhouette=False)
@@ -69,7 +69,7 @@ def test_the_regressor_learns_its_training_objects_from_their_input(objects):
 
 
 def test_the_cache_is_reused_only_for_the_same_objects(objects, tmp_path):
-    folders = object_folders(objects, 3)
+    folders = first_folders(objects, 3)
     cache = tmp_path / "c.npz"
     first = load_objects(folders, 32, cache)
     assert cache.is_file()
@@ -78,7 +78,7 @@ def test_the_cache_is_reused_only_for_the_same_objects(objects, tmp_path):
     fewer = load_objects(folders[:2], 32, cache)  # another key: read again, not the cached 3
     assert len(fewer) == 2 and torch.equal(fewer.views, first.views[:2])
     with pytest.raises(ValueError, match="fewer than the 5 asked for"):
-        object_folders(objects, 5)
+        first_folders(objects, 5)
 
 
 def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_p
     model.load_state_dict(weights)  # the saved run loads into a regressor of its width
     assert main(["--train", str(tmp_path / "missing"), "--heldout", str(objects), "--size", "32",
                  "--out", str(out)]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert f"data folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         main(["--train", str(objects), "--heldout", str(objects), "--objects", "0", "--out", str(out)])
     assert refused.value.code == 2

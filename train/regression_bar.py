@@ -40,6 +40,7 @@ from mvdpp_core.reconstruction.metrics import psnr
 
 from .data import format as fmt
 from .data.dataset import to_tensors
+from .data.shards import object_folders
 from .diagnostics import mask_iou, per_view_iou, silhouette_consistency
 
 
@@ -69,12 +70,10 @@ def _as_uint8(rgb: Tensor, mask: Tensor) -> Tensor:
     return (torch.cat([rgb, mask], dim=1) * 255).round().to(torch.uint8)
 
 
-def object_folders(root: Path, count: int) -> list[Path]:
-    """The first ``count`` complete object folders under ``root``, in name order."""
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a folder; give a folder of rendered objects "
-                         "(python -m train.procedural.generate --out FOLDER ...).")
-    folders = [f for f in sorted(root.iterdir()) if fmt.is_complete(f)][:count]
+def first_folders(root: Path, count: int) -> list[Path]:
+    """The first ``count`` complete object folders under ``root`` (``shards.object_folders``'
+    order)."""
+    folders = [f for f in object_folders(root) if fmt.is_complete(f)][:count]
     if len(folders) < count:
         raise ValueError(f"{root} holds {len(folders)} complete object folders, fewer than the {count} asked for; "
                          "render more (train.procedural.generate --count N) or ask for fewer.")
@@ -282,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        train = load_objects(object_folders(args.train, max(args.objects)), args.size, args.cache)
-        heldout = load_objects(object_folders(args.heldout, args.heldout_count), args.size)
+        train = load_objects(first_folders(args.train, max(args.objects)), args.size, args.cache)
+        heldout = load_objects(first_folders(args.heldout, args.heldout_count), args.size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
