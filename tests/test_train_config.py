@@ -70,6 +70,20 @@ def test_every_shipped_config_loads(path):
         assert cfg.stage.max_cond_views == (10 if stage == 3 else 1)
 
 
+def test_default_continuation_trains_the_same_model_with_the_same_loss():
+    """default_unet_3.yaml continues default_unet.yaml's export on more objects: only the data,
+    the schedule and the starting point may differ, so the shipped default is one recipe."""
+    first = load_config(TrainConfig, CONFIGS / "default_unet.yaml")
+    cont = load_config(TrainConfig, CONFIGS / "default_unet_3.yaml")
+    assert cont.stage == first.stage and cont.ema == first.ema and cont.runtime.precision is first.runtime.precision
+    same = ("lr", "betas", "weight_decay", "max_grad_norm", "batch_size", "grad_accum_steps")
+    assert [getattr(cont.optim, k) for k in same] == [getattr(first.optim, k) for k in same]
+    assert cont.data.num_target_views == first.data.num_target_views and cont.data.seed != first.data.seed
+    assert cont.optim.decay_steps == cont.optim.max_steps  # the learning rate ends at 0
+    assert cont.init.source is InitSource.BUNDLE and cont.init.path.startswith(first.runtime.output_dir)
+    assert cont.runtime.output_dir != first.runtime.output_dir and cont.data.folders != first.data.folders
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""
