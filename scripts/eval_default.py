@@ -69,7 +69,7 @@ from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction import reconstruct  # noqa: E402
 from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
-from scripts.demo import average_seeds_error, default_sampling  # noqa: E402
+from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import hull_masks, mask_iou, per_view_iou, silhouette_consistency, single_view_hull  # noqa: E402
@@ -344,6 +344,27 @@ def with_ema_weights(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
     return model_with_trained_weights(model, load_file(str(checkpoint_dir / "ema.safetensors"))).eval()
 
 
+def sampling_line(sampling: tuple) -> str:
+    """The sampling a run uses, said before it starts: a checkpoint given by path gets the general
+    defaults (20 dpmpp_2m steps), which a model of the embedded default's recipe samples badly."""
+    sampler, steps, guidance, mirror, seeds, inputs = sampling
+    line = (f"[sampling] {sampler}, {steps} steps, cfg {guidance:g}, mirror {'on' if mirror else 'off'}, "
+            f"{seeds} seed(s), input averaging {'on' if inputs else 'off'}")
+    if tuple(sampling) != EMBEDDED_SAMPLING:
+        line += (" (not the embedded default's; for a model of its recipe, e.g. a copy or a train_default.py "
+                 f"export, give {EMBEDDED_FLAGS})")
+    return line
+
+
+def _embedded_flags() -> str:
+    sampler, steps, cfg, mirror, seeds, inputs = EMBEDDED_SAMPLING
+    return (f"--sampler {sampler} --steps {steps} --guidance {cfg:g} --{'' if mirror else 'no-'}mirror "
+            f"--average-seeds {seeds} --{'' if inputs else 'no-'}input-average")
+
+
+EMBEDDED_FLAGS = _embedded_flags()  # the flags that give any checkpoint the embedded default's sampling
+
+
 def learning_curve(model: MVDPPModel, root: Path, folders: list[Path], cfg: SamplingConfig,
                    every: int = 1) -> list[dict]:
     """1-view view and mask metrics of the EMA weights of the saved checkpoints whose step is a
@@ -484,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler, steps, guidance, mirror, seeds, inputs = default_sampling(  # the demo's unless given
         args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds, args.input_average)
     cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
+    print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
     model = load_checkpoint(args.checkpoint)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
