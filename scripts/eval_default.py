@@ -67,12 +67,18 @@ from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
-from mvdpp_core.reconstruction import reconstruct  # noqa: E402
-from mvdpp_core.reconstruction.metrics import chamfer_distance, psnr, ssim, volume_iou  # noqa: E402
+from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
 from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
-from train.diagnostics import hull_masks, mask_iou, per_view_iou, silhouette_consistency, single_view_hull  # noqa: E402
+from train.diagnostics import (  # noqa: E402
+    hull_masks,
+    mask_iou,
+    mesh_metrics,
+    per_view_iou,
+    silhouette_consistency,
+    single_view_hull,
+)
 from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
@@ -141,17 +147,6 @@ def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor)
     return psnr(pred_hwc, true_hwc), ssim(pred_hwc, true_hwc), mask_iou(result.masks[:, 0], mask[:, 0])
 
 
-def mesh_metrics(result: MultiViewResult, truth: trimesh.Trimesh, resolution: int) -> tuple[float, float]:
-    """Volume IoU and Chamfer distance of the fast reconstruction; (0, NaN) when it is empty."""
-    try:
-        mesh = reconstruct(*result.for_reconstruction(), method="fast", resolution=resolution).to_trimesh()
-    except (ValueError, RuntimeError):
-        return 0.0, math.nan
-    if len(mesh.faces) == 0:
-        return 0.0, math.nan
-    return volume_iou(mesh, truth), chamfer_distance(mesh, truth, samples=10_000)
-
-
 def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: SamplingConfig,
                     with_mesh: bool, other: Path | None = None, grid: Path | None = None) -> ObjectMetrics:
     """Metrics of one object; ``other``: a different object whose truth the output is also scored
@@ -171,7 +166,8 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
         save_png(np.concatenate([truth, generated]), grid)
     v_iou, chamfer = (0.0, math.nan)
     if with_mesh:
-        v_iou, chamfer = mesh_metrics(result, trimesh.load(folder / "mesh.ply", process=False), cfg.mesh_resolution)
+        v_iou, chamfer = mesh_metrics(*result.for_reconstruction(), trimesh.load(folder / "mesh.ply", process=False),
+                                      cfg.mesh_resolution)
     p_other, m_other = math.nan, math.nan
     if other is not None:
         other_rgb, other_mask = to_tensors(fmt.read_object_folder(other, cond_ids=[0]).target_rgba, size)

@@ -1,6 +1,7 @@
 """train.regression_bar: the direct regressor learns the views its input determines, its
 mirrored objects are the true views of the mirror image, and it is scored as eval_default scores
-a checkpoint (the truth scores mask IoU 1; another object's views score lower)."""
+a checkpoint (the truth scores mask IoU 1; another object's views score lower; the truth's
+mesh matches the object's and another object's does not)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from mvdpp_core.pipeline import MultiViewResult
 from train.data.synthetic import write_synthetic_dataset
+from train.procedural.render import write_object
 from train.regression_bar import (
     ObjectArrays,
     ViewRegressor,
@@ -19,9 +21,12 @@ from train.regression_bar import (
     first_folders,
     load_objects,
     main,
+    mesh_scores,
+    prior_views,
     predict,
     score,
     train_regressor,
+    true_meshes,
 )
 
 
@@ -29,6 +34,15 @@ from train.regression_bar import (
 def objects(tmp_path_factory):
     root = tmp_path_factory.mktemp("regression") / "train"
     write_synthetic_dataset(root, num_objects=3, image_size=32, num_cond=1, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """Three held-out procedural objects at 32 px with their meshes, as `generate --split heldout` writes them."""
+    root = tmp_path_factory.mktemp("regression") / "heldout"
+    for i in range(3):
+        write_object(root, "heldout", i, size=32, save_mesh=True)
     return root
 
 
@@ -56,6 +70,30 @@ def test_the_truth_scores_one_and_another_objects_views_less(objects):
     assert figures["silhouette"] > 0.9  # true views carve one object
 
 
+def test_the_mesh_of_the_true_views_is_the_objects_and_another_objects_is_not(heldout):
+    folders = first_folders(heldout, 3)
+    data, meshes = load_objects(folders, 32), true_meshes(folders)
+    _, views = batch_tensors(data, torch.arange(3))
+    truth = mesh_scores(views[:, :, :3], views[:, :, 3:], meshes)
+    shifted = views[[1, 2, 0]]  # each object scored with the next one's true views
+    other = mesh_scores(shifted[:, :, :3], shifted[:, :, 3:], meshes)
+    assert truth["volume_iou"] > 0.8 and truth["chamfer"] < 0.03  # the ceiling: hull of 32 exact 32-px masks
+    assert other["volume_iou"] < truth["volume_iou"] - 0.3 and other["chamfer"] > 2 * truth["chamfer"]
+    nothing = mesh_scores(views[:, :, :3], torch.zeros_like(views[:, :, 3:]), meshes)
+    assert nothing["volume_iou"] == 0.0 and nothing["chamfer"] != nothing["chamfer"]  # no mesh: 0 and NaN
+
+
+def test_the_prior_is_the_mean_view_and_as_symmetric_as_training(objects):
+    data = load_objects(first_folders(objects, 3), 32)
+    _, views = batch_tensors(data, torch.arange(3))
+    rgb, masks = prior_views(data, mirror=False)
+    assert torch.allclose(torch.cat([rgb, masks], 1), views.mean(0), atol=1e-6)
+    rgb, masks = prior_views(data.first(1), mirror=True)  # one object and its mirror image
+    mirrored = MultiViewResult(rgb, masks).mirrored()
+    assert torch.allclose(mirrored.images, rgb, atol=1e-6) and torch.allclose(mirrored.masks, masks, atol=1e-6)
+    assert not torch.allclose(masks, views[0, :, 3:], atol=0.1)  # the object alone is not symmetric
+
+
 def test_the_regressor_learns_its_training_objects_from_their_input(objects):
     data = load_objects(first_folders(objects, 3), 32)
     torch.manual_seed(0)
@@ -81,9 +119,9 @@ def test_the_cache_is_reused_only_for_the_same_objects(objects, tmp_path):
         first_folders(objects, 5)
 
 
-def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_path, capsys):
+def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, heldout, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code = main(["--train", str(objects), "--heldout", str(objects), "--objects", "2", "--widths", "16",
+    code = main(["--train", str(objects), "--heldout", str(heldout), "--objects", "2", "--widths", "16",
                  "--heldout-count", "3", "--fit-count", "2", "--steps", "3", "--batch-size", "2", "--size", "32",
                  "--out", str(out), "--save", str(tmp_path / "w")])
     assert code == 0
@@ -91,7 +129,11 @@ def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_p
     (run,) = report["runs"]
     assert run["objects"] == 2 and run["width"] == 16 and run["object_passes_each"] == 3.0
     assert set(run["heldout"]) == {"psnr", "mask_iou", "psnr_other", "mask_iou_other", "silhouette",
-                                   "mask_iou_by_azimuth"}
+                                   "mask_iou_by_azimuth", "volume_iou", "chamfer"}
+    assert report["mesh_ceiling"]["volume_iou"] > 0.8 > run["heldout"]["volume_iou"]  # 3 steps learn no shape
+    prior = report["prior"]["heldout"]  # one prediction for every input: no gap to another object's views
+    assert report["prior"]["objects"] == 2 and prior["mask_iou"] == pytest.approx(prior["mask_iou_other"], abs=1e-3)
+    assert prior["volume_iou"] < report["mesh_ceiling"]["volume_iou"]
     assert len(run["heldout"]["mask_iou_by_azimuth"]) == 8 and "silhouette" not in run["training_objects"]
     assert 0.9 < report["resolution_ceiling"]["mask_iou"] < 1.0  # half-size views upsampled: close, not exact
     weights = load_file(tmp_path / "w" / "regressor_w16_n2.safetensors")
@@ -100,6 +142,12 @@ def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, tmp_p
     assert main(["--train", str(tmp_path / "missing"), "--heldout", str(objects), "--size", "32",
                  "--out", str(out)]) == 2
     assert f"data folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    no_mesh = ["--train", str(objects), "--heldout", str(objects), "--objects", "2", "--widths", "16",
+               "--heldout-count", "3", "--steps", "1", "--batch-size", "2", "--size", "32", "--out", str(out)]
+    assert main(no_mesh) == 2  # the synthetic objects carry no mesh.ply
+    assert "has no mesh.ply" in (err := capsys.readouterr().err) and "--no-meshes" in err
+    assert main([*no_mesh, "--no-meshes"]) == 0
+    assert "volume_iou" not in json.loads(out.read_text())["runs"][0]["heldout"]
     with pytest.raises(SystemExit) as refused:
         main(["--train", str(objects), "--heldout", str(objects), "--objects", "0", "--out", str(out)])
     assert refused.value.code == 2

@@ -7,10 +7,13 @@ straight to the 32 rig views' masks (binary cross-entropy) and views on white (s
 with no noise levels and no latents, and every object pass teaching all 32 views. Scored as
 ``scripts/eval_default.py`` scores a checkpoint (mask IoU pooled over the 32 views at 0.5, view
 PSNR on white, both also against the next held-out object's views, silhouette consistency, mask
-IoU by azimuth), its figures, as the training set, the steps and the network grow, estimate what
+IoU by azimuth, and the volume IoU and Chamfer distance of the fast-path mesh of the 32 views
+against the true mesh), its figures, as the training set, the steps and the network grow, estimate what
 a deterministic predictor reaches from one view of this object distribution: the bar against
 which the model and the issue's targets can be read (README, "Finding why the model ignored
-its input").
+its input"). Two references come with them: ``prior``, the per-pixel mean of the training views,
+one prediction whatever the input (what the object distribution alone gives), and
+``mesh_ceiling``, the mesh figures of the true views (what the fast reconstruction allows).
 
   python -m train.regression_bar --train D/train --heldout D/heldout --objects 8000 791 \
       --steps 4000 --cache C.npz --out R.json [--widths 32 48] [--save DIR]
@@ -32,16 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mvdpp_core.cameras import AZIMUTHS_DEG, ELEVATIONS_DEG, NUM_TARGET_VIEWS, mirrored_view_order
+from mvdpp_core.pipeline import MultiViewResult
 from mvdpp_core.reconstruction.metrics import psnr
 
 from .data import format as fmt
 from .data.dataset import to_tensors
 from .data.shards import object_folders
-from .diagnostics import mask_iou, per_view_iou, silhouette_consistency
+from .diagnostics import mask_iou, mesh_metrics, per_view_iou, silhouette_consistency
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,39 @@ def score(rgb: Tensor, masks: Tensor, data: ObjectArrays, silhouette: bool = Tru
     return out | {"mask_iou_by_azimuth": [round(float(v), 4) for v in grid.mean(0)]}
 
 
+def prior_views(data: ObjectArrays, mirror: bool = True, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """The input-ignoring bar: the per-pixel mean of every training object's 32 views on white
+    (3, S, S each) and masks (1, S, S each), and with ``mirror`` of their mirror images too, as the
+    regressor trains. One prediction for every input: what the object distribution alone gives."""
+    total = torch.zeros(data.views.shape[1:], dtype=torch.float64)
+    for i in range(0, len(data), chunk):
+        total += data.views[i : i + chunk].double().sum(0)
+    mean = (total / (255 * len(data))).float()
+    if mirror:
+        mean = (mean + mean[torch.tensor(mirrored_view_order())].flip(-1)) / 2
+    return mean[:, :3], mean[:, 3:]
+
+
+def true_meshes(folders: list[Path]) -> list[trimesh.Trimesh]:
+    """Each held-out object's ``mesh.ply`` (the held-out split is rendered with it)."""
+    missing = [f for f in folders if not (f / "mesh.ply").is_file()]
+    if missing:
+        raise ValueError(f"held-out object {missing[0]} has no mesh.ply: render the held-out split with "
+                         "`python -m train.procedural.generate --split heldout` (it saves meshes), or pass --no-meshes")
+    return [trimesh.load(f / "mesh.ply", process=False) for f in folders]
+
+
+def mesh_scores(rgb: Tensor, masks: Tensor, meshes: list[trimesh.Trimesh], resolution: int = 64) -> dict[str, float]:
+    """eval_default's mesh figures: the fast reconstruction of each object's 32 views on white
+    (n, 32, 3, S, S) and masks (n, 32, 1, S, S) against its true mesh; mean volume IoU (0 where
+    nothing is reconstructed) and mean Chamfer distance over the objects with a mesh."""
+    rows = np.array([mesh_metrics(*MultiViewResult(rgb[i], masks[i]).for_reconstruction(), mesh, resolution)
+                     for i, mesh in enumerate(meshes)], dtype=np.float64)
+    finite = rows[np.isfinite(rows[:, 1]), 1]
+    return {"volume_iou": round(float(rows[:, 0].mean()), 4),
+            "chamfer": round(float(finite.mean()), 4) if len(finite) else math.nan}
+
+
 def resolution_ceiling(data: ObjectArrays) -> dict[str, float]:
     """The true views at half size, upsampled as the regressor's are, scored against themselves:
     what predicting at S/2 px gives up."""
@@ -263,6 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cache", type=Path, default=None, help=".npz keeping the decoded training objects")
     p.add_argument("--out", type=Path, required=True, help="JSON file receiving every run's figures")
+    p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
+    p.add_argument("--no-meshes", dest="meshes", action="store_false",
+                   help="skip the mesh figures (volume IoU, Chamfer) of the held-out objects")
     p.add_argument("--save", type=Path, default=None,
                    help="folder receiving each run's weights (regressor_w{width}_n{objects}.safetensors)")
     args = p.parse_args(argv)
@@ -270,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name} {bad[0]}: must be >= 1")
-    for name in ("heldout_count", "steps", "batch_size", "size"):
+    for name in ("heldout_count", "steps", "batch_size", "size", "mesh_resolution"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     return args
@@ -282,12 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         train = load_objects(first_folders(args.train, max(args.objects)), args.size, args.cache)
-        heldout = load_objects(first_folders(args.heldout, args.heldout_count), args.size)
+        held_folders = first_folders(args.heldout, args.heldout_count)
+        heldout = load_objects(held_folders, args.size)
+        meshes = true_meshes(held_folders) if args.meshes else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     held_inputs = heldout.inputs.float() / 255
     ceiling, runs = resolution_ceiling(heldout), []
+    report = {"command": " ".join(sys.argv), "heldout_objects": len(heldout), "resolution_ceiling": ceiling}
+    prior = [t.expand(len(heldout), *t.shape) for t in prior_views(train.first(max(args.objects)), args.mirror)]
+    report["prior"] = {"objects": max(args.objects), "heldout": score(*prior, heldout)}
+    if meshes is not None:  # the mesh figure's ceiling: the fast reconstruction of the true views
+        _, truth = batch_tensors(heldout, torch.arange(len(heldout)))
+        report["mesh_ceiling"] = mesh_scores(truth[:, :, :3], truth[:, :, 3:], meshes, args.mesh_resolution)
+        report["prior"]["heldout"] |= mesh_scores(*prior, meshes, args.mesh_resolution)
     for width in args.widths:
         for n in args.objects:
             torch.manual_seed(args.seed)
@@ -297,20 +347,22 @@ def main(argv: list[str] | None = None) -> int:
                                      args.mirror, log_every=max(args.steps // 10, 1))
             train_s = time.perf_counter() - start
             fit = train.first(min(args.fit_count, n))
+            held_rgb, held_masks = predict(model, held_inputs)
             run = {"objects": n, "width": width, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                    "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
                    round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
                    "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
-                   "heldout": score(*predict(model, held_inputs), heldout),
+                   "heldout": score(held_rgb, held_masks, heldout),
                    "training_objects": score(*predict(model, fit.inputs.float() / 255), fit, silhouette=False)}
+            if meshes is not None:
+                run["heldout"] |= mesh_scores(held_rgb, held_masks, meshes, args.mesh_resolution)
             if args.save is not None:
                 args.save.mkdir(parents=True, exist_ok=True)
                 save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}.safetensors")
             print(json.dumps(run), flush=True)
             runs.append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"command": " ".join(sys.argv), "heldout_objects": len(heldout),
-                                            "resolution_ceiling": ceiling, "runs": runs}, indent=1) + "\n")
+            args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
     return 0
 
 
