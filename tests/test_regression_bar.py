@@ -6,11 +6,13 @@ mesh matches the object's and another object's does not)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mvdpp_core.checkpoint import load_checkpoint
 from mvdpp_core.pipeline import MultiViewResult
 from train.data.synthetic import write_synthetic_dataset
 from train.procedural.render import write_object
@@ -18,16 +20,21 @@ from train.regression_bar import (
     ObjectArrays,
     ViewRegressor,
     batch_tensors,
+    encode_views,
     first_folders,
     load_objects,
     main,
     mesh_scores,
-    prior_views,
     predict,
+    predict_latents,
+    prior_views,
     score,
+    through_mvae,
     train_regressor,
     true_meshes,
 )
+
+DEFAULT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +113,28 @@ def test_the_regressor_learns_its_training_objects_from_their_input(objects):
     assert after["mask_iou"] - after["mask_iou_other"] > 0.1  # each object from its own input
 
 
+def test_a_latent_regressor_learns_the_latents_its_mvae_decodes_to_the_views(objects):
+    """The latent bar: the same regressor predicting MVAE latents, as a latent diffusion model
+    does; what the MVAE keeps of the true views is its ceiling."""
+    data = load_objects(first_folders(objects, 3), 32)
+    vae = load_checkpoint(DEFAULT).vae.float().eval()
+    _, views = batch_tensors(data, torch.arange(3))
+    ceiling = score(*through_mvae(vae, views[:, :, :3], views[:, :, 3:]), data, silhouette=False)
+    assert 0.95 < ceiling["mask_iou"] < 1.0 and ceiling["mask_iou_other"] < 0.7  # close, not exact
+    latents = encode_views(vae, data)
+    assert latents.shape == (3, 32, 4, 8, 8)  # the tiny MVAE: 32 px -> 8 x 8
+    torch.manual_seed(0)
+    model = ViewRegressor(width=16, size=32, bottleneck=128, latent_channels=4)
+    before = score(*predict_latents(model, vae, data.inputs.float() / 255), data, silhouette=False)
+    losses = train_regressor(model, data, steps=250, batch_size=6, lr=3e-3, mirror=False, latents=latents)
+    after = score(*predict_latents(model, vae, data.inputs.float() / 255), data, silhouette=False)
+    assert sum(losses[-10:]) < 0.2 * sum(losses[:10])
+    assert before["mask_iou"] < 0.5 < 0.9 < after["mask_iou"] <= ceiling["mask_iou"] + 0.01
+    assert after["mask_iou"] - after["mask_iou_other"] > 0.1
+    with pytest.raises(ValueError, match="mirror=False"):
+        train_regressor(model, data, steps=1, mirror=True, latents=latents)
+
+
 def test_the_cache_is_reused_only_for_the_same_objects(objects, tmp_path):
     folders = first_folders(objects, 3)
     cache = tmp_path / "c.npz"
@@ -148,6 +177,17 @@ def test_the_command_writes_its_figures_and_refuses_bad_arguments(objects, heldo
     assert "has no mesh.ply" in (err := capsys.readouterr().err) and "--no-meshes" in err
     assert main([*no_mesh, "--no-meshes"]) == 0
     assert "volume_iou" not in json.loads(out.read_text())["runs"][0]["heldout"]
+    both = [*no_mesh, "--no-meshes", "--spaces", "image", "latent", "--no-mirror"]
+    assert main([*both, "--mvae", str(DEFAULT)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["space"] for r in report["runs"]] == ["image", "latent"] and "mvae_ceiling" in report
+    assert "heldout_through_mvae" in report["runs"][0] and "heldout_through_mvae" not in report["runs"][1]
+    with pytest.raises(SystemExit):  # latent runs need an MVAE
+        main(both)
+    assert "--spaces latent needs --mvae" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # and no mirrored objects
+        main([*both[:-1], "--mvae", str(DEFAULT)])
+    assert "needs --no-mirror" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         main(["--train", str(objects), "--heldout", str(objects), "--objects", "0", "--out", str(out)])
     assert refused.value.code == 2

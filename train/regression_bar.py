@@ -14,9 +14,14 @@ which the model and the issue's targets can be read (README, "Finding why the mo
 its input"). Two references come with them: ``prior``, the per-pixel mean of the training views,
 one prediction whatever the input (what the object distribution alone gives), and
 ``mesh_ceiling``, the mesh figures of the true views (what the fast reconstruction allows).
+With ``--spaces latent --mvae BUNDLE`` the same network predicts the 32 views' MVAE latents
+instead (squared error on the bundle's encodings, decoded for scoring), as the latent diffusion
+model must; ``mvae_ceiling`` scores the true views through that MVAE, and image runs also report
+their views through it (``heldout_through_mvae``): how much the latent space itself costs.
 
   python -m train.regression_bar --train D/train --heldout D/heldout --objects 8000 791 \
-      --steps 4000 --cache C.npz --out R.json [--widths 32 48] [--save DIR]
+      --steps 4000 --cache C.npz --out R.json [--widths 32 48] [--save DIR] \
+      [--spaces image latent --no-mirror --mvae models/mvdpp_default.safetensors]
 
 Prints one JSON line per run and writes them all to ``--out``.
 """
@@ -24,6 +29,7 @@ Prints one JSON line per run and writes them all to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -40,8 +46,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mvdpp_core.cameras import AZIMUTHS_DEG, ELEVATIONS_DEG, NUM_TARGET_VIEWS, mirrored_view_order
+from mvdpp_core.checkpoint import load_checkpoint
 from mvdpp_core.pipeline import MultiViewResult
 from mvdpp_core.reconstruction.metrics import psnr
+from mvdpp_core.vae import MaskAwareVAE
 
 from .data import format as fmt
 from .data.dataset import to_tensors
@@ -116,9 +124,10 @@ class ViewRegressor(nn.Module):
     ``resolution_ceiling`` measures what it gives up). A convolutional encoder down to S/16, a
     fully connected bottleneck (every output pixel sees the whole input), a decoder back to S/4
     with the encoder's features there concatenated (the views next to the input keep its
-    detail), and a pixel shuffle to S/2."""
+    detail), and a pixel shuffle to S/2. With ``latent_channels`` it outputs the 32 views'
+    MVAE latents instead, (b, 32, latent_channels, S/4, S/4), from the same decoder at S/4."""
 
-    def __init__(self, width: int = 32, size: int = 64, bottleneck: int = 1024):
+    def __init__(self, width: int = 32, size: int = 64, bottleneck: int = 1024, latent_channels: int = 0):
         super().__init__()
         if size % 16:
             raise ValueError(f"size={size} must be a multiple of 16 (the encoder halves it 4 times).")
@@ -130,7 +139,8 @@ class ViewRegressor(nn.Module):
         self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(flat, bottleneck), nn.SiLU(),
                                         nn.Linear(bottleneck, flat), nn.SiLU())
         self.dec = nn.ModuleList([_block(8 * w, 4 * w), _block(8 * w, 4 * w), _block(6 * w, 4 * w)])
-        self.head = nn.Conv2d(4 * w, NUM_TARGET_VIEWS * 4 * 4, 1)
+        self.latent_channels = latent_channels
+        self.head = nn.Conv2d(4 * w, NUM_TARGET_VIEWS * (latent_channels or 4 * 4), 1)
 
     def forward(self, x: Tensor) -> Tensor:
         skips = []
@@ -143,6 +153,9 @@ class ViewRegressor(nn.Module):
             h = block(torch.cat([h, skip], dim=1))
             if h.shape[-1] < x.shape[-1] // 4:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        if self.latent_channels:
+            out = self.head(h)  # b 32*C S/4 S/4
+            return out.view(x.shape[0], NUM_TARGET_VIEWS, self.latent_channels, *out.shape[-2:])
         out = F.pixel_shuffle(self.head(h), 2)  # b 128 S/2 S/2
         return out.view(x.shape[0], NUM_TARGET_VIEWS, 4, *out.shape[-2:])
 
@@ -183,21 +196,31 @@ def regression_loss(logits: Tensor, views: Tensor, rgb_weight: float = 5.0) -> T
 
 
 def train_regressor(model: ViewRegressor, data: ObjectArrays, steps: int, batch_size: int = 32, lr: float = 1e-3,
-                    seed: int = 0, mirror: bool = True, log_every: int = 0) -> list[float]:
+                    seed: int = 0, mirror: bool = True, log_every: int = 0,
+                    latents: Tensor | None = None) -> list[float]:
     """AdamW with the LR along a cosine to 0; batches of objects drawn at random (half of them
-    mirrored with ``mirror``). Returns the loss of every step."""
+    mirrored with ``mirror``). With ``latents`` (n, 32, C, S/4, S/4), the objects' true MVAE
+    latents (``encode_views``), a latent regressor learns them by squared error instead.
+    Returns the loss of every step."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1.")
+    if latents is not None and mirror:
+        raise ValueError("mirror=True with latents: a flipped latent is not the latent of the flipped view; "
+                         "train latent regressors with mirror=False.")
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    targets, losses, start = data.half_size_views(), [], time.perf_counter()
+    targets = data.half_size_views() if latents is None else None
+    losses, start = [], time.perf_counter()
     model.train()
     for step in range(steps):
         index = torch.randint(len(data), (batch_size,), generator=g)
         flips = torch.rand(batch_size, generator=g) < 0.5 if mirror else None
-        inputs, views = batch_tensors(targets, index, flips)
-        loss = regression_loss(model(inputs), views)
+        if latents is None:
+            inputs, views = batch_tensors(targets, index, flips)
+            loss = regression_loss(model(inputs), views)
+        else:
+            loss = F.mse_loss(model(data.inputs[index].float() / 255), latents[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -216,6 +239,42 @@ def predict(model: ViewRegressor, inputs: Tensor, batch_size: int = 64) -> tuple
     outs = [full_size(torch.sigmoid(model(inputs[i : i + batch_size]))) for i in range(0, len(inputs), batch_size)]
     out = torch.cat(outs)
     return out[:, :, :3], out[:, :, 3:]
+
+
+@torch.no_grad()
+def encode_views(vae: MaskAwareVAE, data: ObjectArrays, chunk: int = 8) -> Tensor:
+    """The MVAE latents (posterior mode, scaled) of every object's 32 true views: (n, 32, C, h, w)."""
+    out = []
+    for i in range(0, len(data), chunk):
+        views = data.views[i : i + chunk].flatten(0, 1).float() / 255
+        z = vae.encode(views[:, :3], views[:, 3:])
+        out.append(z.view(-1, NUM_TARGET_VIEWS, *z.shape[1:]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_views(vae: MaskAwareVAE, latents: Tensor, chunk: int = 8) -> tuple[Tensor, Tensor]:
+    """Views on white (n, 32, 3, S, S) and masks (n, 32, 1, S, S) decoded from latents (n, 32, C, h, w)."""
+    rgb, masks = [], []
+    for i in range(0, len(latents), chunk):
+        r, m = vae.decode(latents[i : i + chunk].flatten(0, 1))
+        rgb.append(r.view(-1, NUM_TARGET_VIEWS, *r.shape[1:]))
+        masks.append(m.view(-1, NUM_TARGET_VIEWS, *m.shape[1:]))
+    return torch.cat(rgb), torch.cat(masks)
+
+
+def through_mvae(vae: MaskAwareVAE, rgb: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Views (n, 32, 3 | 1, S, S) encoded and decoded by the MVAE: what of them its latents keep."""
+    views = (torch.cat([rgb, masks], dim=2) * 255).round().to(torch.uint8)
+    return decode_views(vae, encode_views(vae, ObjectArrays(views[:, 0], views)))
+
+
+@torch.no_grad()
+def predict_latents(model: ViewRegressor, vae: MaskAwareVAE, inputs: Tensor,
+                    batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """A latent regressor's views, decoded by the MVAE: on white (n, 32, 3, S, S) and masks (n, 32, 1, S, S)."""
+    latents = torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return decode_views(vae, latents)
 
 
 def score(rgb: Tensor, masks: Tensor, data: ObjectArrays, silhouette: bool = True) -> dict[str, float]:
@@ -290,6 +349,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout", type=Path, required=True, help="folder of rendered held-out objects")
     p.add_argument("--objects", type=int, nargs="+", default=[791], help="training-set sizes (the first N objects)")
     p.add_argument("--widths", type=int, nargs="+", default=[32], help="network widths (channels of the first level)")
+    p.add_argument("--spaces", nargs="+", choices=("image", "latent"), default=["image"],
+                   help="what the regressor predicts: the views (image) or their MVAE latents (latent, needs --mvae)")
+    p.add_argument("--mvae", type=Path, default=None,
+                   help="a model bundle (.safetensors) whose MVAE the latent runs use; image runs then also score "
+                        "their views encoded and decoded by it (heldout_through_mvae)")
     p.add_argument("--heldout-count", type=int, default=50)
     p.add_argument("--fit-count", type=int, default=50, help="training objects scored for the fit")
     p.add_argument("--steps", type=int, default=4000)
@@ -311,6 +375,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name} {bad[0]}: must be >= 1")
+    if "latent" in args.spaces and args.mvae is None:
+        p.error("--spaces latent needs --mvae BUNDLE (e.g. models/mvdpp_default.safetensors), whose MVAE "
+                "encodes the training views and decodes the predictions")
+    if "latent" in args.spaces and args.mirror:
+        p.error("--spaces latent needs --no-mirror: a flipped latent is not the latent of the flipped view")
     for name in ("heldout_count", "steps", "batch_size", "size", "mesh_resolution"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -326,43 +395,61 @@ def main(argv: list[str] | None = None) -> int:
         held_folders = first_folders(args.heldout, args.heldout_count)
         heldout = load_objects(held_folders, args.size)
         meshes = true_meshes(held_folders) if args.meshes else None
-    except ValueError as e:
+        vae = load_checkpoint(args.mvae).vae.float().eval() if args.mvae is not None else None
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     held_inputs = heldout.inputs.float() / 255
+    _, truth = batch_tensors(heldout, torch.arange(len(heldout)))
     ceiling, runs = resolution_ceiling(heldout), []
     report = {"command": " ".join(sys.argv), "heldout_objects": len(heldout), "resolution_ceiling": ceiling}
     prior = [t.expand(len(heldout), *t.shape) for t in prior_views(train.first(max(args.objects)), args.mirror)]
     report["prior"] = {"objects": max(args.objects), "heldout": score(*prior, heldout)}
     if meshes is not None:  # the mesh figure's ceiling: the fast reconstruction of the true views
-        _, truth = batch_tensors(heldout, torch.arange(len(heldout)))
         report["mesh_ceiling"] = mesh_scores(truth[:, :, :3], truth[:, :, 3:], meshes, args.mesh_resolution)
         report["prior"]["heldout"] |= mesh_scores(*prior, meshes, args.mesh_resolution)
-    for width in args.widths:
-        for n in args.objects:
-            torch.manual_seed(args.seed)
-            model = ViewRegressor(width, args.size)
-            start = time.perf_counter()
-            losses = train_regressor(model, train.first(n), args.steps, args.batch_size, args.lr, args.seed,
-                                     args.mirror, log_every=max(args.steps // 10, 1))
-            train_s = time.perf_counter() - start
-            fit = train.first(min(args.fit_count, n))
-            held_rgb, held_masks = predict(model, held_inputs)
-            run = {"objects": n, "width": width, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                   "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
-                   round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
-                   "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
-                   "heldout": score(held_rgb, held_masks, heldout),
-                   "training_objects": score(*predict(model, fit.inputs.float() / 255), fit, silhouette=False)}
-            if meshes is not None:
-                run["heldout"] |= mesh_scores(held_rgb, held_masks, meshes, args.mesh_resolution)
-            if args.save is not None:
-                args.save.mkdir(parents=True, exist_ok=True)
-                save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}.safetensors")
-            print(json.dumps(run), flush=True)
-            runs.append(run)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
+    if vae is not None:  # what the MVAE's latents keep of the true views
+        report["mvae_ceiling"] = score(*through_mvae(vae, truth[:, :, :3], truth[:, :, 3:]), heldout, silhouette=False)
+    latents: dict[int, Tensor] = {}
+    for space in args.spaces:
+        for width in args.widths:
+            for n in args.objects:
+                torch.manual_seed(args.seed)
+                data, fit = train.first(n), train.first(min(args.fit_count, n))
+                if space == "latent":
+                    if n not in latents:
+                        start = time.perf_counter()
+                        latents[n] = encode_views(vae, data)
+                        print(f"encoded {n} objects' views in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                    model = ViewRegressor(width, args.size, latent_channels=latents[n].shape[2])
+                    views = functools.partial(predict_latents, vae=vae)
+                else:
+                    model, views = ViewRegressor(width, args.size), predict
+                start = time.perf_counter()
+                losses = train_regressor(model, data, args.steps, args.batch_size, args.lr, args.seed, args.mirror,
+                                         log_every=max(args.steps // 10, 1),
+                                         latents=latents[n] if space == "latent" else None)
+                train_s = time.perf_counter() - start
+                held_rgb, held_masks = views(model, inputs=held_inputs)
+                run = {"space": space, "objects": n, "width": width,
+                       "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                       "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
+                       round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
+                       "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
+                       "heldout": score(held_rgb, held_masks, heldout),
+                       "training_objects": score(*views(model, inputs=fit.inputs.float() / 255), fit, silhouette=False)}
+                if meshes is not None:
+                    run["heldout"] |= mesh_scores(held_rgb, held_masks, meshes, args.mesh_resolution)
+                if vae is not None and space == "image":
+                    run["heldout_through_mvae"] = score(*through_mvae(vae, held_rgb, held_masks), heldout)
+                if args.save is not None:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                    suffix = "_latent" if space == "latent" else ""
+                    save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}{suffix}.safetensors")
+                print(json.dumps(run), flush=True)
+                runs.append(run)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
     return 0
 
 
