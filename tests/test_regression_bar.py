@@ -121,7 +121,7 @@ def test_a_latent_regressor_learns_the_latents_its_mvae_decodes_to_the_views(obj
     _, views = batch_tensors(data, torch.arange(3))
     ceiling = score(*through_mvae(vae, views[:, :, :3], views[:, :, 3:]), data, silhouette=False)
     assert 0.95 < ceiling["mask_iou"] < 1.0 and ceiling["mask_iou_other"] < 0.7  # close, not exact
-    latents = encode_views(vae, data)
+    latents = encode_views(vae, data.views)
     assert latents.shape == (3, 32, 4, 8, 8)  # the tiny MVAE: 32 px -> 8 x 8
     torch.manual_seed(0)
     model = ViewRegressor(width=16, size=32, bottleneck=128, latent_channels=4)

@@ -200,7 +200,7 @@ def train_regressor(model: ViewRegressor, data: ObjectArrays, steps: int, batch_
                     latents: Tensor | None = None) -> list[float]:
     """AdamW with the LR along a cosine to 0; batches of objects drawn at random (half of them
     mirrored with ``mirror``). With ``latents`` (n, 32, C, S/4, S/4), the objects' true MVAE
-    latents (``encode_views``), a latent regressor learns them by squared error instead.
+    latents (``encode_views(vae, data.views)``), a latent regressor learns them by squared error instead.
     Returns the loss of every step."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1.")
@@ -242,12 +242,13 @@ def predict(model: ViewRegressor, inputs: Tensor, batch_size: int = 64) -> tuple
 
 
 @torch.no_grad()
-def encode_views(vae: MaskAwareVAE, data: ObjectArrays, chunk: int = 8) -> Tensor:
-    """The MVAE latents (posterior mode, scaled) of every object's 32 true views: (n, 32, C, h, w)."""
+def encode_views(vae: MaskAwareVAE, views: Tensor, chunk: int = 8) -> Tensor:
+    """The MVAE latents (posterior mode, scaled) of objects' 32 views, uint8 (n, 32, 4, S, S) as in
+    ``ObjectArrays.views``: (n, 32, C, h, w)."""
     out = []
-    for i in range(0, len(data), chunk):
-        views = data.views[i : i + chunk].flatten(0, 1).float() / 255
-        z = vae.encode(views[:, :3], views[:, 3:])
+    for i in range(0, len(views), chunk):
+        views_i = views[i : i + chunk].flatten(0, 1).float() / 255
+        z = vae.encode(views_i[:, :3], views_i[:, 3:])
         out.append(z.view(-1, NUM_TARGET_VIEWS, *z.shape[1:]))
     return torch.cat(out)
 
@@ -266,7 +267,7 @@ def decode_views(vae: MaskAwareVAE, latents: Tensor, chunk: int = 8) -> tuple[Te
 def through_mvae(vae: MaskAwareVAE, rgb: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     """Views (n, 32, 3 | 1, S, S) encoded and decoded by the MVAE: what of them its latents keep."""
     views = (torch.cat([rgb, masks], dim=2) * 255).round().to(torch.uint8)
-    return decode_views(vae, encode_views(vae, ObjectArrays(views[:, 0], views)))
+    return decode_views(vae, encode_views(vae, views))
 
 
 @torch.no_grad()
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 if space == "latent":
                     if n not in latents:
                         start = time.perf_counter()
-                        latents[n] = encode_views(vae, data)
+                        latents[n] = encode_views(vae, data.views)
                         print(f"encoded {n} objects' views in {time.perf_counter() - start:.0f} s", file=sys.stderr)
                     model = ViewRegressor(width, args.size, latent_channels=latents[n].shape[2])
                     views = functools.partial(predict_latents, vae=vae)
