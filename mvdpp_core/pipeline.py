@@ -45,7 +45,7 @@ class MultiViewResult:
         is object: ``reconstruct(*result.for_reconstruction())``. On white, a view's colours end
         where its mask does. Averaged results (``mean``) carry one estimate's object colour
         where the averaged mask says backdrop, and the reconstruction's colour snap would grow
-        the masks into it (README, "More than one input view")."""
+        the masks into it (docs/embedded_default.md, "More than one input view")."""
         return rearrange(self.on_white(), "v c h w -> v h w c"), rearrange(self.masks, "v 1 h w -> v h w")
 
     def mirrored(self) -> MultiViewResult:

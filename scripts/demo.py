@@ -39,13 +39,14 @@ DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out 
 # each view on its own (its attention does not carry information between views), so a long sampler's per-view
 # decisions at low noise give 32 shapes that disagree; 2 deterministic steps keep its high-noise
 # prediction, which agrees across views: on 50 held-out objects mask IoU 0.68 vs 0.61, silhouette
-# consistency 0.77 vs 0.46, mesh volume IoU 0.46 vs 0.29 (README, "Sampling the embedded default").
+# consistency 0.77 vs 0.46, mesh volume IoU 0.46 vs 0.29 (docs/embedded_default.md, "Sampling the embedded default").
 # That prediction is a noisy estimate of a mean, so averaging it over 2 noise seeds, each with the
 # prediction for the mirrored input (generate's average_seeds and mirror_average), brings it closer
 # to the answer: +0.64 dB, mask IoU +0.014, silhouette consistency +0.08 on the same objects, for
 # four times the time. It reads only its first photo, so with several photos each one in turn is
 # put first and the estimates, turned into the first photo's frame, are averaged (generate's
-# input_average; README, "More than one input view"). Other checkpoints: 20 dpmpp_2m steps, no averaging.
+# input_average; docs/embedded_default.md, "More than one input view").
+# Other checkpoints: 20 dpmpp_2m steps, no averaging.
 EMBEDDED_SAMPLING = ("ddim", 2, 2.0, True, 2, True)
 CHECKPOINT_SAMPLING = ("dpmpp_2m", 20, 2.0, False, 1, False)
 

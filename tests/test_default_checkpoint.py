@@ -201,7 +201,7 @@ def test_demo_sampling_gives_views_that_agree(tmp_path):
     """Under the demo's sampling of the embedded default (2 ddim steps, cfg 2, averaged over 2 seeds
     and the mirrored input), the 32 generated
     masks of held-out objects carve one object: silhouette consistency well above that of the
-    same model under 20 dpmpp_2m steps (0.33-0.46 on held-out objects, README), with masks that
+    same model under 20 dpmpp_2m steps (0.33-0.48 on held-out objects, docs/embedded_default.md), with masks that
     still cover the object (a model whose masks are empty would score 1 on consistency alone)."""
     from mvdpp_core.condition import ConditionViews
     from mvdpp_core.pipeline import generate

@@ -10,7 +10,7 @@ PSNR on white, both also against the next held-out object's views, silhouette co
 IoU by azimuth, and the volume IoU and Chamfer distance of the fast-path mesh of the 32 views
 against the true mesh), its figures, as the training set, the steps and the network grow, estimate what
 a deterministic predictor reaches from one view of this object distribution: the bar against
-which the model and the issue's targets can be read (README, "Finding why the model ignored
+which the model and the issue's targets can be read (docs/embedded_default.md, "Finding why the model ignored
 its input"). Two references come with them: ``prior``, the per-pixel mean of the training views,
 one prediction whatever the input (what the object distribution alone gives), and
 ``mesh_ceiling``, the mesh figures of the true views (what the fast reconstruction allows).

@@ -5,7 +5,7 @@ Why: the MVAE's decoder is trained on the latents of true views, while generatio
 sampler's x0 estimate, a blurred mean over what the condition leaves open. Where the UNet is
 unsure (the unseen sides, the colour of a surface it cannot see), a decoder that reproduces
 every latent faithfully commits to its errors; one fitted to the sampler's own latents learns
-how much to trust them. A probe, measured on the embedded default (README, "Fitting the
+how much to trust them. A probe, measured on the embedded default (docs/embedded_default.md, "Fitting the
 decoder"): on held-out objects a decoder trained on true latents (``init.train_encoder: false``)
 kept colour better in the round trip and lost 0.35 dB on generated views; this one gains 0.63 dB
 and 0.011 mask IoU, but more still against another object's views (the gaps narrow) and the

@@ -28,9 +28,9 @@ INPUT_SIZE = 128
 CHECKPOINT = "mvdpp_default.safetensors"
 # The sampler's steps, sampler, cfg, mirror averaging, seeds averaged and input averaging for the
 # embedded default: 2 deterministic steps keep its views in agreement, and averaging over 2 seeds
-# and the mirrored input's views brings its mean-like views closer (README, "Sampling the embedded
+# and the mirrored input's views brings its mean-like views closer (docs/embedded_default.md, "Sampling the embedded
 # default"); it reads only its first photo, so the two- and four-view workflows average the
-# estimates with each photo first (README, "More than one input view"). With a real checkpoint
+# estimates with each photo first (docs/embedded_default.md, "More than one input view"). With a real checkpoint
 # use ~20 dpmpp_2m steps without averaging (the node's defaults).
 EMBEDDED_SAMPLING = [2, "ddim", 2.0, True, 2, True]
 # (file stem, azimuth deg, elevation deg): the first view defines azimuth 0.
