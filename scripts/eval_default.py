@@ -469,6 +469,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                    help="with 2 or 4 input views, average the estimates with each view first, turned into the first "
                    "view's frame (generate's input_average); default: the demo's for this checkpoint")
+    p.add_argument("--per-view-attention", action="store_true",
+                   help="restrict every attention layer to its own view (what the outputs owe to information "
+                   "crossing views: the model's cross-view path)")
     p.add_argument("--copy-count", type=int, default=16, help="objects for the copy test (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
@@ -504,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
     folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
     model = load_checkpoint(args.checkpoint)
+    if args.per_view_attention:
+        model.unet.set_attention_backend("sdpa", global_attention=False)
+        print("[attention] every layer restricted to its own view", flush=True)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
-                    "parts": args.parts, "sampling": asdict(cfg),
+                    "parts": args.parts, "sampling": asdict(cfg), "per_view_attention": args.per_view_attention,
                     "targets_1_view": {"psnr": 20.0, "mask_iou": 0.85, "mask_iou_gap": 0.25, "psnr_gap": 4.0,
                                        "silhouette": 0.85, "volume_iou": 0.60}}
     t0 = time.perf_counter()

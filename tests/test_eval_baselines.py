@@ -5,6 +5,8 @@ training objects' masks is their majority vote, and with one neighbour the neare
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,29 @@ def test_a_checkpoint_given_by_path_is_told_how_to_get_the_embedded_sampling(tmp
     given = default_sampling(args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror,
                              args.average_seeds, args.input_average)
     assert given == EMBEDDED_SAMPLING
+
+
+def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_path, monkeypatch):
+    """--per-view-attention evaluates the checkpoint with every attention layer kept to its own view
+    (what the outputs owe to the cross-view path), and the report says so; without it the
+    checkpoint's global self-attention stays."""
+    seen = {}
+
+    def capture(model, folders, views, cfg, label, **kwargs):
+        seen[label] = {name: proc.global_views for name, proc in model.unet.unet.attn_processors.items()}
+        kwargs["on_result"]({})
+        return {}
+
+    monkeypatch.setattr(eval_default, "evaluate_model", capture)
+    for flag in ([], ["--per-view-attention"]):
+        out = tmp_path / f"r{len(flag)}.json"
+        main(["--heldout", str(tmp_path / "heldout"), "--count", "1", "--views", "1", "--copy-count", "0",
+              "--no-baseline", "--out", str(out), *flag])
+        report = json.loads(out.read_text())
+        assert report["per_view_attention"] is bool(flag)
+        globals_ = seen.pop("trained")
+        assert any(name.endswith("attn1.processor") for name in globals_)
+        if flag:
+            assert not any(globals_.values())
+        else:  # self-attention (attn1) global, cross-attention (attn2) per view
+            assert all(is_global == name.endswith("attn1.processor") for name, is_global in globals_.items())
