@@ -465,3 +465,44 @@ def test_timestep_shift_moves_draws_toward_high_noise():
     assert 0.47 < (uniform >= 500).float().mean() < 0.53 and 0 <= int(shifted.min()) and int(shifted.max()) <= 999
     part, _, _ = training_noise(seeds[100:200], torch.Size((100, 1, 1, 1, 1)), 1000, 0.1, shift=3.0)
     torch.testing.assert_close(part, shifted[100:200])
+
+
+def test_view_timesteps_are_shared_or_per_view_by_object():
+    """stage.view_timestep_prob: an unflagged object keeps one timestep for all its views (the
+    paper's, bit for bit); a flagged one draws one per view from the same (shifted) distribution;
+    both from the sample seed only, so a split batch draws the same."""
+    from train.train_mvdiff import object_flags, training_noise, view_timesteps
+
+    seeds = list(range(5000, 5400))
+    t, _, _ = training_noise(seeds, torch.Size((len(seeds), 1, 1, 1, 1)), 1000, 0.1, shift=3.0)
+    torch.testing.assert_close(view_timesteps(seeds, t, 9, 0.0, 1000, 3.0), t[:, None].expand(-1, 9))
+    views = view_timesteps(seeds, t, 9, 0.5, 1000, 3.0)
+    independent = object_flags(seeds, 0.5, 11)
+    assert 0.4 < independent.float().mean() < 0.6
+    torch.testing.assert_close(views[~independent], t[~independent, None].expand(-1, 9))
+    per_view = views[independent]
+    assert (per_view != per_view[:, :1]).any(dim=1).all()  # each flagged object's views differ
+    assert per_view.min() >= 0 and per_view.max() <= 999
+    assert 0.70 < (per_view >= 500).float().mean() < 0.80  # shift 3 puts 75 % in the noisier half
+    assert (views[independent, 0] != t[independent]).float().mean() > 0.9  # its own draw, not t's
+    torch.testing.assert_close(view_timesteps(seeds[100:150], t[100:150], 9, 0.5, 1000, 3.0), views[100:150])
+
+
+def test_view_timestep_prob_one_gives_each_view_its_own_noise_level(data_dir, tmp_path, monkeypatch):
+    """stage.view_timestep_prob=1: the UNet sees a (b, v) timestep per view in training, each view
+    noised to its own level, and the loss stays finite."""
+    from mvdpp_core.schedule import NoiseSchedule
+
+    seen = []
+    original = NoiseSchedule.q_sample
+
+    def spy(self, x0, t, noise):
+        seen.append(t.clone())
+        return original(self, x0, t, noise)
+
+    monkeypatch.setattr(NoiseSchedule, "q_sample", spy)
+    out = tmp_path / "viewt"
+    state = train(run_config(data_dir, out, **{"stage.view_timestep_prob": 1.0, "optim.max_steps": 2}))
+    assert len(seen) == 2 and state.step == 2 and torch.isfinite(torch.tensor(state.losses)).all()
+    for t in seen:
+        assert t.ndim == 2 and t.shape[1] > 1 and (t != t[:, :1]).any()

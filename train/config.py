@@ -157,6 +157,11 @@ class StageConfig:
     # Training timesteps are uniform (1, the paper's); s > 1 moves them toward high noise, where
     # the condition decides the object (u -> s u / (1 + (s - 1) u), SD3's shift).
     timestep_shift: float = 1.0
+    # P(every view of an object draws its own timestep), per object; otherwise all its views share
+    # one (the paper's). A view at lower noise than the others then holds what they must make,
+    # which only global attention can read, so the cross-view path earns its keep in training
+    # instead of being left unlearned while each view can be made on its own. 0 = the paper's.
+    view_timestep_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,7 @@ RULES: dict[str, _Rule] = {
     "stage.cond_dropout": _UNIT,
     "stage.embedding_dropout": _UNIT,
     "stage.first_view_dropout": _UNIT,
+    "stage.view_timestep_prob": _UNIT,
     "stage.timestep_shift": ((lambda v: v > 0), "> 0", "1 = uniform timesteps; 3 puts 75 % in the noisier half"),
     "stage.cond_loss_weight": _at_least(0),
     "loss.l1_weight": _at_least(0),

@@ -131,6 +131,21 @@ def training_noise(
     return torch.stack(ts), torch.stack(noises), torch.stack(drops)
 
 
+def view_timesteps(
+    seeds: list[int], t: Tensor, num_views: int, p: float, num_timesteps: int, shift: float = 1.0
+) -> Tensor:
+    """Per object and view (b, v): the object's timestep ``t`` (b,) for all its views, except for
+    the share ``p`` of the objects (flag stream 11, ``stage.view_timestep_prob``), whose views
+    each draw their own from stream 12, from the same distribution as ``training_noise`` (shifted
+    by ``shift``). From the sample seed only, so any split of a batch over ranks agrees."""
+    out = t[:, None].repeat(1, num_views)
+    for i, (seed, independent) in enumerate(zip(seeds, object_flags(seeds, p, 11).tolist(), strict=True)):
+        if independent:
+            u = torch.rand(num_views, generator=torch.Generator().manual_seed(mix_seed(seed, 12)), dtype=torch.float64)
+            out[i] = (shift * u / (1 + (shift - 1) * u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+    return out
+
+
 def object_flags(seeds: list[int], p: float, stream: int) -> Tensor:
     """Per object (b,): True with probability ``p``, from the sample seed's own ``stream``, so
     any split of a batch over ranks draws the same flags and each dropout is independent of the
@@ -191,6 +206,8 @@ def diffusion_loss(
     t, noise, drop = training_noise(
         seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout, stage.timestep_shift
     )
+    t = view_timesteps(seeds, t, num_views, stage.view_timestep_prob, model.schedule.num_train_timesteps,
+                       stage.timestep_shift)[:, mine]  # b own
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
     drop_tokens = drop | object_flags(seeds, stage.embedding_dropout, 9).to(drop.device)
     first_view = ~object_flags(seeds, stage.first_view_dropout, 10).to(drop.device)
