@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -411,46 +412,43 @@ def main(argv: list[str] | None = None) -> int:
         report["prior"]["heldout"] |= mesh_scores(*prior, meshes, args.mesh_resolution)
     if vae is not None:  # what the MVAE's latents keep of the true views
         report["mvae_ceiling"] = score(*through_mvae(vae, truth[:, :, :3], truth[:, :, 3:]), heldout, silhouette=False)
-    latents: dict[int, Tensor] = {}
-    for space in args.spaces:
-        for width in args.widths:
-            for n in args.objects:
-                torch.manual_seed(args.seed)
-                data, fit = train.first(n), train.first(min(args.fit_count, n))
-                if space == "latent":
-                    if n not in latents:
-                        start = time.perf_counter()
-                        latents[n] = encode_views(vae, data.views)
-                        print(f"encoded {n} objects' views in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-                    model = ViewRegressor(width, args.size, latent_channels=latents[n].shape[2])
-                    views = functools.partial(predict_latents, vae=vae)
-                else:
-                    model, views = ViewRegressor(width, args.size), predict
-                start = time.perf_counter()
-                losses = train_regressor(model, data, args.steps, args.batch_size, args.lr, args.seed, args.mirror,
-                                         log_every=max(args.steps // 10, 1),
-                                         latents=latents[n] if space == "latent" else None)
-                train_s = time.perf_counter() - start
-                held_rgb, held_masks = views(model, inputs=held_inputs)
-                run = {"space": space, "objects": n, "width": width,
-                       "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                       "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
-                       round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
-                       "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
-                       "heldout": score(held_rgb, held_masks, heldout),
-                       "training_objects": score(*views(model, inputs=fit.inputs.float() / 255), fit, silhouette=False)}
-                if meshes is not None:
-                    run["heldout"] |= mesh_scores(held_rgb, held_masks, meshes, args.mesh_resolution)
-                if vae is not None and space == "image":
-                    run["heldout_through_mvae"] = score(*through_mvae(vae, held_rgb, held_masks), heldout)
-                if args.save is not None:
-                    args.save.mkdir(parents=True, exist_ok=True)
-                    suffix = "_latent" if space == "latent" else ""
-                    save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}{suffix}.safetensors")
-                print(json.dumps(run), flush=True)
-                runs.append(run)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
+    latents = None  # every training object's latents, encoded once; each run takes its first n
+    if "latent" in args.spaces:
+        start = time.perf_counter()
+        latents = encode_views(vae, train.first(max(args.objects)).views)
+        print(f"encoded {len(latents)} objects' views in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for space, width, n in itertools.product(args.spaces, args.widths, args.objects):
+        torch.manual_seed(args.seed)
+        data, fit = train.first(n), train.first(min(args.fit_count, n))
+        if space == "latent":
+            model = ViewRegressor(width, args.size, latent_channels=latents.shape[2])
+            views = functools.partial(predict_latents, vae=vae)
+        else:
+            model, views = ViewRegressor(width, args.size), predict
+        start = time.perf_counter()
+        losses = train_regressor(model, data, args.steps, args.batch_size, args.lr, args.seed, args.mirror,
+                                 log_every=max(args.steps // 10, 1), latents=latents[:n] if space == "latent" else None)
+        train_s = time.perf_counter() - start
+        held_rgb, held_masks = views(model, inputs=held_inputs)
+        run = {"space": space, "objects": n, "width": width,
+               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+               "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
+               round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
+               "train_s": round(train_s, 1), "loss_last_100": round(float(np.mean(losses[-100:])), 4),
+               "heldout": score(held_rgb, held_masks, heldout),
+               "training_objects": score(*views(model, inputs=fit.inputs.float() / 255), fit, silhouette=False)}
+        if meshes is not None:
+            run["heldout"] |= mesh_scores(held_rgb, held_masks, meshes, args.mesh_resolution)
+        if vae is not None and space == "image":
+            run["heldout_through_mvae"] = score(*through_mvae(vae, held_rgb, held_masks), heldout)
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+            suffix = "_latent" if space == "latent" else ""
+            save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}{suffix}.safetensors")
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
     return 0
 
 

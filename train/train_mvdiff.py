@@ -109,6 +109,11 @@ def encode_views(model: MVDPPModel, batch: dict, mine: slice, embed: bool = True
     return torch.stack(latents), cond
 
 
+def shifted_timesteps(u: Tensor, shift: float, num_timesteps: int) -> Tensor:
+    """Integer timesteps from ``u`` uniform in [0, 1) under SD3's shift u -> s u / (1 + (s - 1) u)."""
+    return (shift * u / (1 + (shift - 1) * u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
 def training_noise(
     seeds: list[int], shape: torch.Size, num_timesteps: int, dropout: float, shift: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,8 +129,7 @@ def training_noise(
         if shift == 1.0:
             ts.append(torch.randint(0, num_timesteps, (), generator=g))
         else:
-            u = torch.rand((), generator=g, dtype=torch.float64)
-            ts.append((shift * u / (1 + (shift - 1) * u) * num_timesteps).long().clamp(max=num_timesteps - 1))
+            ts.append(shifted_timesteps(torch.rand((), generator=g, dtype=torch.float64), shift, num_timesteps))
         noises.append(torch.randn(tuple(shape[1:]), generator=g))
         drops.append(torch.rand((), generator=g) < dropout)
     return torch.stack(ts), torch.stack(noises), torch.stack(drops)
@@ -139,10 +143,12 @@ def view_timesteps(
     each draw their own from stream 12, from the same distribution as ``training_noise`` (shifted
     by ``shift``). From the sample seed only, so any split of a batch over ranks agrees."""
     out = t[:, None].repeat(1, num_views)
+    if p == 0:
+        return out
     for i, (seed, independent) in enumerate(zip(seeds, object_flags(seeds, p, 11).tolist(), strict=True)):
         if independent:
             u = torch.rand(num_views, generator=torch.Generator().manual_seed(mix_seed(seed, 12)), dtype=torch.float64)
-            out[i] = (shift * u / (1 + (shift - 1) * u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+            out[i] = shifted_timesteps(u, shift, num_timesteps)
     return out
 
 
