@@ -72,10 +72,14 @@ from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_samplin
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
+    attention_flow,
+    condition_share,
     hull_masks,
     mask_iou,
     mesh_metrics,
+    object_latents,
     per_view_iou,
+    sibling_share,
     silhouette_consistency,
     single_view_hull,
 )
@@ -193,6 +197,31 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
         psnrs.append(p)
         ious.append(m)
     return {"objects": len(folders), "psnr": float(np.mean(psnrs)), "mask_iou": float(np.mean(ious))}
+
+
+def information_flow(model: MVDPPModel, folders: list[Path]) -> dict:
+    """train.diagnostics' flow measures on these objects (1 input view): the condition's share of
+    the targets' x0 error (t = 900, 500), the other views' share of a probe view's (t = 900 with
+    the others at 300 or 600; with the condition and under the null condition), and per global
+    attention layer the mass on the condition, on the query's own view and the entropy (t = 900)."""
+    size = model.config.image_size
+    objects = []
+    for folder in folders:
+        views = fmt.read_object_folder(folder, cond_ids=[0])
+        objects.append(object_latents(model, *to_tensors(views.target_rgba, size), *to_tensors(views.cond_rgba, size)))
+    return {"objects": len(folders),
+            "condition_share": [condition_share(model, objects, t) for t in (900, 500)],
+            "sibling_share": [sibling_share(model, objects, 900, t, null=null) for null in (False, True)
+                              for t in (300, 600)],
+            "attention_t900": attention_flow(model, objects, 900)}
+
+
+def flow_line(flow: dict) -> str:
+    """One line of ``information_flow``'s shares."""
+    shares = [f"condition share t={r['t']}: {r['share']:.3f}" for r in flow["condition_share"]]
+    shares += [f"sibling share t={r['t_high']}/{r['t_low']}{' null' if r['null'] else ''}: {r['share']:.3f}"
+               for r in flow["sibling_share"]]
+    return "[flow] " + ", ".join(shares)
 
 
 def input_copy_baseline(folders: list[Path], size: int) -> dict[str, float]:
@@ -472,6 +501,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-view-attention", action="store_true",
                    help="restrict every attention layer to its own view (what the outputs owe to information "
                    "crossing views: the model's cross-view path)")
+    p.add_argument("--flow-count", type=int, default=0,
+                   help="objects for the information-flow measures (train.diagnostics: condition share, sibling "
+                   "share, attention mass); 0: skip")
     p.add_argument("--copy-count", type=int, default=16, help="objects for the copy test (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh-resolution", type=int, default=64, help="carving grid of the fast reconstruction")
@@ -530,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         save("hull_baseline")(hull_baseline(folders, model.config.image_size))
     if args.retrieval_baseline is not None:
         save("retrieval_baseline")(retrieval_baseline(folders, args.retrieval_baseline, model.config.image_size))
+    if args.flow_count:
+        save("flow")(information_flow(model, folders[: args.flow_count]))
+        print(flow_line(report["flow"]), flush=True)
     evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
                    on_result=save("trained"), grids=args.grids)
     if args.copy_count:

@@ -7,7 +7,8 @@ first ``--objects`` training objects only, then measures on those same objects:
   another object's (a model that ignores its input scores the same on both);
 * the condition share of the target views' x0 error at t = 900 and 500 (own vs another
   object's condition) and the per-layer attention mass that target queries put on the
-  condition view (``train.diagnostics``).
+  condition view, and the other views' share of a probe view's x0 error, with the condition and
+  under the null condition (``train.diagnostics``).
 
 A model that cannot learn this in a few hundred steps has an information-flow problem, not a
 data or compute problem. Writes ``<out>/overfit.json``.
@@ -45,6 +46,7 @@ from train.diagnostics import (  # noqa: E402
     condition_share,
     mask_iou,
     object_latents,
+    sibling_share,
     silhouette_consistency,
 )
 from train.train_mvdiff import train  # noqa: E402
@@ -100,6 +102,7 @@ def measure(model: MVDPPModel, folders: list[Path], steps: int, guidance: float)
     return {
         "generation": summary,
         "condition_share": [condition_share(model, objects, t) for t in (900, 500)],
+        "sibling_share": [sibling_share(model, objects, 900, 300, null=null) for null in (False, True)],
         "attention_t900": attention_flow(model, objects, 900),
     }
 
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: round(v, 4) for k, v in gen.items()},
                 "share_t900": round(shares[0]["share"], 4),
                 "share_t500": round(shares[1]["share"], 4),
+                "sibling_share": [round(r["share"], 4) for r in report["sibling_share"]],
                 "cond_mass": [round(f["cond_mass"], 4) for f in flow],
                 "uniform": round(flow[0]["uniform_mass"], 4) if flow else None,
                 "entropy": [round(f["entropy"], 3) for f in flow],

@@ -1,14 +1,24 @@
 """The flow diagnostics of train/diagnostics.py measure what they claim: silhouette consistency
 separates one object's views from views of different objects, the consensus hull outvotes a
 few wrong masks, the single-view hull contains its object and reproduces its view, and the
-attention recorder reads exactly the uniform share from attention that cannot tell keys apart."""
+attention recorder reads exactly the uniform share from attention that cannot tell keys apart,
+and the condition and sibling shares are exactly 0 where no information can cross views."""
 
 import torch
 from tiny_models import tiny_model
 
 from mvdpp_core.model import Condition
 from train.data.dataset import to_tensors
-from train.diagnostics import attention_flow, condition_share, hull_masks, silhouette_consistency, single_view_hull
+from train.diagnostics import (
+    SIBLING_PROBE_VIEWS,
+    attention_flow,
+    condition_share,
+    hull_masks,
+    noisy_targets,
+    sibling_share,
+    silhouette_consistency,
+    single_view_hull,
+)
 from train.procedural.render import render_object
 
 
@@ -95,3 +105,28 @@ def test_condition_share_is_exactly_zero_when_the_condition_cannot_matter():
     assert condition_share(model, objects, 500)["share"] == 0.0  # bit-identical target outputs
     model.unet.set_attention_backend("sdpa", global_attention=True)
     assert abs(condition_share(model, objects, 500)["share"]) > 1e-7  # small: untrained attention is near uniform
+
+
+@torch.no_grad()
+def test_sibling_share_is_exactly_zero_where_views_cannot_be_read_and_measures_the_probe_view():
+    model = tiny_model(0, view_scale=0.5)
+    g = torch.Generator().manual_seed(2)
+    objects = [
+        (
+            torch.randn(1, 33, 4, 16, 16, generator=g),
+            Condition(torch.randn(1, 1, 4, 16, 16, generator=g), torch.randn(1, 1, 32, generator=g)),
+        )
+        for _ in range(2)
+    ]
+    shared = sibling_share(model, objects, 900, 300)
+    # the "others high" error is the probe views' x0 error under the usual joint noise
+    errors = []
+    for i, (x0, cond) in enumerate(objects):
+        noisy, tt = noisy_targets(model, x0, 900, seed=i)
+        pred = model.schedule.predict_x0(model.predict(noisy, tt.float(), cond, model.empty_latent(1)), noisy, tt)
+        errors.append((pred - x0)[:, list(SIBLING_PROBE_VIEWS)].pow(2).mean().item())
+    assert abs(shared["x0_err_others_high"] - sum(errors) / len(errors)) < 1e-6 * shared["x0_err_others_high"]
+    assert abs(shared["share"]) > 1e-7  # global attention: the others' noise level reaches the probe view
+    assert sibling_share(model, objects, 900, 900)["share"] == 0.0  # the two passes are the same pass
+    model.unet.set_attention_backend("sdpa", global_attention=False)
+    assert sibling_share(model, objects, 900, 300)["share"] == 0.0  # bit-identical probe-view outputs

@@ -119,7 +119,8 @@ def test_a_checkpoint_given_by_path_is_told_how_to_get_the_embedded_sampling(tmp
 def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_path, monkeypatch):
     """--per-view-attention evaluates the checkpoint with every attention layer kept to its own view
     (what the outputs owe to the cross-view path), and the report says so; without it the
-    checkpoint's global self-attention stays."""
+    checkpoint's global self-attention stays. --flow-count measures the cross-view path directly:
+    the other views' share of a probe view's x0 error is exactly 0 without it and not 0 with it."""
     seen = {}
 
     def capture(model, folders, views, cfg, label, **kwargs):
@@ -131,9 +132,12 @@ def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_pat
     for flag in ([], ["--per-view-attention"]):
         out = tmp_path / f"r{len(flag)}.json"
         main(["--heldout", str(tmp_path / "heldout"), "--count", "1", "--views", "1", "--copy-count", "0",
-              "--no-baseline", "--out", str(out), *flag])
+              "--no-baseline", "--flow-count", "1", "--out", str(out), *flag])
         report = json.loads(out.read_text())
         assert report["per_view_attention"] is bool(flag)
+        shares = [r["share"] for r in report["flow"]["sibling_share"]]
+        assert all(share == 0.0 for share in shares) if flag else all(abs(share) > 1e-4 for share in shares)
+        assert len(report["flow"]["attention_t900"]) == (0 if flag else 4)  # the recorder sees global layers only
         globals_ = seen.pop("trained")
         assert any(name.endswith("attn1.processor") for name in globals_)
         if flag:

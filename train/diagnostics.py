@@ -6,6 +6,11 @@
 * ``condition_share``: the x0 error of target views with the object's own condition vs
   another object's condition, at a fixed noise level: ``1 - err_own / err_other``. 0 means
   the condition does not inform the targets; near 1, it decides them.
+* ``sibling_share``: does a target view read the other views? The x0 error of a probe view
+  at high noise with every other view at low noise (they show most of the object) against the
+  same with them at its own noise, as in training and sampling: ``1 - err_low / err_high``. 0
+  when the probe view reads nothing of them (per-view attention makes it exactly 0); near 1,
+  they decide it: the cross-view path a long sampler needs for its views to agree.
 * ``silhouette_consistency``: carve the visual hull of 32 masks on the rig, project it back
   and take the IoU with the masks: ~0.99 for the true views of one object; masks that do not
   describe one 3D object carve to little and score low. ``hull_masks`` is that projection,
@@ -117,6 +122,41 @@ def condition_share(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], 
         other.append(target_x0_error(model, x0, objects[(i + 1) % len(objects)][1], t, seed=i))
     err_own, err_other = sum(own) / len(own), sum(other) / len(other)
     return {"t": t, "x0_err_own": err_own, "x0_err_other": err_other, "share": 1 - err_own / err_other}
+
+
+def _per_view_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, noise: Tensor, t: Tensor) -> Tensor:
+    """MSE of the predicted x0 per view (v,) of latents x0 (1, v, c, h, w) noised at timesteps t (1, v)."""
+    noisy = model.schedule.q_sample(x0, t, noise)
+    out = model.predict(noisy, t.float(), cond, model.empty_latent(1))
+    return (model.schedule.predict_x0(out, noisy, t) - x0).pow(2).mean(dim=(0, 2, 3, 4))
+
+
+SIBLING_PROBE_VIEWS = (10, 12, 14)  # elevation 0, azimuths 90, 180, 270 deg: sides and back
+
+
+@torch.no_grad()
+def sibling_share(
+    model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t_high: int, t_low: int,
+    views: tuple[int, ...] = SIBLING_PROBE_VIEWS, null: bool = False,
+) -> dict[str, float]:
+    """x0 error of each probe view at ``t_high`` with all other views at ``t_low`` vs at
+    ``t_high`` (objects: (x0, cond); the same noise in both), summed over objects and views.
+    ``null``: under the null condition (guidance's unconditional branch), where the object is
+    known only from the other views (the condition views among them): can the model read them
+    when it must?"""
+    low, high = 0.0, 0.0
+    for i, (x0, cond) in enumerate(objects):
+        cond = model.null_condition(cond, model.empty_latent(1)) if null else cond
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)).to(x0)
+        joint = _per_view_x0_error(model, x0, cond, noise, torch.full(x0.shape[:2], t_high))  # one pass
+        for k in views:
+            tt = torch.full(x0.shape[:2], t_low)
+            tt[:, k] = t_high
+            low += _per_view_x0_error(model, x0, cond, noise, tt)[k].item()
+            high += joint[k].item()
+    n = len(objects) * len(views)
+    return {"t_high": t_high, "t_low": t_low, "null": null, "x0_err_others_low": low / n,
+            "x0_err_others_high": high / n, "share": 1 - low / high}
 
 
 @torch.no_grad()
