@@ -130,3 +130,4 @@ def test_sibling_share_is_exactly_zero_where_views_cannot_be_read_and_measures_t
     assert sibling_share(model, objects, 900, 900)["share"] == 0.0  # the two passes are the same pass
     model.unet.set_attention_backend("sdpa", global_attention=False)
     assert sibling_share(model, objects, 900, 300)["share"] == 0.0  # bit-identical probe-view outputs
+    assert sibling_share(model, objects, 900, 300, null=True)["share"] == 0.0  # also without the condition

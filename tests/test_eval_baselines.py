@@ -120,7 +120,8 @@ def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_pat
     """--per-view-attention evaluates the checkpoint with every attention layer kept to its own view
     (what the outputs owe to the cross-view path), and the report says so; without it the
     checkpoint's global self-attention stays. --flow-count measures the cross-view path directly:
-    the other views' share of a probe view's x0 error is exactly 0 without it and not 0 with it."""
+    the other views' share of a probe view's x0 error is exactly 0 with --per-view-attention and
+    not 0 without."""
     seen = {}
 
     def capture(model, folders, views, cfg, label, **kwargs):
