@@ -72,14 +72,12 @@ from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_samplin
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
-    attention_flow,
-    condition_share,
     hull_masks,
+    information_flow,
     mask_iou,
     mesh_metrics,
     object_latents,
     per_view_iou,
-    sibling_share,
     silhouette_consistency,
     single_view_hull,
 )
@@ -199,25 +197,20 @@ def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> di
     return {"objects": len(folders), "psnr": float(np.mean(psnrs)), "mask_iou": float(np.mean(ious))}
 
 
-def information_flow(model: MVDPPModel, folders: list[Path]) -> dict:
-    """train.diagnostics' flow measures on these objects (1 input view): the condition's share of
-    the targets' x0 error (t = 900, 500), the other views' share of a probe view's (t = 900 with
-    the others at 300 or 600; with the condition and under the null condition), and per global
-    attention layer the mass on the condition, on the query's own view and the entropy (t = 900)."""
+def heldout_flow(model: MVDPPModel, folders: list[Path]) -> dict:
+    """``train.diagnostics.information_flow`` on these objects (1 input view): the condition's
+    share of the targets' x0 error, the other views' share of a probe view's, and the attention
+    mass per global attention layer."""
     size = model.config.image_size
     objects = []
     for folder in folders:
         views = fmt.read_object_folder(folder, cond_ids=[0])
         objects.append(object_latents(model, *to_tensors(views.target_rgba, size), *to_tensors(views.cond_rgba, size)))
-    return {"objects": len(folders),
-            "condition_share": [condition_share(model, objects, t) for t in (900, 500)],
-            "sibling_share": [sibling_share(model, objects, 900, t, null=null) for null in (False, True)
-                              for t in (300, 600)],
-            "attention_t900": attention_flow(model, objects, 900)}
+    return {"objects": len(folders), **information_flow(model, objects)}
 
 
 def flow_line(flow: dict) -> str:
-    """One line of ``information_flow``'s shares."""
+    """One line of ``heldout_flow``'s shares."""
     shares = [f"condition share t={r['t']}: {r['share']:.3f}" for r in flow["condition_share"]]
     shares += [f"sibling share t={r['t_high']}/{r['t_low']}{' null' if r['null'] else ''}: {r['share']:.3f}"
                for r in flow["sibling_share"]]
@@ -563,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.retrieval_baseline is not None:
         save("retrieval_baseline")(retrieval_baseline(folders, args.retrieval_baseline, model.config.image_size))
     if args.flow_count:
-        save("flow")(information_flow(model, folders[: args.flow_count]))
+        save("flow")(heldout_flow(model, folders[: args.flow_count]))
         print(flow_line(report["flow"]), flush=True)
     evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
                    on_result=save("trained"), grids=args.grids)

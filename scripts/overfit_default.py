@@ -42,11 +42,9 @@ from train.config import TrainConfig, load_config  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import object_folders, to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
-    attention_flow,
-    condition_share,
+    information_flow,
     mask_iou,
     object_latents,
-    sibling_share,
     silhouette_consistency,
 )
 from train.train_mvdiff import train  # noqa: E402
@@ -99,12 +97,7 @@ def measure(model: MVDPPModel, folders: list[Path], steps: int, guidance: float)
             }
         )
     summary = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    return {
-        "generation": summary,
-        "condition_share": [condition_share(model, objects, t) for t in (900, 500)],
-        "sibling_share": [sibling_share(model, objects, 900, 300, null=null) for null in (False, True)],
-        "attention_t900": attention_flow(model, objects, 900),
-    }
+    return {"generation": summary, **information_flow(model, objects, sibling_lows=(300,))}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -176,6 +176,19 @@ def attention_flow(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], t
     ]
 
 
+def information_flow(
+    model: MVDPPModel, objects: list[tuple[Tensor, Condition]], sibling_lows: tuple[int, ...] = (300, 600)
+) -> dict:
+    """The flow measures above on these objects ((x0, cond) of ``object_latents``): the condition
+    share at t = 900 and 500, the sibling share at t = 900 with the others at each of
+    ``sibling_lows``, with the condition and under the null condition, and the attention flow at
+    t = 900."""
+    return {"condition_share": [condition_share(model, objects, t) for t in (900, 500)],
+            "sibling_share": [sibling_share(model, objects, 900, t, null=null) for null in (False, True)
+                              for t in sibling_lows],
+            "attention_t900": attention_flow(model, objects, 900)}
+
+
 @functools.lru_cache(maxsize=4)
 def _rig_voxel_pixels(resolution: int, size: int) -> Tensor:
     """For each rig view and voxel centre of a [-0.5, 0.5]^3 grid of ``resolution``^3, the flat
