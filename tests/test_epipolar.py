@@ -3,6 +3,7 @@ condition views stay pose-free, gain 0 is plain global attention, view equivaria
 training switch that starts it."""
 
 import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,12 +11,14 @@ from tiny_models import (
     assert_fixed_gains,
     assert_gain_matters_and_permutes,
     assert_initialised_unet_equals_base,
+    tiny_model,
     unet_inputs,
     unet_with,
 )
 
 from mvdpp_core.attention import AttentionBackend, attend
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.checkpoint import save_checkpoint
 from mvdpp_core.config import PredictionType, preset
 from mvdpp_core.geometry import EPIPOLAR_FLOOR, epipolar_bias, epipolar_table
 from mvdpp_core.unet import MultiViewUNet
@@ -103,14 +106,35 @@ def test_gains_are_fixed_buffers_stored_with_the_model(epipolar_unet):
     assert_fixed_gains(epipolar_unet, "epipolar", epipolar_unet.epipolar.layers, 1.0, torch.tensor([[0, 9, 20, 32]]))
 
 
-def test_training_init_starts_the_gain_and_refuses_it_for_bundles():
+def test_training_init_starts_the_gain_from_scratch():
     init = ModelInitConfig(architecture={"unet": {"epipolar_attention": True}}, epipolar_gain=1.0)
     model = build_mvdiff_model(init, PredictionType.V_PREDICTION)
     assert all((layer.gain == 1).all() for layer in model.unet.epipolar.layers)
-    with pytest.raises(ValueError, match="init.epipolar_gain=1.0 applies to new models"):
-        build_mvdiff_model(
-            ModelInitConfig(source=InitSource.BUNDLE, path="x.safetensors", epipolar_gain=1.0), PredictionType.EPSILON
-        )
+
+
+def test_a_bundle_continues_with_epipolar_attention_switched_on_and_every_weight_kept(tmp_path):
+    """The bias adds no trained weight, so a bundle without it continues with it: every tensor of
+    the bundle is carried over unchanged, the gains start at init.epipolar_gain and change the
+    output; a bundle that has the bias keeps its gains, and asking for new ones is refused."""
+    path = save_checkpoint(tiny_model(seed=3, view_scale=1.0), tmp_path / "plain.safetensors")
+    plain = build_mvdiff_model(ModelInitConfig(source=InitSource.BUNDLE, path=str(path)), PredictionType.EPSILON)
+    assert plain.unet.epipolar is None  # without the gain the bundle is continued as it is
+    init = ModelInitConfig(source=InitSource.BUNDLE, path=str(path), epipolar_gain=0.5)
+    model = build_mvdiff_model(init, PredictionType.EPSILON)
+    assert model.config.unet.epipolar_attention
+    assert all((layer.gain == 0.5).all() for layer in model.unet.epipolar.layers)
+    weights, bundle = model.state_dict(), plain.state_dict()
+    assert set(weights) - set(bundle) == {k for k in weights if ".epipolar_attention." in k}
+    for key, value in bundle.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
+    sample, t, ids, ctx = unet_inputs(model.config.unet, 1, 4, size=16)
+    with torch.no_grad():
+        assert not torch.allclose(model.unet(sample, t, ids, ctx), plain.unet(sample, t, ids, ctx), atol=1e-4)
+    with_bias = save_checkpoint(model, tmp_path / "epipolar.safetensors")
+    with pytest.raises(ValueError, match="already has epipolar attention"):
+        build_mvdiff_model(replace(init, path=str(with_bias)), PredictionType.EPSILON)
+    kept = build_mvdiff_model(ModelInitConfig(source=InitSource.BUNDLE, path=str(with_bias)), PredictionType.EPSILON)
+    assert all((layer.gain == 0.5).all() for layer in kept.unet.epipolar.layers)
 
 
 def test_view_parallelism_is_refused_with_a_clear_error(epipolar_unet):

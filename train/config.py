@@ -110,7 +110,9 @@ class ModelInitConfig:
     geometry_init_std: float = 0.0
     # Gain of the epipolar attention bias (UNetConfig.epipolar_attention), fixed for the run and
     # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; from scratch,
-    # 1 makes attention follow the rig's epipolar geometry from the first step.
+    # 1 makes attention follow the rig's epipolar geometry from the first step. With
+    # source=bundle it switches the bias on in a bundle that lacks it (the bias has no trained
+    # weights, so every weight still loads); a bundle that has it keeps its gains.
     epipolar_gain: float = 0.0
     # Gain of the condition-key bias (UNetConfig.condition_attention_bias), fixed for the run and
     # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; 1 gives each

@@ -52,10 +52,13 @@ def run_architecture(output_dir: Path, config: C, *, resuming: bool, is_main: bo
 
 
 def rebuilt_under(module: nn.Module, config, output_dir: Path) -> nn.Module:
-    """A new module of ``type(module)`` built from ``config`` holding ``module``'s weights."""
+    """A new module of ``type(module)`` built from ``config`` holding ``module``'s weights (all
+    of them; the new module may add only the epipolar bias's gains, set by the caller)."""
     rebuilt = type(module)(config)
+    weights = module.state_dict()
+    added = {k: v for k, v in rebuilt.state_dict().items() if k not in weights and ".epipolar_attention." in k}
     try:
-        rebuilt.load_state_dict(module.state_dict(), strict=True)
+        rebuilt.load_state_dict({**weights, **added}, strict=True)
     except RuntimeError as err:
         raise _other_architecture(output_dir, str(err)) from None
     return rebuilt
@@ -95,7 +98,7 @@ def build_mvdiff_model(
     else:
         _require(init.path, "init.path", "the previous stage's exported .safetensors bundle")
         source = load_checkpoint(init.path)
-        config = source.config
+        config = _with_epipolar(source.config, init)
     if source is not None and source.image_encoder is None:
         raise ValueError(
             "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
@@ -107,6 +110,8 @@ def build_mvdiff_model(
     if init.source is InitSource.PRESET:
         torch.manual_seed(init.seed)
     model = _assemble(config, source, init, output_dir)
+    if init.source is InitSource.BUNDLE and init.epipolar_gain:
+        model.unet.epipolar.reset_parameters(init.epipolar_gain)
     if init.source is not InitSource.BUNDLE:
         with torch.no_grad():
             model.unet.unet.class_embedding.scale.fill_(init.view_embedding_scale)
@@ -117,6 +122,20 @@ def build_mvdiff_model(
         if model.unet.condition_bias is not None:
             model.unet.condition_bias.reset_parameters(init.condition_bias_gain)
     return model
+
+
+def _with_epipolar(config: ModelConfig, init: ModelInitConfig) -> ModelConfig:
+    """A bundle's config, with epipolar attention switched on where ``init.epipolar_gain`` asks
+    for it: the bias adds no trained weight (its gains are fixed buffers), so every weight of
+    the bundle still loads, and the continuation learns to use the geometry it now sees."""
+    if not init.epipolar_gain:
+        return config
+    if config.unet.epipolar_attention:
+        raise ValueError(
+            f"init.epipolar_gain={init.epipolar_gain}: the bundle {init.path} already has epipolar attention, "
+            "whose gains it keeps; leave init.epipolar_gain at 0 to continue it."
+        )
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, epipolar_attention=True))
 
 
 def _fitting(configured: ModelConfig, recorded: ModelConfig, output_dir: Path | None) -> ModelConfig:
@@ -164,7 +183,7 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
 
 
 def _check_init(init: ModelInitConfig) -> None:
-    for key in ("view_embedding_scale", "geometry_init_std", "epipolar_gain", "condition_bias_gain"):
+    for key in ("view_embedding_scale", "geometry_init_std", "condition_bias_gain"):
         if init.source is InitSource.BUNDLE and getattr(init, key):
             raise ValueError(
                 f"init.{key}={getattr(init, key)} applies to new models; a bundle keeps its trained "
