@@ -3,7 +3,6 @@ condition views stay pose-free, gain 0 is plain global attention, view equivaria
 training switch that starts it."""
 
 import dataclasses
-from dataclasses import replace
 
 import pytest
 import torch
@@ -132,7 +131,7 @@ def test_a_bundle_continues_with_epipolar_attention_switched_on_and_every_weight
         assert not torch.allclose(model.unet(sample, t, ids, ctx), plain.unet(sample, t, ids, ctx), atol=1e-4)
     with_bias = save_checkpoint(model, tmp_path / "epipolar.safetensors")
     with pytest.raises(ValueError, match="already has epipolar attention"):
-        build_mvdiff_model(replace(init, path=str(with_bias)), PredictionType.EPSILON)
+        build_mvdiff_model(dataclasses.replace(init, path=str(with_bias)), PredictionType.EPSILON)
     kept = build_mvdiff_model(ModelInitConfig(source=InitSource.BUNDLE, path=str(with_bias)), PredictionType.EPSILON)
     assert all((layer.gain == 0.5).all() for layer in kept.unet.epipolar.layers)
 

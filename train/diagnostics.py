@@ -85,22 +85,29 @@ def recording_attention(num_views: int, num_cond: int) -> Iterator[list[LayerFlo
         attention_module.attend = original
 
 
+def _seeded_noise(x0: Tensor, seed: int) -> Tensor:
+    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+
+
 def noisy_targets(model: MVDPPModel, x0: Tensor, t: int, seed: int) -> tuple[Tensor, Tensor]:
     """x_t of latents (1, v, c, h, w) at timestep t with seeded noise, and the timestep tensor."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=g).to(x0)
     tt = torch.full((1,), t, dtype=torch.long)
-    return model.schedule.q_sample(x0, tt, noise), tt
+    return model.schedule.q_sample(x0, tt, _seeded_noise(x0, seed)), tt
+
+
+def per_view_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, t: Tensor, seed: int) -> Tensor:
+    """MSE of the predicted x0 per view (v,) of latents x0 (1, v, c, h, w) noised with seeded
+    noise at timesteps t: (1,) for all views, or (1, v) for one per view."""
+    noisy = model.schedule.q_sample(x0, t, _seeded_noise(x0, seed))
+    out = model.predict(noisy, t.float(), cond, model.empty_latent(1))
+    return (model.schedule.predict_x0(out, noisy, t) - x0).pow(2).mean(dim=(0, 2, 3, 4))
 
 
 @torch.no_grad()
 def target_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, t: int, seed: int = 0) -> float:
     """MSE of the predicted x0 of the 32 target views (latents x0 (1, 32 + n, c, h, w))."""
-    noisy, tt = noisy_targets(model, x0, t, seed)
-    empty = model.empty_latent(1)
-    out = model.predict(noisy, tt.float(), cond, empty)
-    pred = model.schedule.predict_x0(out, noisy, tt)
-    return (pred[:, :NUM_TARGET_VIEWS] - x0[:, :NUM_TARGET_VIEWS]).pow(2).mean().item()
+    errors = per_view_x0_error(model, x0, cond, torch.full((1,), t, dtype=torch.long), seed)
+    return errors[:NUM_TARGET_VIEWS].mean().item()
 
 
 @torch.no_grad()
@@ -124,13 +131,6 @@ def condition_share(model: MVDPPModel, objects: list[tuple[Tensor, Condition]], 
     return {"t": t, "x0_err_own": err_own, "x0_err_other": err_other, "share": 1 - err_own / err_other}
 
 
-def _per_view_x0_error(model: MVDPPModel, x0: Tensor, cond: Condition, noise: Tensor, t: Tensor) -> Tensor:
-    """MSE of the predicted x0 per view (v,) of latents x0 (1, v, c, h, w) noised at timesteps t (1, v)."""
-    noisy = model.schedule.q_sample(x0, t, noise)
-    out = model.predict(noisy, t.float(), cond, model.empty_latent(1))
-    return (model.schedule.predict_x0(out, noisy, t) - x0).pow(2).mean(dim=(0, 2, 3, 4))
-
-
 SIBLING_PROBE_VIEWS = (10, 12, 14)  # elevation 0, azimuths 90, 180, 270 deg: sides and back
 
 
@@ -147,12 +147,11 @@ def sibling_share(
     low, high = 0.0, 0.0
     for i, (x0, cond) in enumerate(objects):
         cond = model.null_condition(cond, model.empty_latent(1)) if null else cond
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)).to(x0)
-        joint = _per_view_x0_error(model, x0, cond, noise, torch.full(x0.shape[:2], t_high))  # one pass
+        joint = per_view_x0_error(model, x0, cond, torch.full(x0.shape[:2], t_high), seed=i)  # one pass
         for k in views:
             tt = torch.full(x0.shape[:2], t_low)
             tt[:, k] = t_high
-            low += _per_view_x0_error(model, x0, cond, noise, tt)[k].item()
+            low += per_view_x0_error(model, x0, cond, tt, seed=i)[k].item()
             high += joint[k].item()
     n = len(objects) * len(views)
     return {"t_high": t_high, "t_low": t_low, "null": null, "x0_err_others_low": low / n,
