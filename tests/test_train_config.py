@@ -84,6 +84,23 @@ def test_default_continuation_trains_the_same_model_with_the_same_loss():
     assert cont.runtime.output_dir != first.runtime.output_dir and cont.data.folders != first.data.folders
 
 
+def test_default_step_5_changes_only_the_two_levers_it_names():
+    """default_unet_4.yaml (a candidate step 5, not shipped) continues step 4's export on the same
+    objects with the epipolar bias switched on and half the batches unconditioned, each target
+    view at its own timestep; the model's weights, the loss and everything else stay step 4's."""
+    from dataclasses import replace
+
+    prev = load_config(TrainConfig, CONFIGS / "default_unet_3.yaml")
+    cont = load_config(TrainConfig, CONFIGS / "default_unet_4.yaml")
+    assert cont.stage == replace(prev.stage, cond_dropout=0.5, view_timestep_prob=1.0)
+    assert cont.init == replace(prev.init, path=cont.init.path, epipolar_gain=1.0)
+    assert cont.init.path.startswith(prev.runtime.output_dir) and cont.data.folders == prev.data.folders
+    assert cont.ema == prev.ema and cont.runtime.precision is prev.runtime.precision
+    assert replace(cont.optim, lr=prev.optim.lr, max_steps=prev.optim.max_steps,
+                   decay_steps=prev.optim.decay_steps) == prev.optim
+    assert cont.optim.decay_steps == cont.optim.max_steps and cont.data.seed != prev.data.seed
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""
