@@ -86,7 +86,7 @@ def test_default_continuation_trains_the_same_model_with_the_same_loss():
 
 def test_default_step_5_changes_only_the_two_levers_it_names():
     """default_unet_4.yaml (a candidate step 5, not shipped) continues step 4's export on the same
-    objects with the epipolar bias switched on and half the batches unconditioned, each target
+    objects with the epipolar bias switched on and half the objects unconditioned, each target
     view at its own timestep; the model's weights, the loss and everything else stay step 4's."""
     from dataclasses import replace
 
