@@ -52,7 +52,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, required=True, help="data and run folder (a rerun resumes here)")
     p.add_argument("--out", type=Path, required=True, help="folder for the bundle, reports and log")
     p.add_argument("--objects", type=int, default=8000, help="procedural training objects")
+    p.add_argument("--config", type=Path, default=CONFIG,
+                   help="trainer config (default: default_unet.yaml, from scratch; default_unet_3.yaml with "
+                        "--set init.path=models/mvdpp_default.safetensors continues the shipped default)")
     p.add_argument("--minutes", type=float, default=0.0, help="training time limit (optim.max_minutes; 0 = none)")
+    p.add_argument("--finish-within", type=float, default=0.0, metavar="MIN",
+                   help="whole-command limit in minutes (rendering included): training gets what is left, less "
+                        "a reserve for start-up and export, never more than --minutes (0 = no such limit)")
+    p.add_argument("--probe-steps", type=int, default=0,
+                   help="first train this many steps apart to measure steps/s, then set optim.max_steps so the "
+                        "run ends at its time limit (needs --minutes or --finish-within; 0 = no probe)")
+    p.add_argument("--decay", action="store_true",
+                   help="cosine-decay the learning rate to 0 over the whole run (optim.decay_steps = max_steps)")
     p.add_argument("--max-steps", type=int, default=1_000_000, help="step limit (optim.max_steps)")
     p.add_argument("--batch-size", type=int, default=2, help="objects per step (optim.batch_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -79,8 +90,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1.")
     if message := average_seeds_error("--eval-average-seeds", args.eval_average_seeds):
         p.error(message)
-    if args.minutes < 0 or not math.isfinite(args.minutes):
-        p.error(f"--minutes {args.minutes}: give 0 (no limit) or a positive number of minutes.")
+    for name in ("minutes", "finish_within"):
+        value = getattr(args, name)
+        if value < 0 or not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} {value}: give 0 (no limit) or a positive number of minutes.")
+    if args.probe_steps < 0 or args.probe_steps == 1:
+        p.error(f"--probe-steps {args.probe_steps}: give 0 (no probe) or at least 2 steps (the rate is read "
+                "over the second half).")
+    if args.probe_steps and not (args.minutes or args.finish_within):
+        p.error(f"--probe-steps {args.probe_steps} sizes the run by its time limit; give --minutes or "
+                "--finish-within too.")
+    if not args.config.is_file():
+        p.error(f"--config {args.config}: no such file; give a trainer config, e.g. {CONFIG}.")
     try:
         args.eval_sampling = [args.eval_sampling[0], int(args.eval_sampling[1]), float(args.eval_sampling[2])]
     except ValueError:
@@ -131,8 +152,9 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep + path if path else ''}", "PYTHONUNBUFFERED": "1"}
 
 
-def stream(cmd: list[str], log: Path, env: dict[str, str]) -> None:
-    """Run ``cmd``, echoing and appending its output to ``log``; raise with its tail if it fails."""
+def stream(cmd: list[str], log: Path, env: dict[str, str]) -> list[str]:
+    """Run ``cmd``, echoing and appending its output to ``log``; raise with its tail if it fails, else
+    return the last 40 lines."""
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -143,6 +165,7 @@ def stream(cmd: list[str], log: Path, env: dict[str, str]) -> None:
             tail = (tail + [line])[-40:]
         if proc.wait() != 0:
             raise RuntimeError(f"{cmd[1]} failed (exit {proc.returncode}):\n{''.join(tail)}")
+    return tail
 
 
 def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: bool) -> list[str]:
@@ -155,6 +178,28 @@ def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: boo
         "logging.log_every": 100 if cuda else 10,
     }
     return [f"{k}={v}" for k, v in sets.items()] + list(args.overrides)
+
+
+RESERVE_MINUTES = 1.0  # the trainer's start-up, the final checkpoint and the export, under --finish-within
+
+
+def last_rate(log_lines: list[str]) -> float:
+    """steps/s of the trainer's last progress line (``step N loss L skipped S (R steps/s)``)."""
+    for line in reversed(log_lines):
+        if line.startswith("step ") and line.rstrip().endswith("steps/s)"):
+            return float(line.rsplit("(", 1)[1].split()[0])
+    raise RuntimeError("the probe run printed no 'steps/s' progress line")
+
+
+def train_minutes(args: argparse.Namespace, started: float) -> float:
+    """The training time limit: --minutes, capped by what --finish-within leaves (0 = none)."""
+    if not args.finish_within:
+        return args.minutes
+    left = args.finish_within - (time.perf_counter() - started) / 60.0 - RESERVE_MINUTES
+    if left <= 0:
+        raise RuntimeError(f"--finish-within {args.finish_within:g} min leaves no time to train "
+                           f"({(time.perf_counter() - started) / 60.0:.1f} min spent before training)")
+    return min(left, args.minutes) if args.minutes else left
 
 
 def run_summary(run: Path) -> dict:
@@ -176,6 +221,7 @@ def headline(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     cuda = cuda_available() if args.device != "cpu" else False
     if args.device == "cuda" and not cuda:
@@ -186,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     # a rung gets its own objects and run, so a --work reused with another --parts never mixes the two
     data = args.work / "data" / ("train" if not args.parts else f"train_{args.parts}_parts")
     run, log = args.work / ("run" if not args.parts else f"run_{args.parts}_parts"), args.out / "train.log"
-    summary: dict = {"objects": args.objects, "parts": args.parts, "batch_size": args.batch_size,
-                     "minutes": args.minutes,
+    summary: dict = {"config": args.config.name, "objects": args.objects, "parts": args.parts,
+                     "batch_size": args.batch_size, "minutes": args.minutes, "finish_within": args.finish_within,
                      "eval_sampling": list(args.eval_sampling), "eval_mirror": args.eval_mirror,
                      "eval_average_seeds": args.eval_average_seeds,
                      "device": "cuda" if cuda else "cpu", "overrides": list(args.overrides)}
@@ -198,11 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
     summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
-    cmd = [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(CONFIG)]
-    for item in trainer_overrides(args, data, run, cuda):
-        cmd += ["--set", item]
+    base = [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config)]
+    overrides = trainer_overrides(args, data, run, cuda)
+    if args.probe_steps:
+        t0 = time.perf_counter()
+        probe = overrides + [f"runtime.output_dir={args.work / 'probe'}", "checkpoint.resume=false",
+                             f"optim.max_steps={args.probe_steps}", "optim.decay_steps=0", "optim.max_minutes=0",
+                             f"logging.log_every={args.probe_steps // 2}",
+                             f"checkpoint.every={args.probe_steps}"]
+        rate = last_rate(stream(base + [a for item in probe for a in ("--set", item)], log, child_env()))
+        summary.update(probe_s=round(time.perf_counter() - t0, 1), probe_steps_per_s=rate)
+    minutes = train_minutes(args, started)
+    max_steps = args.max_steps
+    if args.probe_steps:
+        # the step the time limit is expected at (less the trainer's ~30 s start-up), less 5 % for the
+        # loader's slower moments; optim.max_minutes stays as the hard stop
+        max_steps = min(max_steps, max(1, int(0.95 * rate * (minutes * 60.0 - 30.0))))
+    overrides += [f"optim.max_minutes={minutes}", f"optim.max_steps={max_steps}"]
+    if args.decay:
+        overrides.append(f"optim.decay_steps={max_steps}")
+    summary["train_minutes"] = round(minutes, 2)
+    print(f"[train_default] training for at most {minutes:.2f} min: {' '.join(overrides[-3:])}", flush=True)
     t0 = time.perf_counter()
-    stream(cmd, log, child_env())
+    stream(base + [a for item in overrides for a in ("--set", item)], log, child_env())
     summary["train_s"] = round(time.perf_counter() - t0, 1)
     summary.update(run_summary(run))
     summary["object_passes"] = summary["steps"] * args.batch_size

@@ -20,7 +20,7 @@ from train.procedural.render import folder_name
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_default import chunks, render  # noqa: E402
+from train_default import RESERVE_MINUTES, chunks, last_rate, render, train_minutes  # noqa: E402
 
 
 @pytest.mark.parametrize("count,jobs", [(1, 1), (5, 2), (7, 16), (8000, 16), (17, 5)])
@@ -83,7 +83,11 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
                           (["--minutes", "-2"], "--minutes -2.0: give 0"),
                           (["--eval-sampling", "ddim", "two", "2"], "--eval-sampling ddim two 2: give SAMPLER"),
                           (["--eval-average-seeds", "0"], "--eval-average-seeds 0: give 1 to 16"),
-                          (["--out", str(tmp_path)], "is --work")):
+                          (["--out", str(tmp_path)], "is --work"),
+                          (["--probe-steps", "40"], "--probe-steps 40 sizes the run by its time limit"),
+                          (["--probe-steps", "1", "--minutes", "3"], "--probe-steps 1: give 0"),
+                          (["--finish-within", "-1"], "--finish-within -1.0: give 0"),
+                          (["--config", "nope.yaml"], "--config nope.yaml: no such file")):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                                "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
@@ -92,3 +96,45 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
                "--out", str(tmp_path / "o"), "--device", "cuda"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and "torch sees no CUDA device here; use --device cpu" in proc.stderr, proc.stderr
+
+
+def test_the_probe_rate_and_the_time_left_size_the_run():
+    log = ["$ python train_mvdiff.py", "step 30 loss 0.79 skipped 0 (1.24 steps/s)\n",
+           "step 60 loss 0.76 skipped 0 (1.70 steps/s)\n", "exported model.safetensors\n"]
+    assert last_rate(log) == 1.70  # the last line: the second half, past the start-up
+    with pytest.raises(RuntimeError, match="no 'steps/s' progress line"):
+        last_rate(["nothing here"])
+    import argparse
+    import time
+
+    args = argparse.Namespace(minutes=0.0, finish_within=8.5)
+    started = time.perf_counter() - 180.0  # 3 minutes spent rendering
+    assert abs(train_minutes(args, started) - (8.5 - 3.0 - RESERVE_MINUTES)) < 0.01
+    assert train_minutes(argparse.Namespace(minutes=2.0, finish_within=8.5), started) == 2.0  # --minutes caps it
+    assert train_minutes(argparse.Namespace(minutes=2.0, finish_within=0.0), started) == 2.0
+    with pytest.raises(RuntimeError, match="leaves no time to train"):
+        train_minutes(argparse.Namespace(minutes=0.0, finish_within=3.5), started)
+
+
+def test_a_probed_continuation_of_the_shipped_default_decays_to_its_time_limit(tmp_path):
+    """--config default_unet_3.yaml continues the shipped default; --probe-steps measures steps/s,
+    and --decay ends the cosine at the step the time limit is expected at."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    run("--work", str(work), "--out", str(out), "--objects", "3", "--jobs", "2", "--device", "cpu",
+        "--config", str(REPO / "train" / "configs" / "default_unet_3.yaml"),
+        "--set", f"init.path={REPO / 'models' / 'mvdpp_default.safetensors'}", "--set", "stage.max_cond_views=1",
+        "--probe-steps", "4", "--minutes", "0.6", "--decay", "--eval-count", "0")
+    summary = json.loads((out / "summary.json").read_text())
+    rate = summary["probe_steps_per_s"]
+    expected = max(1, int(0.95 * rate * (0.6 * 60.0 - 30.0)))
+    assert rate > 0 and summary["config"] == "default_unet_3.yaml" and summary["steps"] == expected
+    import yaml
+
+    config = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert config["optim"]["max_steps"] == config["optim"]["decay_steps"] == expected
+    assert config["optim"]["max_minutes"] == 0.6 and config["init"]["source"] == "bundle"
+    assert yaml.safe_load((work / "probe" / "config.yaml").read_text())["optim"]["max_steps"] == 4
+    shipped = load_checkpoint(REPO / "models" / "mvdpp_default.safetensors").unet.state_dict()
+    model = load_checkpoint(out / "model.safetensors").unet.state_dict()
+    drift = max((model[k] - v).abs().max().item() for k, v in shipped.items())
+    assert 0 < drift < 0.05  # trained on, from the shipped weights (a random start differs by ~1)

@@ -506,3 +506,36 @@ def test_view_timestep_prob_one_gives_each_view_its_own_noise_level(data_dir, tm
     assert len(seen) == 2 and state.step == 2 and torch.isfinite(torch.tensor(state.losses)).all()
     for t in seen:
         assert t.ndim == 2 and t.shape[1] > 1 and (t != t[:, :1]).any()
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_encode_views_in_one_pass_equals_each_object_alone(embed):
+    """The batch's one MVAE pass gives each object the latents, posterior noise and condition it
+    gets when encoded alone (noise from its own seed), and a view slice (a view-parallel rank's
+    share) the same rows as the whole: batching changes only how many kernels run."""
+    from mvdpp_core import MVDPPModel, preset
+    from train.train_mvdiff import encode_views
+
+    torch.manual_seed(0)
+    model = MVDPPModel(preset("tiny")).eval()
+    size, b, t, k = model.config.image_size, 3, 4, 2
+    batch = {
+        "target_rgb": torch.rand(b, t, 3, size, size), "target_mask": (torch.rand(b, t, 1, size, size) > 0.5).float(),
+        "cond_rgb": torch.rand(b, k, 3, size, size), "cond_mask": (torch.rand(b, k, 1, size, size) > 0.5).float(),
+        "sample_seed": torch.tensor([11, 12, 13]),
+    }
+    x0, cond = encode_views(model, batch, slice(0, t + k), embed=embed)
+    h = size // model.config.vae.downsample
+    assert x0.shape == (b, t + k, 4, h, h) and cond.latents.shape == (b, k, 4, h, h)
+    assert cond.embeddings.shape == (b, k, model.config.unet.cross_attention_dim)
+    assert bool(cond.embeddings.abs().sum() > 0) == embed
+    for i in range(b):
+        alone = {key: value[i : i + 1] for key, value in batch.items()}
+        x0_i, cond_i = encode_views(model, alone, slice(0, t + k), embed=embed)
+        torch.testing.assert_close(x0[i : i + 1], x0_i, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cond.latents[i : i + 1], cond_i.latents, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cond.embeddings[i : i + 1], cond_i.embeddings, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(x0[0], x0[1])  # objects draw their own noise
+    part, part_cond = encode_views(model, batch, slice(2, 5), embed=embed)
+    torch.testing.assert_close(part, x0[:, 2:5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part_cond.latents, cond.latents, atol=1e-5, rtol=1e-5)

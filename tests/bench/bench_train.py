@@ -6,6 +6,10 @@ condition dropout, UNet forward + backward, AdamW step) on random data, after wa
     python tests/bench/bench_train.py                        # tiny preset, 64 px, CPU, fp32
     python tests/bench/bench_train.py --preset sd2 --image-size 512 --device cuda \
         --precision bf16 --gradient-checkpointing --batch 1  # the paper's size: 8 targets + 1 condition
+    python tests/bench/bench_train.py --batch 64 --targets 6 --steps 1 --count-ops   # the launch count
+
+``--count-ops`` also counts the ATen operations one step dispatches, by phase (each is at least
+one kernel launch on a GPU, so a count that grows with the batch marks a launch-bound step).
 """
 
 from __future__ import annotations
@@ -25,7 +29,50 @@ from mvdpp_core.config import PredictionType
 from train.config import ModelInitConfig, StageConfig
 from train.data.dataset import mix_seed
 from train.models import build_mvdiff_model
-from train.train_mvdiff import TrainedModules, diffusion_loss
+from train.train_mvdiff import TrainedModules, diffusion_loss, encode_views
+
+
+class OpCounter:
+    """Counts the ATen operations dispatched on this thread while active."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self._mode = 0, Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def count_ops(model, trained, optimizer, batch: dict, empty, stage, precision: str, device) -> dict[str, int]:
+    """ATen operations of one training step by phase (the backward's: those run on this thread)."""
+    out = {}
+    with OpCounter() as c:
+        encode_views(model, batch, slice(0, batch["target_rgb"].shape[1] + batch["cond_rgb"].shape[1]),
+                     embed=not stage.train_image_encoder)
+    out["encode_views"] = c.count
+    with OpCounter() as c, torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, _ = diffusion_loss(model, trained, batch, empty, stage)
+    out["forward"] = c.count
+    with OpCounter() as c:
+        loss.backward()
+    out["backward"] = c.count
+    with OpCounter() as c:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out["optimizer"] = c.count
+    return out
 
 
 def random_batch(batch: int, targets: int, conds: int, size: int, step: int) -> dict:
@@ -52,6 +99,7 @@ def main() -> None:
     p.add_argument("--conds", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--count-ops", action="store_true", help="also count the ATen operations of one step by phase")
     args = p.parse_args()
     device = torch.device(args.device)
     model = build_mvdiff_model(ModelInitConfig(preset=args.preset, image_size=args.image_size), PredictionType.EPSILON)
@@ -101,6 +149,10 @@ def main() -> None:
         "load_avg_1m": round(os.getloadavg()[0], 2),  # the CPU may be shared: read steps_per_s with it
         "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
+    if args.count_ops:
+        batch = {k: v.to(device) if k != "sample_seed" else v
+                 for k, v in random_batch(args.batch, args.targets, args.conds, size, 0).items()}
+        result["ops_per_step"] = count_ops(model, trained, optimizer, batch, empty, stage, args.precision, device)
     print(json.dumps(result))
 
 
