@@ -539,3 +539,27 @@ def test_encode_views_in_one_pass_equals_each_object_alone(embed):
     part, part_cond = encode_views(model, batch, slice(2, 5), embed=embed)
     torch.testing.assert_close(part, x0[:, 2:5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(part_cond.latents, cond.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_cond_dropout_max_views_drops_only_objects_with_few_condition_views():
+    """stage.cond_dropout_max_views=1: with cond_dropout 1 every one-view object trains without its
+    condition and no two-view object does; 0 (the paper's) drops both."""
+    from mvdpp_core import MVDPPModel, preset
+    from train.config import StageConfig
+    from train.train_mvdiff import TrainedModules, diffusion_loss
+
+    torch.manual_seed(0)
+    model = MVDPPModel(preset("tiny"))
+    size, b = model.config.image_size, 2
+
+    def batch(k: int) -> dict:
+        return {"target_rgb": torch.rand(b, 2, 3, size, size), "target_mask": torch.ones(b, 2, 1, size, size),
+                "target_ids": torch.tensor([[0, 8], [3, 20]]), "cond_rgb": torch.rand(b, k, 3, size, size),
+                "cond_mask": torch.ones(b, k, 1, size, size), "sample_seed": torch.tensor([5, 6])}
+
+    trained, empty = TrainedModules(model.unet), model.empty_latent(1).detach()
+    for max_views, k, dropped in ((1, 1, 1.0), (1, 2, 0.0), (0, 2, 1.0), (2, 2, 1.0)):
+        stage = StageConfig(cond_dropout=1.0, cond_dropout_max_views=max_views, max_cond_views=2)
+        with torch.no_grad():
+            _, stats = diffusion_loss(model, trained, batch(k), empty, stage)
+        assert stats["dropped"] == dropped, (max_views, k)

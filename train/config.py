@@ -141,6 +141,10 @@ class StageConfig:
     single_view_prob: float = 1.0  # P(k = 1); otherwise k ~ U{2..max_cond_views}
     max_cond_views: int = 1
     cond_dropout: float = 0.1  # P(condition dropped) per object, for classifier-free guidance
+    # Drop the condition only from objects with at most this many condition views (0 = from any,
+    # the paper's). A high cond_dropout that teaches views to read their siblings otherwise also
+    # halves the 2-10-view objects; the null condition is the same for every view count.
+    cond_dropout_max_views: int = 0
     cond_loss_weight: float = 1.0  # loss weight of the (trivial) condition-view denoising
     # Train the image encoder with the UNet. Off in the paper's recipe (CLIP stays frozen); on for
     # an encoder that starts from random weights (the tiny default), whose frozen embeddings
@@ -315,6 +319,8 @@ RULES: dict[str, _Rule] = {
     "stage.single_view_prob": _UNIT,
     "stage.max_cond_views": ((lambda v: 1 <= v <= 10), "[1, 10]", "the model takes 1 to 10 condition views"),
     "stage.cond_dropout": _UNIT,
+    "stage.cond_dropout_max_views": ((lambda v: 0 <= v <= 10), "[0, 10]",
+                                     "0 = every object; 1 = only objects with one condition view"),
     "stage.embedding_dropout": _UNIT,
     "stage.first_view_dropout": _UNIT,
     "stage.view_timestep_prob": _UNIT,

@@ -219,6 +219,8 @@ def diffusion_loss(
     )
     t = view_timesteps(seeds, t, num_views, stage.view_timestep_prob, model.schedule.num_train_timesteps,
                        stage.timestep_shift)[:, mine]  # b own
+    if stage.cond_dropout_max_views and k > stage.cond_dropout_max_views:
+        drop = torch.zeros_like(drop)  # the same draws as before, so other objects' flags stay put
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
     drop_tokens = drop | object_flags(seeds, stage.embedding_dropout, 9).to(drop.device)
     first_view = ~object_flags(seeds, stage.first_view_dropout, 10).to(drop.device)
