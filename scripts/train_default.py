@@ -3,11 +3,19 @@ objects on every CPU core, train `train/configs/default_unet.yaml` from scratch 
 default's MVAE for a fixed number of minutes, evaluate it on the held-out split, and put the
 bundle, the reports and the training log in one folder.
 
-Made for one call on a lent GPU machine (a 10-minute command: ~80 s of rendering on 16 cores,
-`--minutes` of training, ~2 min of evaluation), and runs the same on a CPU:
+Made for one call on a lent GPU machine (a 10-minute command: on the H200 of 2026-12-04, 205 s
+of rendering 8000 objects on 16 processes, then training; ~2 min of evaluation unless
+--eval-count 0), and runs the same on a CPU:
 
   python scripts/train_default.py --work /tmp/mvdpp_big --out $OUT --objects 8000 --minutes 5 --batch-size 32
   python scripts/train_default.py --work /tmp/small --out /tmp/small/out --objects 16 --max-steps 20 --eval-count 4
+  python scripts/train_default.py --work /tmp/big --out $OUT --objects 8000 --jobs 16 --batch-size 64 \
+      --config train/configs/default_unet_3.yaml --set init.path=models/mvdpp_default.safetensors \
+      --probe-steps 60 --decay --eval-count 0 --finish-within 8.5   # continue the shipped default
+
+--config picks the trainer config (a bundle-initialised one continues that bundle).
+--finish-within bounds the whole command; --probe-steps measures steps/s in a short run apart and
+sets optim.max_steps to the step the time limit is expected at; --decay ends the LR's cosine there.
 
 `--parts K` trains on the first --objects training objects made of exactly K primitives, and
 evaluates on held-out objects made of K (a simpler rung of the same task; 0, the default: any).
