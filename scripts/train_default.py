@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
     summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
-    base = [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config)]
+    def trainer(sets: list[str]) -> list[str]:
+        return [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config),
+                *(a for item in sets for a in ("--set", item))]
+
     overrides = trainer_overrides(args, data, run, cuda)
     if args.probe_steps:
         t0 = time.perf_counter()
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"optim.max_steps={args.probe_steps}", "optim.decay_steps=0", "optim.max_minutes=0",
                              f"logging.log_every={args.probe_steps // 2}",
                              f"checkpoint.every={args.probe_steps}"]
-        rate = last_rate(stream(base + [a for item in probe for a in ("--set", item)], log, child_env()))
+        rate = last_rate(stream(trainer(probe), log, child_env()))
         summary.update(probe_s=round(time.perf_counter() - t0, 1), probe_steps_per_s=rate)
     minutes = train_minutes(args, started)
     max_steps = args.max_steps
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["train_minutes"] = round(minutes, 2)
     print(f"[train_default] training for at most {minutes:.2f} min: {' '.join(overrides[-3:])}", flush=True)
     t0 = time.perf_counter()
-    stream(base + [a for item in overrides for a in ("--set", item)], log, child_env())
+    stream(trainer(overrides), log, child_env())
     summary["train_s"] = round(time.perf_counter() - t0, 1)
     summary.update(run_summary(run))
     summary["object_passes"] = summary["steps"] * args.batch_size

@@ -4,13 +4,16 @@ run trains on the shipped MVAE, reports, and a rerun resumes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mvdpp_core.checkpoint import load_checkpoint
 from train.data import format as fmt
@@ -104,9 +107,6 @@ def test_the_probe_rate_and_the_time_left_size_the_run():
     assert last_rate(log) == 1.70  # the last line: the second half, past the start-up
     with pytest.raises(RuntimeError, match="no 'steps/s' progress line"):
         last_rate(["nothing here"])
-    import argparse
-    import time
-
     args = argparse.Namespace(minutes=0.0, finish_within=8.5)
     started = time.perf_counter() - 180.0  # 3 minutes spent rendering
     assert abs(train_minutes(args, started) - (8.5 - 3.0 - RESERVE_MINUTES)) < 0.01
@@ -128,8 +128,6 @@ def test_a_probed_continuation_of_the_shipped_default_decays_to_its_time_limit(t
     rate = summary["probe_steps_per_s"]
     expected = max(1, int(0.95 * rate * (0.6 * 60.0 - 30.0)))
     assert rate > 0 and summary["config"] == "default_unet_3.yaml" and summary["steps"] == expected
-    import yaml
-
     config = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert config["optim"]["max_steps"] == config["optim"]["decay_steps"] == expected
     assert config["optim"]["max_minutes"] == 0.6 and config["init"]["source"] == "bundle"

@@ -214,13 +214,15 @@ def diffusion_loss(
     b = x0.shape[0]
     full_shape = torch.Size((b, num_views, *x0.shape[2:]))
     seeds = batch["sample_seed"].tolist()
+    # stage.cond_dropout_max_views: objects with more condition views keep theirs (the same draws
+    # are made, so the other numbers stay put)
+    few = not stage.cond_dropout_max_views or k <= stage.cond_dropout_max_views
     t, noise, drop = training_noise(
-        seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout, stage.timestep_shift
+        seeds, full_shape, model.schedule.num_train_timesteps, stage.cond_dropout if few else 0.0,
+        stage.timestep_shift,
     )
     t = view_timesteps(seeds, t, num_views, stage.view_timestep_prob, model.schedule.num_train_timesteps,
                        stage.timestep_shift)[:, mine]  # b own
-    if stage.cond_dropout_max_views and k > stage.cond_dropout_max_views:
-        drop = torch.zeros_like(drop)  # the same draws as before, so other objects' flags stay put
     t, noise, drop = t.to(x0.device), noise[:, mine].to(x0.device), drop.to(x0.device)
     drop_tokens = drop | object_flags(seeds, stage.embedding_dropout, 9).to(drop.device)
     first_view = ~object_flags(seeds, stage.first_view_dropout, 10).to(drop.device)

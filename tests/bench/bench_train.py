@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mvdpp_core.config import PredictionType
 from train.config import ModelInitConfig, StageConfig
@@ -32,27 +33,14 @@ from train.models import build_mvdiff_model
 from train.train_mvdiff import TrainedModules, diffusion_loss, encode_views
 
 
-class OpCounter:
+class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched on this thread while active."""
 
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    count = 0
 
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.count, self._mode = 0, Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def count_ops(model, trained, optimizer, batch: dict, empty, stage, precision: str, device) -> dict[str, int]:
