@@ -85,7 +85,7 @@ def test_default_continuation_trains_the_same_model_with_the_same_loss():
 
 
 def test_default_step_5_changes_only_the_two_levers_it_names():
-    """default_unet_4.yaml (a candidate step 5, not shipped) continues step 4's export on the same
+    """default_unet_4.yaml (the first candidate step 5, not shipped) continues step 4's export on the same
     objects with the epipolar bias switched on and half the objects unconditioned, each target
     view at its own timestep; the model's weights, the loss and everything else stay step 4's."""
     from dataclasses import replace
@@ -101,10 +101,10 @@ def test_default_step_5_changes_only_the_two_levers_it_names():
     assert cont.optim.decay_steps == cont.optim.max_steps and cont.data.seed != prev.data.seed
 
 
-
-def test_second_step_5_candidate_differs_from_the_first_only_in_whom_it_drops():
-    """default_unet_5.yaml is default_unet_4.yaml with the condition dropped only from one-view
-    objects: same start, data, schedule and levers otherwise."""
+def test_shipped_step_5_differs_from_the_first_candidate_only_in_whom_it_drops():
+    """default_unet_5.yaml (the shipped default's step 5) is default_unet_4.yaml (the first
+    candidate) with the condition dropped only from one-view objects: same start, data,
+    schedule and levers otherwise."""
     from dataclasses import replace
 
     first = load_config(TrainConfig, CONFIGS / "default_unet_4.yaml")
@@ -112,6 +112,7 @@ def test_second_step_5_candidate_differs_from_the_first_only_in_whom_it_drops():
     assert first.stage.cond_dropout_max_views == 0 and second.stage.cond_dropout_max_views == 1
     assert replace(second, stage=first.stage, runtime=first.runtime) == first
     assert replace(second.runtime, output_dir=first.runtime.output_dir) == first.runtime
+
 
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;

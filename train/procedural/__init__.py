@@ -17,7 +17,8 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     python train/train_mvdiff.py --config train/configs/default_unet.yaml
     python -m train.procedural.generate --out /tmp/mvdpp_default/data/train8000 --split train --count 8000 --size 64
     python train/train_mvdiff.py --config train/configs/default_unet_3.yaml
-    cp /tmp/mvdpp_default/runs/unet3/export/model.safetensors models/mvdpp_default.safetensors
+    python train/train_mvdiff.py --config train/configs/default_unet_5.yaml
+    cp /tmp/mvdpp_default/runs/unet5/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --views 1 2 4 \
         --multi-count 6 --no-baseline --copy-count 16 --input-copy --grids /tmp/mvdpp_default/grids --out report.json
@@ -26,5 +27,7 @@ The first UNet step is also ``scripts/train_default.py --objects 791 --max-steps
 on the shipped bundle's MVAE (the same tensors as ``mvae2_calibrated.safetensors``); that run
 made 6000 steps, then resumed in the same ``--work`` folder with ``--minutes 95``. The second
 (``default_unet_3.yaml``) continues its export for 10000 steps on 8000 objects with the learning
-rate decayed to 0 (59 min on the 2 cores).
+rate decayed to 0 (59 min on the 2 cores). The third (``default_unet_5.yaml``) continues that export
+for 9000 steps on the same objects with the epipolar attention bias switched on, the condition
+dropped from half the one-view objects and a timestep per target view (56.5-84 min on 2 cores).
 """
