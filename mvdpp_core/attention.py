@@ -97,8 +97,11 @@ class EpipolarCache:
             if tokens not in self._base:
                 self._base[tokens] = epipolar_bias(self.view_ids, tokens)
             base = self._base[tokens]
-            scale = gain[:1] if len(set(gains)) == 1 else gain
-            self._scaled[tokens, gains] = scale[:, None, None].to(base) * base[:, None]
+            if set(gains) == {1.0}:  # the log-weights themselves: no second (v l)^2 copy
+                self._scaled[tokens, gains] = base[:, None]
+            else:
+                scale = gain[:1] if len(set(gains)) == 1 else gain
+                self._scaled[tokens, gains] = scale[:, None, None].to(base) * base[:, None]
         return self._scaled[tokens, gains]
 
 

@@ -25,7 +25,16 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .cameras import NUM_TARGET_VIEWS, intrinsics, pixel_rays, project, rig_c2w
+from .cameras import (
+    AZIMUTHS_DEG,
+    ELEVATIONS_DEG,
+    NUM_TARGET_VIEWS,
+    intrinsics,
+    pixel_rays,
+    project,
+    rig_c2w,
+    view_index,
+)
 
 POSITION_FREQUENCIES = 3  # sin / cos of pi * 2^k * u for k < 3, per image axis
 GEOMETRY_CHANNELS = 2 + 6 + 4 * POSITION_FREQUENCIES
@@ -85,18 +94,19 @@ EPIPOLAR_SIGMA = 1.0  # tokens
 EPIPOLAR_FLOOR = -8.0  # log-weight of tokens far from the segment (e^-8 = 3e-4)
 
 
-@functools.lru_cache(maxsize=4)
-def epipolar_table(size: int) -> Tensor:
-    """Log-weights between the rig's tokens at ``size`` x ``size`` per view: (32 l, 32 l) with
-    l = size^2, rows = query token (view-major), columns = key token. 0 within a view; between
-    views ``max(-d^2 / (2 sigma^2), floor)``, d = the key token's distance to the query ray's
-    epipolar segment."""
+def _check_epipolar_size(size: int) -> None:
     if size > 32:
         raise ValueError(
             f"epipolar attention at {size}x{size} tokens per view needs a ({32 * size * size})^2 bias table; "
             "it is built for global attention at up to 32x32 tokens per view (the tiny preset attends at 16x16). "
             "Turn unet.epipolar_attention off for this model."
         )
+
+
+def epipolar_rows(size: int, views: list[int]) -> Tensor:
+    """The epipolar table's rows of the query views ``views``, computed directly from the rig's rays:
+    (len(views), l, 32, l) with l = size^2 (see ``epipolar_table``)."""
+    _check_epipolar_size(size)
     c2w = rig_c2w(torch.float64)
     origins, dirs = pixel_rays(c2w, intrinsics(size), size, size)  # v s s 3
     origins, dirs = origins.reshape(NUM_TARGET_VIEWS, -1, 3), dirs.reshape(NUM_TARGET_VIEWS, -1, 3)
@@ -108,8 +118,8 @@ def epipolar_table(size: int) -> Tensor:
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     centres = torch.stack([xs, ys], -1).reshape(-1, 2).to(torch.float64)  # l 2
     tokens = size * size
-    table = torch.empty(NUM_TARGET_VIEWS, tokens, NUM_TARGET_VIEWS, tokens)
-    for i in range(NUM_TARGET_VIEWS):
+    rows = torch.empty(len(views), tokens, NUM_TARGET_VIEWS, tokens)
+    for n, i in enumerate(views):
         pix, _ = project(ends[i].reshape(-1, 3), c2w, intrinsics(size))  # j (l 2) 2, all in front of the cameras
         pix = pix.reshape(NUM_TARGET_VIEWS, tokens, 2, 2)  # j l 2 2: the projected segment's end points, in pixels
         a, b = pix[:, :, None, 0], pix[:, :, None, 1]  # j l 1 2
@@ -117,8 +127,29 @@ def epipolar_table(size: int) -> Tensor:
         u = ((centres - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp(min=1e-12)  # j l q
         closest = a + u.clamp(0, 1)[..., None] * ab
         d2 = ((centres - closest) ** 2).sum(-1)
-        table[i] = (-d2 / (2 * EPIPOLAR_SIGMA**2)).clamp(min=EPIPOLAR_FLOOR).permute(1, 0, 2).float()  # l j q
-        table[i, :, i] = 0.0
+        rows[n] = (-d2 / (2 * EPIPOLAR_SIGMA**2)).clamp(min=EPIPOLAR_FLOOR).permute(1, 0, 2).float()  # l j q
+        rows[n, :, i] = 0.0
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def epipolar_table(size: int) -> Tensor:
+    """Log-weights between the rig's tokens at ``size`` x ``size`` per view: (32 l, 32 l) with
+    l = size^2, rows = query token (view-major), columns = key token. 0 within a view; between
+    views ``max(-d^2 / (2 sigma^2), floor)``, d = the key token's distance to the query ray's
+    epipolar segment.
+
+    The rig turns into itself by 45 degrees about the vertical axis (view (e, a) to (e, a + 1),
+    pixel for pixel), and so does the bounding sphere, so the block of query view (e, a) and key
+    view (e', a') is that of (e, 0) and (e', a' - a): only the four azimuth-0 views' rows are
+    computed (``epipolar_rows``; a test checks every block against them computed directly)."""
+    _check_epipolar_size(size)
+    azimuths, tokens = len(AZIMUTHS_DEG), size * size
+    first = [view_index(e, 0) for e in range(len(ELEVATIONS_DEG))]
+    rows = epipolar_rows(size, first).reshape(len(first), tokens, len(ELEVATIONS_DEG), azimuths, tokens)
+    table = torch.empty(len(ELEVATIONS_DEG), azimuths, tokens, len(ELEVATIONS_DEG), azimuths, tokens)
+    for a in range(azimuths):  # key azimuth a' of query azimuth a reads column a' - a of azimuth 0's rows
+        table[:, a] = rows.roll(a, dims=3)
     return table.reshape(NUM_TARGET_VIEWS * tokens, NUM_TARGET_VIEWS * tokens)
 
 
@@ -129,10 +160,13 @@ def epipolar_bias(view_ids: Tensor, tokens: int) -> Tensor:
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ValueError(f"epipolar attention needs square token grids; got {tokens} tokens per view.")
-    table = epipolar_table(side).to(view_ids.device)
+    table = epipolar_table(side).to(view_ids.device).view(NUM_TARGET_VIEWS, tokens, NUM_TARGET_VIEWS, tokens)
     b, v = view_ids.shape
+    is_target = view_ids < NUM_TARGET_VIEWS  # b v
     slots = view_ids.clamp(max=NUM_TARGET_VIEWS - 1)
-    index = (slots[..., None] * tokens + torch.arange(tokens, device=view_ids.device)).reshape(b, v * tokens)
-    bias = table[index[:, :, None], index[:, None, :]]  # b (v l) (v l)
-    target_token = (view_ids < NUM_TARGET_VIEWS).repeat_interleave(tokens, dim=1)  # b (v l)
-    return bias * (target_token[:, :, None] & target_token[:, None, :])
+    bias = torch.empty(b, v, tokens, v, tokens, device=view_ids.device)
+    for n in range(b):  # whole blocks of the table: contiguous copies, not a gather per entry
+        torch.index_select(table.index_select(0, slots[n]), 2, slots[n], out=bias[n])
+        bias[n, ~is_target[n]] = 0.0
+        bias[n, :, :, ~is_target[n]] = 0.0
+    return bias.reshape(b, v * tokens, v * tokens)

@@ -19,7 +19,7 @@ from mvdpp_core.attention import AttentionBackend, attend
 from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
 from mvdpp_core.checkpoint import save_checkpoint
 from mvdpp_core.config import PredictionType, preset
-from mvdpp_core.geometry import EPIPOLAR_FLOOR, epipolar_bias, epipolar_table
+from mvdpp_core.geometry import EPIPOLAR_FLOOR, epipolar_bias, epipolar_rows, epipolar_table
 from mvdpp_core.unet import MultiViewUNet
 from train.config import InitSource, ModelInitConfig
 from train.models import build_mvdiff_model
@@ -49,6 +49,17 @@ def test_true_correspondences_score_high_and_the_rest_low():
     other = big.permute(0, 2, 1, 3)[~torch.eye(NUM_TARGET_VIEWS, dtype=torch.bool)]  # pairs l l
     assert (other > -2).float().mean() < 0.25
     assert (other < EPIPOLAR_FLOOR + 0.5).float().mean() > 0.5
+
+
+@pytest.mark.parametrize(("size", "views"), [(SIZE, list(range(NUM_TARGET_VIEWS))), (16, [1, 13, 22, 31])])
+def test_the_table_built_by_the_rigs_turn_equals_every_row_computed_directly(size, views):
+    """``epipolar_table`` computes the azimuth-0 views' rows and turns them by the rig's 45-degree
+    symmetry; every other view's rows, computed from its own rays, must come out the same."""
+    tokens = size * size
+    table = epipolar_table(size).reshape(NUM_TARGET_VIEWS, tokens, NUM_TARGET_VIEWS, tokens)
+    direct = epipolar_rows(size, views)
+    torch.testing.assert_close(table[views], direct, rtol=0, atol=1e-6)
+    assert (direct > EPIPOLAR_FLOOR).float().mean() > 0.1  # not a table of floors that would match anything
 
 
 def test_condition_views_are_pose_free_and_rows_follow_the_view_ids():
