@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .cameras import AZIMUTHS_DEG, NUM_TARGET_VIEWS, mirrored_view_order, rotated_view_order, view_index
-from .common import composite_on_white, parse_enum
+from .common import composite_on_white, parse_enum, straight_colours
 from .condition import ConditionViews, MaskConvention, encode_views, frame_condition
 from .inputs import DEFAULT_FILL, MAX_SEED, check_average_seeds, check_guidance, check_seed, recenter
 from .model import Condition, MVDPPModel
@@ -29,7 +29,9 @@ SAMPLER_DEFAULTS = {
 
 @dataclass
 class MultiViewResult:
-    """images (32, 3, H, W) and masks (32, 1, H, W) in [0, 1], rig order i = e * 8 + a."""
+    """images (32, 3, H, W) and masks (32, 1, H, W) in [0, 1], rig order i = e * 8 + a. The
+    images hold the object's own colours (straight alpha, as an RGBA PNG or a ComfyUI IMAGE with
+    its MASK): ``on_white()`` composites them once."""
 
     images: Tensor
     masks: Tensor
@@ -284,7 +286,7 @@ def _sample(model: MVDPPModel, cond: Condition, seed: int, ts: Tensor, sample_fn
     decoded = [model.vae.decode(chunk.to(vae_dtype)) for chunk in targets.split(DECODE_CHUNK)]
     rgb = torch.cat([d[0] for d in decoded]).float().cpu()
     mask = torch.cat([d[1] for d in decoded]).float().cpu()
-    return MultiViewResult(rgb, mask)
+    return MultiViewResult(straight_colours(rgb, mask), mask)  # on_white() gives the decoded views back
 
 
 def is_framed(views: object) -> bool:

@@ -8,6 +8,7 @@ import torch
 from tiny_models import object_views, tiny_model
 
 from mvdpp_core import pipeline
+from mvdpp_core.common import STRAIGHT_MASK_FLOOR, composite_on_white, straight_colours
 from mvdpp_core.condition import ConditionViews
 from mvdpp_core.config import TargetCondition, preset
 from mvdpp_core.model import MVDPPModel
@@ -64,6 +65,39 @@ def test_generate_is_deterministic_per_seed_and_reports_every_step(model):
     c = generate(model, images, masks, seed=8, **kwargs)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
     assert not torch.equal(a.images, c.images)
+
+
+@torch.no_grad()
+def test_on_white_gives_back_the_decoded_views_and_averages_them_plainly(model, monkeypatch):
+    """The MVAE decodes views on white; ``generate`` keeps their straight colours, so compositing
+    once (``on_white``) gives the decoded views back, antialiased outlines included, instead of
+    lightening them a second time; and the mean of results is then the plain mean of their
+    views on white."""
+    decoded = []
+    decode = model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z: decoded.append(decode(z)) or decoded[-1])
+    images, masks = object_views(1)
+    kwargs = dict(steps=2, sampler="ddim", guidance=2.0)
+    result = generate(model, images, masks, seed=3, **kwargs)
+    rgb, mask = (torch.cat([d[i] for d in decoded]) for i in (0, 1))
+    assert ((mask > 0.05) & (mask < 0.95)).float().mean() > 0.01, "soft mask pixels must exist for this to test"
+    consistent = mask >= STRAIGHT_MASK_FLOOR
+    torch.testing.assert_close(result.on_white()[consistent.expand_as(rgb) & (rgb >= 1 - mask)],
+                               rgb[consistent.expand_as(rgb) & (rgb >= 1 - mask)], atol=1e-5, rtol=0)
+    other = generate(model, images, masks, seed=4, **kwargs)
+    mean = MultiViewResult.mean([result, other]).on_white()
+    torch.testing.assert_close(mean, (result.on_white() + other.on_white()) / 2, atol=5e-3, rtol=0)
+
+
+def test_straight_colours_invert_compositing_on_white():
+    g = torch.Generator().manual_seed(0)
+    colours, masks = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 1, 8, 8, generator=g)
+    on_white = composite_on_white(colours, masks)
+    straight = straight_colours(on_white, masks)
+    above = (masks >= STRAIGHT_MASK_FLOOR).expand_as(colours)
+    torch.testing.assert_close(straight[above], colours[above], atol=1e-5, rtol=0)
+    torch.testing.assert_close(straight[~above], on_white[~above])  # nearly all backdrop: kept on white
+    torch.testing.assert_close(composite_on_white(straight, masks)[above], on_white[above], atol=1e-6, rtol=0)
 
 
 def test_generate_stops_when_the_callback_raises(model):
