@@ -87,7 +87,9 @@ class MultiViewSampler(io.ComfyNode):
                 io.Image.Output(
                     display_name="views",
                     tooltip="32 views in rig order: index = elevation row * 8 + azimuth column "
-                    "(elevations -30, 0, 30, 60 deg; azimuths 0-315 deg in 45 deg steps, 0 = first photo).",
+                    "(elevations -30, 0, 30, 60 deg; azimuths 0-315 deg in 45 deg steps, 0 = first photo). "
+                    "The object's own colours (straight alpha): composite them through the masks, as View Grid "
+                    "and Mesh Export do.",
                 ),
                 io.Mask.Output(display_name="masks", tooltip="The 32 foreground masks (1 = object)."),
             ],
