@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     views = first_object(folders=str(args.out / "folders"))
     rgb, mask = to_tensors(views.cond_rgba, model.config.image_size)
     result = generate(model, ConditionViews.framed(rgb, mask), seed=0, steps=10, sampler="ddim")
-    grid = save_png(rig_grid(result.images, rgb[0]), args.out / "generated.png")
+    grid = save_png(rig_grid(result.on_white(), rgb[0]), args.out / "generated.png")
     print(
         json.dumps(
             {

@@ -266,7 +266,7 @@ def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, st
         sampler=cfg.logging.validation_sampler,
         guidance=cfg.logging.validation_guidance,
     )
-    grid = rig_grid(result.images, rgb[0])
+    grid = rig_grid(result.on_white(), rgb[0])
     path = save_png(grid, Path(cfg.runtime.output_dir) / "validation" / f"step_{step:08d}.png")
     if cfg.logging.tensorboard:
         acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, step, dataformats="HWC")
