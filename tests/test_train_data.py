@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from mvdpp_core import cameras as cam
+from mvdpp_core.common import composite_on_white
+from mvdpp_core.reconstruction.render import render_trimesh
 from train.data import format as fmt
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, to_tensors
 from train.data.shards import object_folders, pack_shards
 from train.data.synthetic import synthetic_object, write_synthetic_dataset
+from train.procedural.objects import Split, procedural_object
+from train.procedural.render import AMBIENT, ANTIALIAS, LIGHT_DIR, render_views
 from train.render.launch import RenderJob, RenderOptions, read_object_list, render_all, slurm_script
 
 
@@ -192,14 +196,8 @@ def test_front_input_copy_puts_rig_view_8_first_and_keeps_the_rest(objects, tmp_
                    "to_tensors lightens antialiased outlines twice (docs/embedded_default.md, 'The views on white'); "
                    "it changes every rendered view, so it waits for the next retrain of the default")
 def test_procedural_views_store_straight_colour_so_one_composite_gives_the_render_on_white():
-    from mvdpp_core.cameras import intrinsics, rig_c2w
-    from mvdpp_core.common import composite_on_white
-    from mvdpp_core.reconstruction.render import render_trimesh
-    from train.procedural.objects import Split, procedural_object
-    from train.procedural.render import AMBIENT, ANTIALIAS, LIGHT_DIR, render_views
-
     mesh, _, _ = procedural_object(Split.HELDOUT, 0)
-    c2w, K = rig_c2w()[:4], intrinsics(64)
+    c2w, K = cam.rig_c2w()[:4], cam.intrinsics(64)
     rgba = torch.from_numpy(render_views(mesh, c2w, K, 64)).float() / 255  # v S S 4
     on_white = render_trimesh(mesh, c2w, K, 64, background=1.0, light_dir=torch.tensor(LIGHT_DIR),
                               ambient=AMBIENT, antialias=ANTIALIAS).rgb
