@@ -29,6 +29,12 @@ T = TypeVar("T")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+class ConfigError(ValueError):
+    """Settings that load but cannot run together (found while building the run, e.g. a switch
+    the starting bundle already has): the trainers' command lines print it in one line, like a
+    bad key, and exit with code 2."""
+
+
 class Precision(str, enum.Enum):
     BF16 = "bf16"
     FP16 = "fp16"
@@ -274,6 +280,16 @@ def load_cli_config(cls: type[T], path: str | Path | None, overrides: list[str] 
     try:
         return load_config(cls, path, overrides)
     except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def exit_on_config_error(run: Callable[[], T]) -> T:
+    """Run a trainer for a command line: a :class:`ConfigError` raised while it builds the run
+    ends the process like a bad key (one line, exit code 2), not in a traceback."""
+    try:
+        return run()
+    except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

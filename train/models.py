@@ -29,7 +29,7 @@ from mvdpp_core.model import MVDPPModel
 from mvdpp_core.unet import MultiViewUNet
 from mvdpp_core.vae import MaskAwareVAE
 
-from .config import InitSource, ModelInitConfig, MVAEInitConfig, MVAEInitSource
+from .config import ConfigError, InitSource, ModelInitConfig, MVAEInitConfig, MVAEInitSource
 
 RUN_ARCHITECTURE = "architecture.json"  # in a run's output_dir: the config its weights were trained under
 C = TypeVar("C")
@@ -100,7 +100,7 @@ def build_mvdiff_model(
         source = load_checkpoint(init.path)
         config = _with_epipolar(source.config, init)
     if source is not None and source.image_encoder is None:
-        raise ValueError(
+        raise ConfigError(
             "training needs an image encoder for the condition embeddings; set init.image_encoder_path to a "
             "transformers CLIP vision folder (OpenCLIP ViT-H/14), or start from a bundle that includes one."
         )
@@ -131,7 +131,7 @@ def _with_epipolar(config: ModelConfig, init: ModelInitConfig) -> ModelConfig:
     if not init.epipolar_gain:
         return config
     if config.unet.epipolar_attention:
-        raise ValueError(
+        raise ConfigError(
             f"init.epipolar_gain={init.epipolar_gain}: the bundle {init.path} already has epipolar attention, "
             "whose gains it keeps; leave init.epipolar_gain at 0 to continue it."
         )
@@ -185,12 +185,12 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
 def _check_init(init: ModelInitConfig) -> None:
     for key in ("view_embedding_scale", "geometry_init_std", "condition_bias_gain"):
         if init.source is InitSource.BUNDLE and getattr(init, key):
-            raise ValueError(
+            raise ConfigError(
                 f"init.{key}={getattr(init, key)} applies to new models; a bundle keeps its trained "
                 f"weights: leave it at 0 with init.source=bundle."
             )
     if init.architecture and init.source is not InitSource.PRESET:
-        raise ValueError(
+        raise ConfigError(
             f"init.architecture={init.architecture} overrides a preset's architecture; init.source="
             f"{init.source.value} brings its own. Use init.source=preset, or leave init.architecture empty."
         )
@@ -293,4 +293,4 @@ def export_bundle(model: MVDPPModel, weights: dict[str, Tensor], path: str | Pat
 
 def _require(value: str, key: str, what: str) -> None:
     if not value:
-        raise ValueError(f"{key} is empty; set it to {what}.")
+        raise ConfigError(f"{key} is empty; set it to {what}.")

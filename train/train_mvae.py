@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mvdpp_core.checkpoint import save_mvae
 from mvdpp_core.vae import MaskAwareVAE
-from train.config import MVAELossConfig, MVAETrainConfig, dump_config, load_cli_config
+from train.config import MVAELossConfig, MVAETrainConfig, dump_config, exit_on_config_error, load_cli_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture
@@ -198,7 +198,8 @@ def train(cfg: MVAETrainConfig) -> TrainState:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    train(load_cli_config(MVAETrainConfig, args.config, args.set))
+    cfg = load_cli_config(MVAETrainConfig, args.config, args.set)
+    exit_on_config_error(lambda: train(cfg))
     return 0
 
 

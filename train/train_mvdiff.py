@@ -56,7 +56,7 @@ from mvdpp_core.image_encoder import ImageEncoder
 from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
 from mvdpp_core.unet import MultiViewUNet
-from train.config import StageConfig, TrainConfig, dump_config, load_cli_config
+from train.config import ConfigError, StageConfig, TrainConfig, dump_config, exit_on_config_error, load_cli_config
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import (
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> TrainState:
 
     model = build_mvdiff_model(cfg.init, cfg.stage.prediction_type, architecture=architecture, output_dir=out)
     if cfg.stage.first_view_dropout and model.config.target_condition is not TargetCondition.FIRST_VIEW:
-        raise ValueError(
+        raise ConfigError(
             f"stage.first_view_dropout={cfg.stage.first_view_dropout} needs target_condition: first_view, but the "
             f"model's is {model.config.target_condition.value}; set stage.first_view_dropout=0 or "
             "init.architecture='{target_condition: first_view}'."
@@ -344,7 +344,8 @@ def train(cfg: TrainConfig) -> TrainState:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    train(load_cli_config(TrainConfig, args.config, args.set))
+    cfg = load_cli_config(TrainConfig, args.config, args.set)
+    exit_on_config_error(lambda: train(cfg))
     return 0
 
 
