@@ -82,7 +82,7 @@ from train.diagnostics import (  # noqa: E402
     single_view_hull,
 )
 from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
-from train.procedural.render import folder_name, write_object  # noqa: E402
+from train.procedural.render import check_renderer, folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
@@ -120,14 +120,18 @@ class ObjectMetrics:
     mask_iou_views: list[float] = field(default_factory=list)  # per rig view, in rig order
 
 
-def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0) -> list[Path]:
+def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0,
+                    on_white: bool = False) -> list[Path]:
     """The first ``count`` object folders of ``split`` under ``root`` (only those with exactly
-    ``parts`` primitives when ``parts`` > 0), rendered where missing."""
+    ``parts`` primitives when ``parts`` > 0), rendered where missing (``on_white``: by the
+    legacy renderer); a folder from the other renderer is an error."""
     folders = []
     for index in first_objects(split, count, parts):
         folder = root / folder_name(split, index)
-        if not (fmt.is_complete(folder) and (folder / "mesh.ply").is_file()):
-            write_object(root, split, index, size, save_mesh=True)
+        if fmt.is_complete(folder) and (folder / "mesh.ply").is_file():
+            check_renderer(folder, on_white)
+        else:
+            write_object(root, split, index, size, save_mesh=True, on_white=on_white)
         folders.append(folder)
     return folders
 
@@ -470,6 +474,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", choices=[s.value for s in Split], default=Split.HELDOUT.value,
                    help="which objects under --heldout: 'train' measures the fit on training objects (same "
                         "metrics), to tell fitting from generalisation")
+    p.add_argument("--legacy-on-white", action="store_true",
+                   help="held-out views rendered with colour on white (the renderer until 2026-12-05): only to "
+                        "reproduce the evaluations made before it (docs/embedded_default.md says which)")
     p.add_argument("--input-copy", action="store_true",
                    help="also score the input view repeated in all 32 slots (a model that only repeats its input)")
     p.add_argument("--hull-baseline", action="store_true",
@@ -530,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds, args.input_average)
     cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
-    folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts)
+    try:
+        folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts, args.legacy_on_white)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     model = load_checkpoint(args.checkpoint)
     if args.per_view_attention:
         model.unet.set_attention_backend("sdpa", global_attention=False)

@@ -6,7 +6,7 @@
 
 The default checkpoint (``models/mvdpp_default.safetensors``), from the repository root::
 
-    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 791 --size 64
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 791 --size 64 --legacy-on-white
     python -m train.procedural.generate --out /tmp/mvdpp_default/data/heldout --split heldout --count 64
     python train/train_mvae.py --config train/configs/default_mvae.yaml
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs/mvae/export/mvae.safetensors \
@@ -15,7 +15,8 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs2/mvae/export/mvae.safetensors \
         --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae2_calibrated.safetensors --objects 8
     python train/train_mvdiff.py --config train/configs/default_unet.yaml
-    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train8000 --split train --count 8000 --size 64
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train8000 --split train --count 8000 --size 64 \
+        --legacy-on-white
     python train/train_mvdiff.py --config train/configs/default_unet_3.yaml
     python train/train_mvdiff.py --config train/configs/default_unet_5.yaml
     cp /tmp/mvdpp_default/runs/unet5/export/model.safetensors models/mvdpp_default.safetensors

@@ -19,7 +19,7 @@ import torch
 
 from ..data import format as fmt
 from .objects import MAX_PARTS, Split, parse_split, part_count
-from .render import NUM_CONDITIONS, folder_name, write_object
+from .render import NUM_CONDITIONS, check_renderer, folder_name, write_object
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,13 +35,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
                    help="only the objects in the range made of exactly K primitives (0: all; a simpler rung)")
+    p.add_argument("--legacy-on-white", action="store_true",
+                   help="store colour composited on white, as the renderer did until 2026-12-05 (readers then "
+                        "lighten outlines twice): only to reproduce the embedded default's steps 1-5")
     return p.parse_args(argv)
 
 
 def generate(out: Path, split: Split, start: int, count: int, size: int, num_conditions: int, save_mesh: bool,
-             parts: int = 0) -> int:
+             parts: int = 0, on_white: bool = False) -> int:
     """Render objects start..start+count-1 into ``out`` (only those made of exactly ``parts``
-    primitives when ``parts`` > 0); returns how many were rendered now."""
+    primitives when ``parts`` > 0; ``on_white``: the legacy renderer's colour); returns how many
+    were rendered now. A complete folder written by the other renderer is an error, not kept."""
     if count < 1:
         raise ValueError(f"--count {count}; give at least 1 object.")
     out.mkdir(parents=True, exist_ok=True)
@@ -51,8 +55,9 @@ def generate(out: Path, split: Split, start: int, count: int, size: int, num_con
             continue
         folder = out / folder_name(split, index)
         if fmt.is_complete(folder) and (not save_mesh or (folder / "mesh.ply").is_file()):
+            check_renderer(folder, on_white)
             continue
-        write_object(out, split, index, size, num_conditions, save_mesh)
+        write_object(out, split, index, size, num_conditions, save_mesh, on_white)
         done += 1
     return done
 
@@ -63,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     split = parse_split(args.split)
     save_mesh = split is Split.HELDOUT if args.mesh is None else args.mesh
     t0 = time.perf_counter()
-    done = generate(args.out, split, args.start, args.count, args.size, args.num_conditions, save_mesh, args.parts)
+    try:
+        done = generate(args.out, split, args.start, args.count, args.size, args.num_conditions, save_mesh,
+                        args.parts, args.legacy_on_white)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - t0
     print(f"{done} objects rendered in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} objects/s) into {args.out}")
     return 0

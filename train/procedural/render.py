@@ -5,10 +5,18 @@ renders, so a folder written here and one written by Blender differ only in thei
 Lighting approximates the Blender script's uniform, shadowless world light: mostly ambient
 (flat albedo) plus a soft two-sided Lambert term from a fixed world direction, so shapes keep
 some shading cue and the light stays consistent across the 32 views.
+
+Views are stored with straight alpha, the PNG convention Blender writes and every reader here
+assumes (``train.data.dataset.to_tensors`` composites colour on white through alpha once). Until
+2026-12-05 the colour was stored already composited on white, so readers lightened every
+antialiased outline twice (``a^2 c + 1 - a^2``); the embedded default (steps 1-5 of the README's
+recipe) trained on such views, and ``on_white=True`` (``generate --legacy-on-white``) renders
+them again to reproduce it (docs/embedded_default.md, "The views on white").
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +34,8 @@ LIGHT_DIR = (0.35, -0.25, 1.0)  # world direction towards the light (above, slig
 AMBIENT = 0.7
 ANTIALIAS = 2
 NUM_CONDITIONS = 4
-RENDERER = "mvdpp procedural (PyTorch rasteriser)"
+RENDERER = "mvdpp procedural (PyTorch rasteriser, straight alpha)"
+LEGACY_RENDERER = "mvdpp procedural (PyTorch rasteriser)"  # colour stored on white (until 2026-12-05)
 
 
 @dataclass
@@ -39,18 +48,24 @@ class RenderedObject:
     mesh: trimesh.Trimesh
 
 
-def render_views(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size: int) -> np.ndarray:
-    """(v, S, S, 4) uint8 RGBA: colour composited on white, coverage in alpha."""
-    result = render_trimesh(
-        mesh, c2w, K, size, background=1.0, light_dir=torch.tensor(LIGHT_DIR), ambient=AMBIENT, antialias=ANTIALIAS
-    )
-    rgba = torch.cat([result.rgb, result.alpha[..., None]], dim=-1)  # v S S 4
+def render_views(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size: int,
+                 on_white: bool = False) -> np.ndarray:
+    """(v, S, S, 4) uint8 RGBA with straight alpha: the surface's colour, coverage in alpha
+    (white where nothing is covered), so one composite on white gives the render on white.
+    ``on_white``: the colour already composited on white (the legacy renderer)."""
+    result = render_trimesh(mesh, c2w, K, size, background=1.0 if on_white else 0.0,
+                            light_dir=torch.tensor(LIGHT_DIR), ambient=AMBIENT, antialias=ANTIALIAS)
+    rgb, alpha = result.rgb, result.alpha[..., None]  # premultiplied unless on_white
+    if not on_white:  # the box filter averaged colour x coverage: divide the coverage out
+        rgb = torch.where(alpha > 0, rgb / alpha.clamp(min=1e-12), torch.ones_like(rgb))
+    rgba = torch.cat([rgb, alpha], dim=-1)  # v S S 4
     return (rgba.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def render_object(split: Split | str, index: int, size: int = 64,
-                  num_conditions: int = NUM_CONDITIONS) -> RenderedObject:
-    """Build and render object ``index`` of ``split``: 32 rig views + ``num_conditions``."""
+                  num_conditions: int = NUM_CONDITIONS, on_white: bool = False) -> RenderedObject:
+    """Build and render object ``index`` of ``split``: 32 rig views + ``num_conditions``
+    (``on_white``: colour stored composited on white, the legacy renderer)."""
     split = parse_split(split)
     if size < 16 or size % 8:
         raise ValueError(f"size={size}; use a multiple of 8 of at least 16 (64 for the tiny preset).")
@@ -59,12 +74,24 @@ def render_object(split: Split | str, index: int, size: int = 64,
     plan = camera_plan(size, num_conditions, seed=seed % 2**62)
     views = plan["targets"] + plan["conditions"]
     c2w = torch.tensor([v["c2w"] for v in views], dtype=torch.float64)  # v 4 4
-    rgba = render_views(mesh, c2w, torch.tensor(plan["K"], dtype=torch.float64), size)
+    rgba = render_views(mesh, c2w, torch.tensor(plan["K"], dtype=torch.float64), size, on_white)
     cameras = fmt.cameras_document(
         image_size=size, K=plan["K"], targets=plan["targets"], conditions=plan["conditions"],
-        center=center.tolist(), scale=scale, renderer=RENDERER, source=f"procedural {split.value} {index}",
+        center=center.tolist(), scale=scale, renderer=LEGACY_RENDERER if on_white else RENDERER,
+        source=f"procedural {split.value} {index}",
     )
     return RenderedObject(rgba[: fmt.NUM_TARGETS], rgba[fmt.NUM_TARGETS:], cameras, mesh)
+
+
+def check_renderer(folder: str | Path, on_white: bool = False) -> None:
+    """Refuse a procedural object folder written by the other renderer (straight or on-white
+    colour), so a data set or an evaluation never mixes the two conventions silently."""
+    renderer = json.loads((Path(folder) / fmt.CAMERAS_FILE).read_text()).get("renderer", "")
+    wanted, other = (LEGACY_RENDERER, RENDERER) if on_white else (RENDERER, LEGACY_RENDERER)
+    if renderer == other:
+        flag = "without --legacy-on-white" if on_white else "with --legacy-on-white"
+        raise ValueError(f"{folder} was rendered by {renderer!r}, not {wanted!r}: use a new folder, "
+                         f"or run {flag} to read it.")
 
 
 def folder_name(split: Split | str, index: int) -> str:
@@ -72,9 +99,10 @@ def folder_name(split: Split | str, index: int) -> str:
 
 
 def write_object(root: str | Path, split: Split | str, index: int, size: int = 64,
-                 num_conditions: int = NUM_CONDITIONS, save_mesh: bool = False) -> Path:
-    """Render object ``index`` into ``root/<split>_<index>/``; ``mesh.ply`` too with ``save_mesh``."""
-    obj = render_object(split, index, size, num_conditions)
+                 num_conditions: int = NUM_CONDITIONS, save_mesh: bool = False, on_white: bool = False) -> Path:
+    """Render object ``index`` into ``root/<split>_<index>/``; ``mesh.ply`` too with ``save_mesh``
+    (``on_white``: the legacy renderer's colour)."""
+    obj = render_object(split, index, size, num_conditions, on_white)
     folder = Path(root) / folder_name(split, index)
     folder.mkdir(parents=True, exist_ok=True)
     if save_mesh:  # before cameras.json, which marks the folder complete
