@@ -114,6 +114,24 @@ def test_shipped_step_5_differs_from_the_first_candidate_only_in_whom_it_drops()
     assert replace(second.runtime, output_dir=first.runtime.output_dir) == first.runtime
 
 
+def test_step_6_continues_step_5_on_new_objects_rendered_with_straight_alpha():
+    """default_unet_6.yaml continues step 5's export with step 5's recipe unchanged: only the
+    data (new objects, the straight-alpha renderer), its order, the length and the start differ
+    (the bundle carries step 5's epipolar gain, so none is set)."""
+    from dataclasses import replace
+
+    five = load_config(TrainConfig, CONFIGS / "default_unet_5.yaml")
+    six = load_config(TrainConfig, CONFIGS / "default_unet_6.yaml")
+    assert six.stage == five.stage and six.ema == five.ema
+    assert six.init == replace(five.init, path=six.init.path, epipolar_gain=0.0)
+    assert six.init.path.startswith(five.runtime.output_dir)
+    assert replace(six.optim, max_steps=five.optim.max_steps, decay_steps=five.optim.decay_steps) == five.optim
+    assert six.optim.decay_steps == six.optim.max_steps
+    assert replace(six.data, folders=five.data.folders, seed=five.data.seed) == five.data
+    assert six.data.folders != five.data.folders and six.data.seed != five.data.seed
+    assert replace(six.runtime, output_dir=five.runtime.output_dir, seed=five.runtime.seed) == five.runtime
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""
@@ -134,16 +152,20 @@ def test_view_embedding_scale_starts_where_configured(tmp_path):
 @pytest.mark.parametrize("script,config,override,message", [
     ("train_mvdiff.py", "default_unet.yaml", "optim.max_minutes=-1",
      "optim.max_minutes=-1.0 is not allowed; allowed: >= 0"),
+    # loads, but cannot run: the shipped default already has the epipolar bias step 5 would switch on
+    ("train_mvdiff.py", "default_unet_5.yaml", "init.path=models/mvdpp_default.safetensors runtime.output_dir={tmp}",
+     "already has epipolar attention, whose gains it keeps; leave init.epipolar_gain at 0"),
     ("train_mvae.py", "default_mvae.yaml", "optim.nope=1", "unknown key(s) ['nope'] in optim"),
 ])
-def test_the_trainers_refuse_a_bad_config_in_one_line_without_a_traceback(script, config, override, message):
+def test_the_trainers_refuse_a_bad_config_in_one_line_without_a_traceback(script, config, override, message, tmp_path):
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "train" / script), "--config", str(repo / "train" / "configs" / config),
-           "--set", override]
+    cmd = [sys.executable, str(repo / "train" / script), "--config", str(repo / "train" / "configs" / config)]
+    for item in override.format(tmp=tmp_path / "run").split():
+        cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
