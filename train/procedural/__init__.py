@@ -6,8 +6,10 @@
 
 The default checkpoint (``models/mvdpp_default.safetensors``), from the repository root::
 
-    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 791 --size 64 --legacy-on-white
-    python -m train.procedural.generate --out /tmp/mvdpp_default/data/heldout --split heldout --count 64
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/train --split train --count 791 --size 64 \
+        --legacy-on-white
+    python -m train.procedural.generate --out /tmp/mvdpp_default/data/heldout --split heldout --count 64 \
+        --legacy-on-white
     python train/train_mvae.py --config train/configs/default_mvae.yaml
     python -m train.procedural.calibrate --mvae /tmp/mvdpp_default/runs/mvae/export/mvae.safetensors \
         --data /tmp/mvdpp_default/data/train --out /tmp/mvdpp_default/mvae_calibrated.safetensors --objects 8
@@ -22,7 +24,11 @@ The default checkpoint (``models/mvdpp_default.safetensors``), from the reposito
     cp /tmp/mvdpp_default/runs/unet5/export/model.safetensors models/mvdpp_default.safetensors
     python tests/test_default_checkpoint.py --write-reference
     python scripts/eval_default.py --heldout /tmp/mvdpp_default/data/heldout --count 50 --views 1 2 4 \
-        --multi-count 6 --no-baseline --copy-count 16 --input-copy --grids /tmp/mvdpp_default/grids --out report.json
+        --multi-count 6 --no-baseline --copy-count 16 --input-copy --grids /tmp/mvdpp_default/grids \
+        --legacy-on-white --out report.json
+
+``--legacy-on-white`` renders colour composited on white, as the renderer did until 2026-12-05
+and as steps 1-5 trained on; new data sets are rendered with straight alpha (``render.py``).
 
 The first UNet step is also ``scripts/train_default.py --objects 791 --max-steps 19157 --batch-size 2``
 on the shipped bundle's MVAE (the same tensors as ``mvae2_calibrated.safetensors``); that run
