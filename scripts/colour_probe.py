@@ -36,14 +36,9 @@ from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
+from train.diagnostics import foreground_colour  # noqa: E402
 from train.procedural.objects import Split  # noqa: E402
 from train.procedural.render import folder_name, write_object  # noqa: E402
-
-
-def foreground_colour(rgb: torch.Tensor, mask: torch.Tensor) -> list[float]:
-    """Mean colour (3,) of views (v, 3, H, W) over the pixels where mask (v, 1, H, W) > 0.5."""
-    m = (mask > 0.5).float()
-    return ((rgb * m).sum((0, 2, 3)) / m.sum((0, 2, 3)).clamp(min=1)).tolist()
 
 
 def fitted_latent_colour(vae, rgb: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[list[float], float]:
@@ -60,7 +55,7 @@ def fitted_latent_colour(vae, rgb: torch.Tensor, mask: torch.Tensor, steps: int)
         opt.step()
     with torch.no_grad():
         out, _ = vae.decode(z)
-    return foreground_colour(out, mask), float(-10 * torch.log10(((out - rgb) ** 2).mean()))
+    return foreground_colour(out, mask).tolist(), float(-10 * torch.log10(((out - rgb) ** 2).mean()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             decoded, _ = model.vae.decode(model.vae.encode(rgb, mask))
         result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=0, steps=2, sampler="ddim",
                           guidance=2.0, mirror_average=True, average_seeds=2)
-        row = {"object": index, "true": foreground_colour(rgb, mask), "round_trip": foreground_colour(decoded, mask),
-               "generated": foreground_colour(result.images, result.masks)}
+        row = {"object": index, "true": foreground_colour(rgb, mask).tolist(),
+               "round_trip": foreground_colour(decoded, mask).tolist(),
+               "generated": foreground_colour(result.images, result.masks).tolist()}
         if args.fit_steps:
             row["fitted_latent"], row["psnr_fitted_latent"] = fitted_latent_colour(
                 model.vae, rgb[8:16], mask[8:16], args.fit_steps)

@@ -110,9 +110,9 @@ def test_fixed_seed_reproduces_recorded_output():
 
 
 def _foreground_colour(rgb: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Mean colour (3,) over the foreground pixels of views (v, 3, H, W), masks (v, 1, H, W)."""
-    fg = mask > 0.5
-    return ((rgb * fg).sum(dim=(0, 2, 3)) / fg.sum().clamp(min=1)).numpy()
+    from train.diagnostics import foreground_colour
+
+    return foreground_colour(rgb, mask).numpy()
 
 
 def _own_and_other(model, folders: list[Path]) -> list[dict[str, float]]:

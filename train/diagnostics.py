@@ -221,6 +221,12 @@ def hull_masks(masks: Tensor, resolution: int = 96, max_dissent: int = 0) -> Ten
     return out[:-1].reshape(NUM_TARGET_VIEWS, size, size)
 
 
+def foreground_colour(rgb: Tensor, mask: Tensor) -> Tensor:
+    """Mean colour (3,) of views (v, 3, H, W) over the pixels where masks (v, 1, H, W) > 0.5."""
+    fg = mask > 0.5
+    return (rgb * fg).sum(dim=(0, 2, 3)) / fg.sum().clamp(min=1)
+
+
 def mask_iou(a: Tensor, b: Tensor) -> float:
     """IoU of masks of any shape, thresholded at 0.5 and pooled over all pixels (views too);
     1 where both are empty."""
