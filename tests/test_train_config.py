@@ -132,6 +132,27 @@ def test_step_6_continues_step_5_on_new_objects_rendered_with_straight_alpha():
     assert replace(six.runtime, output_dir=five.runtime.output_dir, seed=five.runtime.seed) == five.runtime
 
 
+def test_step_7_is_step_6_on_the_latents_of_the_mvae_trained_with_the_foreground_term():
+    """default_unet_7.yaml differs from step 6 only in the MVAE it encodes with (default_mvae_4.yaml's,
+    calibrated), its data order, length and output; default_mvae_4.yaml continues the shipped
+    bundle's MVAE with step 2's MVAE recipe plus the foreground term, encoder included, on step 6's data."""
+    from dataclasses import replace
+
+    six = load_config(TrainConfig, CONFIGS / "default_unet_6.yaml")
+    seven = load_config(TrainConfig, CONFIGS / "default_unet_7.yaml")
+    assert seven.stage == six.stage and seven.ema == six.ema and seven.data.folders == six.data.folders
+    assert seven.init == replace(six.init, mvae_path=seven.init.mvae_path) and seven.init.mvae_path
+    assert replace(seven.optim, max_steps=six.optim.max_steps, decay_steps=six.optim.decay_steps) == six.optim
+    assert seven.optim.decay_steps == seven.optim.max_steps
+    assert replace(seven.runtime, output_dir=six.runtime.output_dir, seed=six.runtime.seed) == six.runtime
+    two = load_config(MVAETrainConfig, CONFIGS / "default_mvae_2.yaml")
+    four = load_config(MVAETrainConfig, CONFIGS / "default_mvae_4.yaml")
+    assert two.loss.foreground_weight == 0 and four.loss.foreground_weight > 0 and four.init.train_encoder
+    assert replace(four.loss, foreground_weight=0.0) == two.loss
+    assert replace(four.optim, max_steps=two.optim.max_steps) == two.optim
+    assert four.data.folders == six.data.folders and four.init.path == "models/mvdpp_default.safetensors"
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""

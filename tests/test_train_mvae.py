@@ -141,3 +141,33 @@ def test_a_decoder_trained_with_the_encoder_fixed_replaces_the_bundles(tmp_path)
 def test_a_random_encoder_cannot_be_frozen():
     with pytest.raises(ValueError, match="init.train_encoder=False with init.source=preset"):
         load_config(MVAETrainConfig, CONFIG, ["init.train_encoder=false"])
+
+
+def test_the_foreground_term_weighs_an_objects_colour_by_its_own_pixels_not_the_views():
+    """loss.foreground_weight adds the mean L1 + L2 of RGB over the true foreground: the same
+    colour error counts the same on a 4-pixel object as on a 256-pixel one (the whole-view terms
+    shrink 64x with it), an error on the background adds nothing, and weight 0 is the paper's loss."""
+    from train.config import MVAELossConfig
+    from train.train_mvae import reconstruction_loss
+
+    def views(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.ones(2, 4, 32, 32)  # white, opaque where the object is, in [-1, 1]
+        x[:, 3] = -1
+        x[:, :3, :side, :side] = torch.tensor([0.4, -0.2, -0.6])[:, None, None]
+        x[:, 3, :side, :side] = 1
+        recon = x.clone()
+        recon[:, :3, :side, :side] += 0.3  # a wrong colour on the object only
+        return recon, x
+
+    paper, weighted = MVAELossConfig(), MVAELossConfig(foreground_weight=2.0)
+    small, large = views(2), views(16)
+    extra = [reconstruction_loss(*v, weighted)[0] - reconstruction_loss(*v, paper)[0] for v in (small, large)]
+    assert torch.allclose(extra[0], torch.tensor(2.0 * (0.3 + 0.09)), atol=1e-5)
+    assert torch.allclose(extra[0], extra[1], atol=1e-5)
+    whole = [reconstruction_loss(*v, paper)[1]["l1"] for v in (small, large)]
+    assert whole[1] == pytest.approx(64 * whole[0], rel=1e-4)
+    recon, x = views(4)
+    recon = x.clone()
+    recon[:, :3, 20:, 20:] -= 0.5  # wrong only on the background
+    assert reconstruction_loss(recon, x, weighted)[1]["foreground"] == 0
+    assert "foreground" not in reconstruction_loss(recon, x, paper)[1]

@@ -2,7 +2,8 @@
 
 Starts from an SD VAE converted by ``MaskAwareVAE.from_rgb_vae`` (identical on RGB, mask
 decoding to "foreground"), from a preset's random MVAE, or from a previous MVAE export.
-Loss per view: L1 + L2 on RGBA in [-1, 1], binary cross-entropy on the decoded mask, and
+Loss per view: L1 + L2 on RGBA in [-1, 1], binary cross-entropy on the decoded mask, optionally
+L1 + L2 on RGB over the true foreground (``loss.foreground_weight``), and
 a small KL to N(0, I). The paper's schedule (train/configs/1gpu_mvae.yaml, 8gpu_fsdp2_mvae.yaml):
 lr 4.5e-6, global batch 64, 60k steps. The export ``<output_dir>/export/mvae.safetensors``
 is what ``train_mvdiff.py`` takes as ``init.mvae_path``.
@@ -102,16 +103,26 @@ def mvae_loss(
 
 
 def reconstruction_loss(recon: Tensor, x: Tensor, cfg: MVAELossConfig) -> tuple[Tensor, dict[str, float]]:
-    """The decoding terms of the MVAE's loss (L1 + L2 on RGBA, mask BCE) of raw decoded RGBA
-    ``recon`` against ``x``, both (n, 4, H, W) in [-1, 1]."""
-    l1 = (recon - x).abs().mean()
-    l2 = (recon - x).pow(2).mean()
+    """The decoding terms of the MVAE's loss (L1 + L2 on RGBA, mask BCE, and with
+    ``foreground_weight`` L1 + L2 on RGB over the true foreground) of raw decoded RGBA ``recon``
+    against ``x``, both (n, 4, H, W) in [-1, 1]."""
+    error = recon - x
+    l1 = error.abs().mean()
+    l2 = error.pow(2).mean()
     # The mask decodes as (x + 1) / 2 clamped; BCE on the clamped value, while the L1/L2 terms
     # keep a gradient where the clamp is flat.
     p_mask = ((recon[:, 3:] + 1) / 2).clamp(_EPS, 1 - _EPS)
     bce = F.binary_cross_entropy(p_mask, (x[:, 3:] + 1) / 2)
     loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.mask_bce_weight * bce
-    return loss, {"l1": l1.item(), "bce": bce.item()}
+    parts = {"l1": l1.item(), "bce": bce.item()}
+    if cfg.foreground_weight:
+        fg = (x[:, 3:] > 0).to(error.dtype)  # the true mask, in [-1, 1]: foreground above 0
+        rgb = error[:, :3] * fg
+        pixels = 3 * fg.sum().clamp(min=1)
+        foreground = (rgb.abs().sum() + rgb.pow(2).sum()) / pixels
+        loss = loss + cfg.foreground_weight * foreground
+        parts["foreground"] = foreground.item()
+    return loss, parts
 
 
 @torch.no_grad()
