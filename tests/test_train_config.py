@@ -134,7 +134,7 @@ def test_step_6_continues_step_5_on_new_objects_rendered_with_straight_alpha():
 
 def test_step_7_is_step_6_on_the_latents_of_the_mvae_trained_with_the_foreground_term():
     """default_unet_7.yaml differs from step 6 only in the MVAE it encodes with (default_mvae_4.yaml's,
-    calibrated), its data order, length and output; default_mvae_4.yaml continues the shipped
+    calibrated), its data order, length and output; default_mvae_4.yaml continues step 5's
     bundle's MVAE with step 2's MVAE recipe plus the foreground term, encoder included, on step 6's data."""
     from dataclasses import replace
 
@@ -150,7 +150,21 @@ def test_step_7_is_step_6_on_the_latents_of_the_mvae_trained_with_the_foreground
     assert two.loss.foreground_weight == 0 and four.loss.foreground_weight > 0 and four.init.train_encoder
     assert replace(four.loss, foreground_weight=0.0) == two.loss
     assert replace(four.optim, max_steps=two.optim.max_steps) == two.optim
-    assert four.data.folders == six.data.folders and four.init.path == "models/mvdpp_default.safetensors"
+    assert four.data.folders == six.data.folders and four.init.path == seven.init.path  # both start from step 5
+
+
+def test_step_8_continues_step_7_with_its_recipe():
+    """default_unet_8.yaml is step 7 again from step 7's export: the same model, MVAE, loss, batch,
+    schedule and length; only its starting point, data order and output differ."""
+    from dataclasses import replace
+
+    seven = load_config(TrainConfig, CONFIGS / "default_unet_7.yaml")
+    eight = load_config(TrainConfig, CONFIGS / "default_unet_8.yaml")
+    assert eight.stage == seven.stage and eight.ema == seven.ema and eight.optim == seven.optim
+    assert eight.init == replace(seven.init, path=eight.init.path) and "unet7" in eight.init.path
+    assert eight.data == replace(seven.data, seed=eight.data.seed) and eight.data.seed != seven.data.seed
+    assert replace(eight.runtime, output_dir=seven.runtime.output_dir, seed=seven.runtime.seed) == seven.runtime
+    assert eight.checkpoint == seven.checkpoint and eight.logging == seven.logging
 
 
 def test_view_embedding_scale_starts_where_configured(tmp_path):
