@@ -2,7 +2,8 @@
 separates one object's views from views of different objects, the consensus hull outvotes a
 few wrong masks, the single-view hull contains its object and reproduces its view, and the
 attention recorder reads exactly the uniform share from attention that cannot tell keys apart,
-and the condition and sibling shares are exactly 0 where no information can cross views."""
+the condition and sibling shares are exactly 0 where no information can cross views, and the
+placement of a mask (size, position) is told apart from its shape."""
 
 import torch
 from tiny_models import tiny_model
@@ -14,6 +15,7 @@ from train.diagnostics import (
     attention_flow,
     condition_share,
     hull_masks,
+    mask_placement,
     noisy_targets,
     sibling_share,
     silhouette_consistency,
@@ -131,3 +133,27 @@ def test_sibling_share_is_exactly_zero_where_views_cannot_be_read_and_measures_t
     model.unet.set_attention_backend("sdpa", global_attention=False)
     assert sibling_share(model, objects, 900, 300)["share"] == 0.0  # bit-identical probe-view outputs
     assert sibling_share(model, objects, 900, 300, null=True)["share"] == 0.0  # also without the condition
+
+
+def _disk(size: int, cx: float, cy: float, r: float) -> torch.Tensor:
+    ys, xs = torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 2, indexing="ij")
+    return ((xs - cx) ** 2 + (ys - cy) ** 2 <= r**2).double()
+
+
+def test_mask_placement_separates_size_and_position_from_shape():
+    true = _disk(64, 30.0, 34.0, 12.0)
+    # the same disk, 1.25x as wide and moved by (6, -5): placement alone
+    pred = _disk(64, 36.0, 29.0, 15.0)
+    raw = float(((pred > 0.5) & (true > 0.5)).sum() / ((pred > 0.5) | (true > 0.5)).sum())
+    got = mask_placement(pred, true)
+    assert got["area_ratio"] == float(pred.sum() / true.sum()) and abs(got["area_ratio"] - 1.25**2) < 0.06
+    assert abs(got["centroid_offset"] - (6**2 + 5**2) ** 0.5) < 0.1
+    assert raw < 0.6 < 0.97 < got["mask_iou_aligned"]
+    # a square of nearly the disk's area (21 x 21 px) on its centre: placement is right, the shape is not
+    square = torch.zeros(64, 64, dtype=torch.float64)
+    square[24:45, 20:41] = 1
+    got = mask_placement(square, true)
+    shape_iou = float(((square > 0.5) & (true > 0.5)).sum() / ((square > 0.5) | (true > 0.5)).sum())
+    assert abs(got["area_ratio"] - 1) < 0.05 and got["centroid_offset"] < 0.6
+    assert abs(got["mask_iou_aligned"] - shape_iou) < 0.03 and got["mask_iou_aligned"] < 0.92
+    assert all(v != v for v in mask_placement(torch.zeros(64, 64), true).values())  # empty: NaN

@@ -235,6 +235,26 @@ def mask_iou(a: Tensor, b: Tensor) -> float:
     return float((a & b).sum().item() / union) if union else 1.0
 
 
+def mask_placement(pred: Tensor, true: Tensor) -> dict[str, float]:
+    """Where the error of a generated mask (H, W) against the true one lies, both thresholded at
+    0.5: ``area_ratio`` (its area over the true one's), ``centroid_offset`` (pixels between the
+    centroids) and ``mask_iou_aligned``, the IoU after moving and scaling it about its centroid
+    onto the true one's centroid and area: what is left is the shape. NaN where either is empty."""
+    import kornia.geometry.transform as kgt  # not at import: kornia is slow to import
+
+    p, t = (pred > 0.5).double(), (true > 0.5).double()
+    if not p.any() or not t.any():
+        return {"area_ratio": math.nan, "centroid_offset": math.nan, "mask_iou_aligned": math.nan}
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in p.shape), indexing="ij")
+    (cp, ct) = (torch.stack([(m * xs).sum(), (m * ys).sum()]) / m.sum() for m in (p, t))
+    k = float(torch.sqrt(t.sum() / p.sum()))
+    shift = ct - k * cp  # pixel x of pred -> k x + shift
+    matrix = torch.tensor([[k, 0.0, shift[0]], [0.0, k, shift[1]]], dtype=torch.float64)[None]
+    moved = kgt.warp_affine(p[None, None], matrix, dsize=tuple(p.shape), align_corners=True)[0, 0]
+    return {"area_ratio": float(p.sum() / t.sum()), "centroid_offset": float((cp - ct).norm()),
+            "mask_iou_aligned": mask_iou(moved, t)}
+
+
 def per_view_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of each view's masks (v, H, W), thresholded at 0.5; 1 where both are empty."""
     a, b = a > 0.5, b > 0.5
