@@ -5,6 +5,7 @@ attention recorder reads exactly the uniform share from attention that cannot te
 the condition and sibling shares are exactly 0 where no information can cross views, and the
 placement of a mask (size, position) is told apart from its shape."""
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
@@ -13,8 +14,10 @@ from train.data.dataset import to_tensors
 from train.diagnostics import (
     SIBLING_PROBE_VIEWS,
     attention_flow,
+    best_common_scale,
     condition_share,
     hull_masks,
+    mask_iou,
     mask_placement,
     noisy_targets,
     sibling_share,
@@ -157,3 +160,22 @@ def test_mask_placement_separates_size_and_position_from_shape():
     assert abs(got["area_ratio"] - 1) < 0.05 and got["centroid_offset"] < 0.6
     assert abs(got["mask_iou_aligned"] - shape_iou) < 0.03 and got["mask_iou_aligned"] < 0.92
     assert all(v != v for v in mask_placement(torch.zeros(64, 64), true).values())  # empty: NaN
+
+
+def test_mask_iou_refuses_masks_that_would_broadcast():
+    masks = _rig_masks(0)
+    assert mask_iou(masks, masks) == 1.0
+    with pytest.raises(ValueError, match=r"\(32, 64, 64\) and \(32, 1, 64, 64\).*same shape"):
+        mask_iou(masks, masks[:, None])
+
+
+def test_best_common_scale_undoes_a_3d_scaling_of_the_object():
+    """The true views of an object drawn 12 % too large in every view: the common scale finds
+    the factor back (to the grid's step), and at it the masks match nearly exactly."""
+    from train.diagnostics import scaled_about_centre
+
+    true = _rig_masks(0).double()
+    scales = [round(0.80 + 0.02 * i, 2) for i in range(21)]
+    k, ious = best_common_scale(scaled_about_centre(true, 1.12), true, scales)
+    assert abs(k - 1 / 1.12) <= 0.02
+    assert ious[scales.index(1.0)] < 0.85 < 0.95 < max(ious)

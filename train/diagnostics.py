@@ -17,6 +17,8 @@
   optionally of a consensus hull that lets each voxel ignore a few views.
 * ``single_view_hull``: an input view reprojected into the rig through its own visual hull, a
   baseline that follows its input and is consistent in 3D by construction.
+* ``mask_placement`` and ``best_common_scale``: is a mask's error its size and position, or its
+  shape? (the copy test, ``scripts/size_probe.py``)
 * ``mesh_metrics``: volume IoU and Chamfer distance against the true mesh of the fast-path
   reconstruction of 32 views, the issue's mesh figure.
 
@@ -228,8 +230,12 @@ def foreground_colour(rgb: Tensor, mask: Tensor) -> Tensor:
 
 
 def mask_iou(a: Tensor, b: Tensor) -> float:
-    """IoU of masks of any shape, thresholded at 0.5 and pooled over all pixels (views too);
-    1 where both are empty."""
+    """IoU of masks of any shape, the same for both, thresholded at 0.5 and pooled over all pixels
+    (views too); 1 where both are empty. Shapes that would broadcast (32, H, W) against (32, 1, H,
+    W) are refused: they would pool every view against every other."""
+    if a.shape != b.shape:
+        raise ValueError(f"mask_iou of masks shaped {tuple(a.shape)} and {tuple(b.shape)}: give both the same shape "
+                         "(e.g. drop the channel axis of (v, 1, H, W) masks with [:, 0]).")
     a, b = a > 0.5, b > 0.5
     union = (a | b).sum().item()
     return float((a & b).sum().item() / union) if union else 1.0
@@ -253,6 +259,25 @@ def mask_placement(pred: Tensor, true: Tensor) -> dict[str, float]:
     moved = kgt.warp_affine(p[None, None], matrix, dsize=tuple(p.shape), align_corners=True)[0, 0]
     return {"area_ratio": float(p.sum() / t.sum()), "centroid_offset": float((cp - ct).norm()),
             "mask_iou_aligned": mask_iou(moved, t)}
+
+
+def scaled_about_centre(masks: Tensor, k: float) -> Tensor:
+    """Masks (v, H, W) with their content scaled by ``k`` about the image centre, where every rig
+    view looks at the object's centre: near what scaling the object by ``k`` in 3D does to them."""
+    import kornia.geometry.transform as kgt
+
+    h, w = masks.shape[-2:]
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    matrix = torch.tensor([[k, 0.0, (1 - k) * cx], [0.0, k, (1 - k) * cy]], dtype=masks.dtype)
+    return kgt.warp_affine(masks[:, None], matrix.expand(len(masks), 2, 3), dsize=(h, w), align_corners=True)[:, 0]
+
+
+def best_common_scale(pred: Tensor, true: Tensor, scales: list[float]) -> tuple[float, list[float]]:
+    """The one scale of ``scales`` that, applied to all of an object's generated masks (v, H, W)
+    (``scaled_about_centre``), matches its true masks best: (k, the pooled mask IoU at every scale).
+    What is left at k is the error of the shape, not of the object's size."""
+    ious = [mask_iou(scaled_about_centre(pred.double(), k), true) for k in scales]
+    return scales[int(torch.tensor(ious).argmax())], ious
 
 
 def per_view_iou(a: Tensor, b: Tensor) -> Tensor:
