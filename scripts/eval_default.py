@@ -72,11 +72,12 @@ from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_samplin
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
+    MeshErrors,
     hull_masks,
     information_flow,
     mask_iou,
     mask_placement,
-    mesh_metrics,
+    mesh_errors,
     object_latents,
     per_view_iou,
     silhouette_consistency,
@@ -120,6 +121,9 @@ class ObjectMetrics:
     mask_iou_consensus: float = math.nan  # mask IoU of the reprojected consensus hull of the 32 masks
     mask_iou_views: list[float] = field(default_factory=list)  # per rig view, in rig order
     mask_area_ratio: float = math.nan  # generated over true mask area, pooled over the 32 views
+    chamfer_accuracy: float = math.nan  # the Chamfer distance's halves (train.diagnostics.MeshErrors):
+    chamfer_completeness: float = math.nan  # generated -> true surface, and true -> generated
+    mesh_volume_ratio: float = math.nan  # generated mesh volume over the true one
 
 
 def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0,
@@ -172,19 +176,20 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
         cond = composite_on_white(cond_rgb[0], cond_mask[0])
         truth, generated = rig_grid(composite_on_white(rgb, mask), cond), rig_grid(result.on_white(), cond)
         save_png(np.concatenate([truth, generated]), grid)
-    v_iou, chamfer = (0.0, math.nan)
+    mesh = MeshErrors()
     if with_mesh:
-        v_iou, chamfer = mesh_metrics(*result.for_reconstruction(), trimesh.load(folder / "mesh.ply", process=False),
-                                      cfg.mesh_resolution)
+        mesh = mesh_errors(*result.for_reconstruction(), trimesh.load(folder / "mesh.ply", process=False),
+                           cfg.mesh_resolution)
     p_other, m_other = math.nan, math.nan
     if other is not None:
         other_rgb, other_mask = to_tensors(fmt.read_object_folder(other, cond_ids=[0]).target_rgba, size)
         p_other, _, m_other = view_metrics(result, other_rgb, other_mask)
     generated = result.masks[:, 0]
     consensus = mask_iou(hull_masks(generated, max_dissent=CONSENSUS_DISSENT).float(), mask[:, 0])
-    return ObjectMetrics(p, s, m, v_iou, chamfer, p_other, m_other, silhouette_consistency(generated), consensus,
-                         per_view_iou(generated, mask[:, 0]).tolist(),
-                         float((generated > 0.5).sum() / (mask > 0.5).sum().clamp(min=1)))
+    return ObjectMetrics(p, s, m, mesh.volume_iou, mesh.chamfer, p_other, m_other, silhouette_consistency(generated),
+                         consensus, per_view_iou(generated, mask[:, 0]).tolist(),
+                         float((generated > 0.5).sum() / (mask > 0.5).sum().clamp(min=1)),
+                         mesh.accuracy, mesh.completeness, mesh.volume_ratio)
 
 
 def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> dict[str, float]:
@@ -329,6 +334,17 @@ def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
     return out
 
 
+def mesh_error_means(rows: list[ObjectMetrics]) -> dict[str, float]:
+    """Means, over the objects with a mesh, of the Chamfer distance's two halves and the
+    mesh's volume over the true one."""
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else math.nan
+    return {"accuracy": mean([r.chamfer_accuracy for r in rows]),
+            "completeness": mean([r.chamfer_completeness for r in rows]),
+            "volume_ratio": mean([r.mesh_volume_ratio for r in rows])}
+
+
 def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int], cfg: SamplingConfig,
                    with_mesh: bool = True, label: str = "", multi_count: int = 0,
                    on_result: Callable[[dict], None] | None = None, grids: Path | None = None) -> dict[str, dict]:
@@ -347,13 +363,17 @@ def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         results[str(n)] = {"objects": len(rows), "summary": summarize(rows), "mask_iou_by_view": by_view_grid(rows),
                            "mask_area_ratio": float(np.mean([r.mask_area_ratio for r in rows])) if rows
-                           else math.nan,
+                           else math.nan, "mesh_errors": mesh_error_means(rows),
                            "per_object": [asdict(r) for r in rows], "seconds": round(time.perf_counter() - t0, 1)}
         if on_result is not None:
             on_result(results)
         s = results[str(n)]["summary"]
         print(f"[{label}] {n} view(s): " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in METRICS)
               + f", mask area ratio {results[str(n)]['mask_area_ratio']:.3f}", flush=True)
+        if with_mesh:
+            e = results[str(n)]["mesh_errors"]
+            print(f"[{label}] {n} view(s): Chamfer accuracy {e['accuracy']:.4f} (generated -> true), completeness "
+                  f"{e['completeness']:.4f} (true -> generated), mesh volume ratio {e['volume_ratio']:.3f}", flush=True)
         if by_view := results[str(n)]["mask_iou_by_view"]:  # empty without objects
             print(f"[{label}] {n} view(s): mask IoU by azimuth from the first input "
                   + " / ".join(f"{v:.3f}" for v in by_view["by_azimuth"]), flush=True)

@@ -3,7 +3,8 @@ separates one object's views from views of different objects, the consensus hull
 few wrong masks, the single-view hull contains its object and reproduces its view, and the
 attention recorder reads exactly the uniform share from attention that cannot tell keys apart,
 the condition and sibling shares are exactly 0 where no information can cross views, and the
-placement of a mask (size, position) is told apart from its shape."""
+placement of a mask (size, position) is told apart from its shape, and the mesh's volume
+ratio follows the size its views give it."""
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from train.diagnostics import (
     hull_masks,
     mask_iou,
     mask_placement,
+    mesh_errors,
     noisy_targets,
     sibling_share,
     silhouette_consistency,
@@ -179,3 +181,23 @@ def test_best_common_scale_undoes_a_3d_scaling_of_the_object():
     k, ious = best_common_scale(scaled_about_centre(true, 1.12), true, scales)
     assert abs(k - 1 / 1.12) <= 0.02
     assert ious[scales.index(1.0)] < 0.85 < 0.95 < max(ious)
+
+
+def test_mesh_errors_of_true_views_and_of_views_drawn_too_large():
+    """The fast mesh of an object's true rig views has about its volume and splits its Chamfer
+    distance into two small halves; views drawn 1.2 times too large in every view (what a
+    3D scaling by 1.2 gives) carve a mesh about 1.2^3 times as large."""
+    from mvdpp_core.pipeline import MultiViewResult
+    from train.diagnostics import scaled_about_centre
+
+    rendered = render_object("heldout", 2, size=64)
+    rgb, masks = to_tensors(rendered.targets, 64)
+    true = mesh_errors(*MultiViewResult(rgb, masks).for_reconstruction(), rendered.mesh)
+    assert true.volume_iou > 0.6 and 0.9 < true.volume_ratio < 1.5  # a visual hull: a little larger
+    assert true.chamfer == pytest.approx((true.accuracy + true.completeness) / 2)
+    assert max(true.accuracy, true.completeness) < 0.05
+    views = torch.cat([rgb, masks], 1)  # 32 4 S S: colours scaled with the masks (reconstruct snaps to their edges)
+    large = torch.stack([scaled_about_centre(views[:, c], 1.2) for c in range(4)], 1)
+    grown = mesh_errors(*MultiViewResult(large[:, :3], large[:, 3:]).for_reconstruction(), rendered.mesh)
+    assert 1.2**3 * 0.85 < grown.volume_ratio / true.volume_ratio < 1.2**3 * 1.15
+    assert grown.accuracy > true.accuracy and grown.volume_iou < true.volume_iou

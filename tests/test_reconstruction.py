@@ -19,6 +19,7 @@ from mvdpp_core.reconstruction import (
     ReconstructedMesh,
     UVTexture,
     chamfer_distance,
+    chamfer_terms,
     export_mesh,
     load_mesh,
     psnr,
@@ -106,6 +107,14 @@ def test_metrics_on_known_shapes() -> None:
     assert volume_iou(sphere, small) == pytest.approx(0.8**3, abs=0.02)
     assert chamfer_distance(sphere, sphere) < 0.007  # the sampling floor at 30k points
     assert chamfer_distance(sphere, small) == pytest.approx(0.1 * 0.5 * 2, abs=0.004)  # radii 0.5 vs 0.4
+    far = shapes.box()
+    far.apply_scale(0.3)
+    far.apply_translation([1.0, 0.0, 0.0])
+    pair = trimesh.util.concatenate([small, far])  # the sphere (radius 0.4) and a part 0.45-0.75 from it
+    spurious, missed = chamfer_terms(pair, small)  # a mesh with a part the truth lacks
+    assert missed < 0.01 < 0.05 < spurious  # only the half from the mesh to the truth sees it
+    assert chamfer_terms(small, pair)[::-1] == pytest.approx((spurious, missed), abs=0.004)  # a lost part: the other
+    assert chamfer_distance(pair, small) == pytest.approx((spurious + missed) / 2)
     img = torch.rand(2, 32, 32, 3)
     assert ssim(img, img) == pytest.approx(1.0, abs=1e-4) and psnr(img, img) > 90
     assert psnr(img, (img + 0.1).clamp(0, 1)) < 25

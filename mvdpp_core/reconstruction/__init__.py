@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .export import export_mesh, load_mesh
 from .mesh import MeshFormat, Method, ReconstructedMesh
-from .metrics import chamfer_distance, composite_on_white, lpips, psnr, ssim, volume_iou
+from .metrics import chamfer_distance, chamfer_terms, composite_on_white, lpips, psnr, ssim, volume_iou
 from .pipeline import mesh_from_trimesh, reconstruct
 from .render import RenderResult, UVTexture, render_mesh, render_trimesh
 from .sdf import SDFConfig
@@ -27,6 +27,7 @@ __all__ = [
     "SDFConfig",
     "UVTexture",
     "chamfer_distance",
+    "chamfer_terms",
     "composite_on_white",
     "export_mesh",
     "load_mesh",

@@ -34,13 +34,20 @@ IOU_RESOLUTION = 64
 _JITTER = (3.1e-4 * np.pi, 2.7e-4 * np.e)
 
 
-def chamfer_distance(a: trimesh.Trimesh, b: trimesh.Trimesh, *, samples: int = 30_000, seed: int = 0) -> float:
-    """Symmetric Chamfer distance between two surfaces from ``samples`` area-uniform points each."""
+def chamfer_terms(
+    a: trimesh.Trimesh, b: trimesh.Trimesh, *, samples: int = 30_000, seed: int = 0
+) -> tuple[float, float]:
+    """The two halves of the Chamfer distance from ``samples`` area-uniform points each: the
+    mean distance from A's surface to B's (A's accuracy: surface A has where B has none) and
+    from B's to A's (A's completeness: surface B has that A misses)."""
     pa = trimesh.sample.sample_surface(a, samples, seed=seed)[0]
     pb = trimesh.sample.sample_surface(b, samples, seed=seed + 1)[0]
-    d_ab = cKDTree(pb).query(pa)[0].mean()
-    d_ba = cKDTree(pa).query(pb)[0].mean()
-    return float((d_ab + d_ba) / 2)
+    return float(cKDTree(pb).query(pa)[0].mean()), float(cKDTree(pa).query(pb)[0].mean())
+
+
+def chamfer_distance(a: trimesh.Trimesh, b: trimesh.Trimesh, *, samples: int = 30_000, seed: int = 0) -> float:
+    """Symmetric Chamfer distance between two surfaces from ``samples`` area-uniform points each."""
+    return sum(chamfer_terms(a, b, samples=samples, seed=seed)) / 2
 
 
 def occupancy(
