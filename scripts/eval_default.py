@@ -323,10 +323,11 @@ def _iou_matrix(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torch.Tens
     return torch.cat(out)
 
 
-def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation per metric (Chamfer over the objects with a mesh)."""
+def summarize(rows: list[ObjectMetrics], names: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation per metric, over the objects where it is finite (Chamfer:
+    those with a mesh)."""
     out = {}
-    for name in METRICS:
+    for name in names:
         values = np.array([getattr(r, name) for r in rows], dtype=np.float64)
         finite = values[np.isfinite(values)]
         out[name] = {"mean": float(finite.mean()) if len(finite) else math.nan,
@@ -337,12 +338,10 @@ def summarize(rows: list[ObjectMetrics]) -> dict[str, dict[str, float]]:
 def mesh_error_means(rows: list[ObjectMetrics]) -> dict[str, float]:
     """Means, over the objects with a mesh, of the Chamfer distance's two halves and the
     mesh's volume over the true one."""
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if math.isfinite(v)]
-        return float(np.mean(finite)) if finite else math.nan
-    return {"accuracy": mean([r.chamfer_accuracy for r in rows]),
-            "completeness": mean([r.chamfer_completeness for r in rows]),
-            "volume_ratio": mean([r.mesh_volume_ratio for r in rows])}
+    fields = {"accuracy": "chamfer_accuracy", "completeness": "chamfer_completeness",
+              "volume_ratio": "mesh_volume_ratio"}
+    means = summarize(rows, tuple(fields.values()))
+    return {key: means[name]["mean"] for key, name in fields.items()}
 
 
 def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int], cfg: SamplingConfig,

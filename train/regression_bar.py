@@ -55,7 +55,7 @@ from mvdpp_core.vae import MaskAwareVAE
 from .data import format as fmt
 from .data.dataset import to_tensors
 from .data.shards import object_folders
-from .diagnostics import mask_iou, mesh_metrics, per_view_iou, silhouette_consistency
+from .diagnostics import mask_iou, mesh_errors, per_view_iou, silhouette_consistency
 
 
 @dataclass(frozen=True)
@@ -329,8 +329,9 @@ def mesh_scores(rgb: Tensor, masks: Tensor, meshes: list[trimesh.Trimesh], resol
     """eval_default's mesh figures: the fast reconstruction of each object's 32 views on white
     (n, 32, 3, S, S) and masks (n, 32, 1, S, S) against its true mesh; mean volume IoU (0 where
     nothing is reconstructed) and mean Chamfer distance over the objects with a mesh."""
-    rows = np.array([mesh_metrics(*MultiViewResult(rgb[i], masks[i]).for_reconstruction(), mesh, resolution)
-                     for i, mesh in enumerate(meshes)], dtype=np.float64)
+    errors = [mesh_errors(*MultiViewResult(rgb[i], masks[i]).for_reconstruction(), mesh, resolution)
+              for i, mesh in enumerate(meshes)]
+    rows = np.array([(e.volume_iou, e.chamfer) for e in errors], dtype=np.float64)
     finite = rows[np.isfinite(rows[:, 1]), 1]
     return {"volume_iou": round(float(rows[:, 0].mean()), 4),
             "chamfer": round(float(finite.mean()), 4) if len(finite) else math.nan}
