@@ -7,7 +7,8 @@
 Inputs: a folder whose sub-folders are objects (1-10 images each, in name order; the first
 is azimuth 0) and whose loose images are one-view objects; or a CSV with columns
 ``object,image`` (one row per image, in order; relative paths are relative to the CSV).
-Images are RGBA PNGs (alpha = object) or photos on a plain background (segmented).
+Images are RGBA PNGs (alpha = object) or photos on a plain background (segmented), each read
+upright (EXIF orientation) and framed on its own (``mvdpp_core.photos``).
 
 Outputs per object, in ``<out>/<object>/``: ``view_XX.png`` (RGB on white) and ``mask_XX.png``
 for the 32 rig views (i = elevation * 8 + azimuth), ``grid.png``, ``mesh.glb`` and ``done.json``.
@@ -106,31 +107,6 @@ def object_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
-def load_views(paths: tuple[Path, ...]) -> tuple[Tensor, Tensor]:
-    """Images (n, 3, H, W) and masks (n, H, W) in [0, 1]; every view resized to the first's size."""
-    from PIL import Image
-
-    from .segment import segment_uniform_background
-
-    if not 1 <= len(paths) <= MAX_VIEWS:
-        raise ValueError(f"{len(paths)} input images; an object takes 1 to {MAX_VIEWS}.")
-    images, masks, size = [], [], None
-    for path in paths:
-        with Image.open(path) as opened:
-            picture = opened.convert("RGBA") if _has_alpha(opened) else opened.convert("RGB")
-        size = size or picture.size
-        array = torch.from_numpy(np.asarray(picture.resize(size), dtype=np.float32) / 255)  # H W c
-        rgb = array[..., :3].permute(2, 0, 1)[None]  # 1 3 H W
-        mask = array[None, ..., 3] if array.shape[-1] == 4 else segment_uniform_background(rgb)
-        images.append(rgb)
-        masks.append(mask.reshape(1, *rgb.shape[-2:]))
-    return torch.cat(images), torch.cat(masks)
-
-
-def _has_alpha(image) -> bool:
-    return image.mode in ("RGBA", "LA") or "transparency" in image.info
-
-
 @dataclass(frozen=True)
 class BatchSettings:
     seed: int = 0
@@ -151,12 +127,15 @@ def save_png(array: Tensor, path: Path) -> None:
 def generate_object(model, job: ObjectJob, folder: Path, settings: BatchSettings) -> dict:
     """Generate and write one object's files into ``folder``; returns its record."""
     from .grid import view_grid
+    from .photos import frame_photos
     from .pipeline import generate
     from .reconstruction import export_mesh, reconstruct
 
-    images, masks = load_views(job.images)
+    if not 1 <= len(job.images) <= MAX_VIEWS:
+        raise ValueError(f"{len(job.images)} input images; an object takes 1 to {MAX_VIEWS}.")
+    views = frame_photos(job.images, size=model.config.image_size)
     result = generate(
-        model, images, masks, seed=object_seed(settings.seed, job.name), steps=settings.steps,
+        model, views, seed=object_seed(settings.seed, job.name), steps=settings.steps,
         sampler=settings.sampler, guidance=settings.guidance,
     )
     on_white = result.on_white()  # 32 3 S S

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 from mvdpp_core.cameras import MAX_CONDITION_VIEWS  # noqa: E402
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
-from mvdpp_core.condition import ConditionViews, frame_condition  # noqa: E402
 from mvdpp_core.config import preset  # noqa: E402
 from mvdpp_core.grid import view_grid  # noqa: E402
 from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
+from mvdpp_core.photos import frame_photos  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 
@@ -49,18 +49,6 @@ DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out 
 # Other checkpoints: 20 dpmpp_2m steps, no averaging.
 EMBEDDED_SAMPLING = ("ddim", 2, 2.0, True, 2, True)
 CHECKPOINT_SAMPLING = ("dpmpp_2m", 20, 2.0, False, 1, False)
-
-
-def load_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image (1, 3, H, W) and mask (1, H, W) in [0, 1] from an RGBA or plain-background file."""
-    image = Image.open(path)
-    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-        rgba = torch.from_numpy(np.asarray(image.convert("RGBA"), dtype=np.float32) / 255)
-        return rgba[None, ..., :3].permute(0, 3, 1, 2), rgba[None, ..., 3]
-    from mvdpp_core.segment import segment_uniform_background
-
-    rgb = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)[None].permute(0, 3, 1, 2)
-    return rgb, segment_uniform_background(rgb)
 
 
 def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
@@ -140,9 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     sampler, steps, cfg, mirror, seeds, inputs = default_sampling(
         args.checkpoint, args.sampler, args.steps, args.cfg, args.mirror, args.average_seeds, args.input_average)
     start = time.perf_counter()
-    # Each photo is framed on its own (their sizes may differ), as the ComfyUI node frames a batch.
-    framed = [frame_condition(*load_rgba(path), size=model.config.image_size) for path in args.image]
-    views = ConditionViews(torch.cat([v.images for v in framed]), torch.cat([v.masks for v in framed]))
+    # Each photo is read upright and framed on its own (their sizes may differ), as the ComfyUI node frames a batch.
+    try:
+        views = frame_photos(args.image, size=model.config.image_size)
+    except ValueError as err:
+        parser.error(str(err))
     result = generate(model, views, seed=args.seed, steps=steps, sampler=sampler, guidance=cfg,
                       mirror_average=mirror, average_seeds=seeds, input_average=inputs,
                       callback=lambda i, n, _: print(f"\rsampling {i}/{n}", end="", flush=True))

@@ -89,7 +89,8 @@ def test_two_processes_write_what_one_writes_and_a_killed_run_resumes(tiny_check
     assert main(args(inputs, one, tiny_checkpoint)) == 0
     reference = finished(one)
     failure = json.loads((one / "_failed" / "broken.json").read_text())
-    assert "broken" not in reference and failure["reason"].startswith("OSError")  # recorded, the rest went on
+    assert "broken" not in reference  # recorded, the rest went on; the reason names the file
+    assert failure["reason"].startswith("ValueError: ") and "broken/00.png: not a readable image" in failure["reason"]
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",

@@ -237,13 +237,15 @@ def test_quality_mesh_keeps_the_generated_object():
     that off their noise floor and not carve the object away. On the demo's views it leaves
     the fast mesh as it is (volume 1.000 of fast); with the thresholds held at their clean
     values it carved 88 % away, and the earlier fixed threshold (0.10) 24 %."""
+    from mvdpp_core.photos import frame_photos
     from mvdpp_core.pipeline import generate
     from mvdpp_core.reconstruction import reconstruct
 
     demo = _demo_module()
     sampler, steps, cfg, mirror, seeds, _ = demo.default_sampling(None)
-    images, masks = demo.load_rgba(demo.DEFAULT_IMAGE)
-    result = generate(_load_default(), images, masks, seed=0, steps=steps, sampler=sampler, guidance=cfg,
+    model = _load_default()
+    views = frame_photos([demo.DEFAULT_IMAGE], size=model.config.image_size)
+    result = generate(model, views, seed=0, steps=steps, sampler=sampler, guidance=cfg,
                       mirror_average=mirror, average_seeds=seeds)
     views, view_masks = result.for_reconstruction()
     fast = reconstruct(views, view_masks, method="fast", resolution=96).to_trimesh()
