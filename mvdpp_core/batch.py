@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .inputs import MAX_AVERAGE_SEEDS
+from .sampling_defaults import EMBEDDED_CHECKPOINT as DEFAULT_CHECKPOINT
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_VIEWS = 10
 DONE = "done.json"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,13 @@ def object_seed(seed: int, name: str) -> int:
 @dataclass(frozen=True)
 class BatchSettings:
     seed: int = 0
-    steps: int = 25
+    steps: int = 20
     sampler: str = "dpmpp_2m"
     guidance: float = 3.0
     mesh_resolution: int = 128
+    mirror_average: bool = False
+    average_seeds: int = 1
+    input_average: bool = False
 
 
 def save_png(array: Tensor, path: Path) -> None:
@@ -136,7 +141,8 @@ def generate_object(model, job: ObjectJob, folder: Path, settings: BatchSettings
     views = frame_photos(job.images, size=model.config.image_size)
     result = generate(
         model, views, seed=object_seed(settings.seed, job.name), steps=settings.steps,
-        sampler=settings.sampler, guidance=settings.guidance,
+        sampler=settings.sampler, guidance=settings.guidance, mirror_average=settings.mirror_average,
+        average_seeds=settings.average_seeds, input_average=settings.input_average,
     )
     on_white = result.on_white()  # 32 3 S S
     for i in range(on_white.shape[0]):
@@ -206,14 +212,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MVDiffusion++ batch generation: objects -> 32 views, masks, grid, GLB.")
     p.add_argument("--inputs", type=Path, required=True, help="folder (sub-folder per object) or CSV object,image")
     p.add_argument("--out", type=Path, required=True, help="output folder (shared by all processes)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a .safetensors bundle")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="a .safetensors bundle (default: the embedded one). Unless the sampling flags say "
+                   "otherwise, a bundle of the default recipe (the embedded default, its copies, train_default.py "
+                   "exports) is sampled with 2 ddim steps at cfg 2 averaged over 2 seeds, the mirrored input and "
+                   "each photo put first; any other with 20 dpmpp_2m steps at cfg 3 (mvdpp_core.sampling_defaults)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "dpmpp_2m"])
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the views generated from the mirrored photos (twice the time)")
+    p.add_argument("--average-seeds", type=int, default=None, help="average the views of this many noise seeds")
+    p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="with several photos, average the views generated with each photo first")
     p.add_argument("--mesh-resolution", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
+        p.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging).")
+    return args
+
+
+def batch_settings(args: argparse.Namespace) -> BatchSettings:
+    """The run's settings: the sampling flags given, the rest as the checkpoint is sampled by default."""
+    from .sampling_defaults import default_sampling
+
+    sampling = default_sampling(
+        args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.guidance, mirror_average=args.mirror,
+        average_seeds=args.average_seeds, input_average=args.input_average)
+    return BatchSettings(args.seed, sampling.steps, sampling.sampler, sampling.cfg, args.mesh_resolution,
+                         sampling.mirror_average, sampling.average_seeds, sampling.input_average)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = list_jobs(args.inputs)
     with torch.no_grad():  # scoped: a caller (e.g. a test) keeps its own grad mode
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        settings = BatchSettings(args.seed, args.steps, args.sampler, args.guidance, args.mesh_resolution)
+        settings = batch_settings(args)
         counts = run_batch(model, jobs, args.out, settings, rank, world)
     print(json.dumps({"rank": rank, "world_size": world, "objects": len(jobs[rank::world]), **counts}), flush=True)
     return 0

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..mvdpp_core.condition import ConditionViews
 from ..mvdpp_core.inputs import MAX_AVERAGE_SEEDS
+from ..mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING
 from ._checks import check_choice, check_number, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
 from ._convert import image_from_core, mask_from_core
@@ -48,35 +49,36 @@ class MultiViewSampler(io.ComfyNode):
                     tooltip="Noise seed; the same seed and inputs give the same views on the same device.",
                 ),
                 io.Int.Input(
-                    "steps", default=20, min=1, max=1000,
+                    "steps", default=CHECKPOINT_SAMPLING.steps, min=1, max=1000,
                     tooltip="Denoising steps. The paper uses 75 with ddpm; dpmpp_2m needs about 20-25. The "
                     "embedded tiny default is best at 2 ddim steps (its views agree; README).",
                 ),
                 io.Combo.Input(
-                    "sampler", options=SAMPLERS, default="dpmpp_2m",
+                    "sampler", options=SAMPLERS, default=CHECKPOINT_SAMPLING.sampler,
                     tooltip="ddpm: the paper's ancestral sampler; ddim: deterministic; dpmpp_2m: "
                     "DPM-Solver++(2M), good results in few steps.",
                 ),
                 io.Float.Input(
-                    "cfg", default=3.0, min=CFG_MIN, max=CFG_MAX, step=0.1,
+                    "cfg", default=CHECKPOINT_SAMPLING.cfg, min=CFG_MIN, max=CFG_MAX, step=0.1,
                     tooltip="Classifier-free guidance on the condition views (1 = off; higher follows the "
                     "photos more closely).",
                 ),
                 io.Boolean.Input(
-                    "mirror_average", default=False, optional=True,
+                    "mirror_average", default=CHECKPOINT_SAMPLING.mirror_average, optional=True,
                     tooltip="Also generate from the photos flipped left-right and average the mirrored result in "
                     "(twice the time). Helps where the views are mean-like estimates, as with the embedded tiny "
                     "default at 2 ddim steps (README); leave it off for a real checkpoint's long sampler, whose "
                     "samples may differ in detail.",
                 ),
                 io.Int.Input(
-                    "average_seeds", default=1, min=1, max=MAX_AVERAGE_SEEDS, optional=True,
+                    "average_seeds", default=CHECKPOINT_SAMPLING.average_seeds, min=1, max=MAX_AVERAGE_SEEDS,
+                    optional=True,
                     tooltip="Average the views of this many noise seeds (seed, seed + 1, ...; each also mirrored "
                     "with mirror_average), one generation each. 2 with the embedded tiny default (README); 1 for "
                     "a real checkpoint.",
                 ),
                 io.Boolean.Input(
-                    "input_average", default=False, optional=True,
+                    "input_average", default=CHECKPOINT_SAMPLING.input_average, optional=True,
                     tooltip="With 2 or more photos: also generate with each other photo first, find the azimuth "
                     "it was taken from (the photos are pose-free), turn its views into the first photo's frame "
                     "and average (one generation per photo). Lets the embedded tiny default, which reads only "

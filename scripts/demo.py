@@ -32,23 +32,11 @@ from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.photos import frame_photos  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
+from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, default_sampling  # noqa: E402
 
-DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
+DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINT
 DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out procedural object
-# Sampling (sampler, steps, guidance, mirror averaging, seeds averaged, input averaging). The embedded default makes
-# each view mostly on its own (its attention keeps the views in agreement, little more), so a long sampler's per-view
-# decisions at low noise give 32 shapes that disagree; 2 deterministic steps keep its high-noise
-# prediction, which agrees across views: on 50 held-out objects mask IoU 0.68 vs 0.61, silhouette
-# consistency 0.77 vs 0.46, mesh volume IoU 0.46 vs 0.29 (docs/embedded_default.md, "Sampling the embedded default").
-# That prediction is a noisy estimate of a mean, so averaging it over 2 noise seeds, each with the
-# prediction for the mirrored input (generate's average_seeds and mirror_average), brings it closer
-# to the answer: +0.64 dB, mask IoU +0.014, silhouette consistency +0.08 on the same objects, for
-# four times the time. It reads only its first photo, so with several photos each one in turn is
-# put first and the estimates, turned into the first photo's frame, are averaged (generate's
-# input_average; docs/embedded_default.md, "More than one input view").
-# Other checkpoints: 20 dpmpp_2m steps, no averaging.
-EMBEDDED_SAMPLING = ("ddim", 2, 2.0, True, 2, True)
-CHECKPOINT_SAMPLING = ("dpmpp_2m", 20, 2.0, False, 1, False)
+# How each checkpoint is sampled unless the flags say otherwise: mvdpp_core.sampling_defaults.
 
 
 def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
@@ -60,19 +48,6 @@ def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
           "tiny model (its views are noise-like: this exercises the pipeline, not quality).")
     torch.manual_seed(0)
     return MVDPPModel(preset("tiny")).eval(), "untrained tiny preset"
-
-
-def default_sampling(
-    checkpoint: Path | None, sampler: str | None = None, steps: int | None = None, cfg: float | None = None,
-    mirror: bool | None = None, seeds: int | None = None, inputs: bool | None = None,
-) -> tuple[str, int, float, bool, int, bool]:
-    """(sampler, steps, cfg, mirror averaging, seeds averaged, input averaging): those given, the rest from
-    ``EMBEDDED_SAMPLING`` for the embedded default (no checkpoint, or its file) or
-    ``CHECKPOINT_SAMPLING`` for any other checkpoint."""
-    embedded = checkpoint is None or checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve()
-    base = EMBEDDED_SAMPLING if embedded else CHECKPOINT_SAMPLING
-    given = (sampler, steps, cfg, mirror, seeds, inputs)
-    return tuple(b if g is None else g for b, g in zip(base, given, strict=True))
 
 
 def average_seeds_error(flag: str, count: int | None) -> str | None:
@@ -95,24 +70,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image", type=Path, nargs="+", default=[DEFAULT_IMAGE],
                         help="RGBA PNGs or photos on a plain background, 1 to 10 views of one object (the first "
                         "defines azimuth 0; the others need no poses)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a .safetensors bundle (default: embedded)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a .safetensors bundle (default: embedded). A bundle of the default recipe "
+                        "(training_stage 'default': a copy of the embedded default, a train_default.py export) is "
+                        "sampled as the embedded default; any other with 20 dpmpp_2m steps at cfg 3, no averaging")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
-                        help="default: 2 with the embedded default, 20 with --checkpoint")
+                        help="default: 2 with the embedded default, 20 with any other checkpoint")
     parser.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "dpmpp_2m"],
-                        help="default: ddim with the embedded default, dpmpp_2m with --checkpoint")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 2)")
+                        help="default: ddim with the embedded default, dpmpp_2m with any other checkpoint")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance (default: 2 with the embedded default, 3 with any other "
+                        "checkpoint)")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the views generated from the mirrored input (twice the time; default: "
-                        "on with the embedded default, off with --checkpoint)")
+                        "on with the embedded default, off with any other checkpoint)")
     parser.add_argument("--average-seeds", type=int, default=None,
                         help="average the views of this many noise seeds (default: 2 with the embedded default, 1 "
-                        "with --checkpoint)")
+                        "with any other checkpoint)")
     parser.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                         help="with several photos, average the views generated with each photo first, turned into "
                         "the first photo's frame (one generation per photo; default: on with the embedded default, "
-                        "off with --checkpoint)")
+                        "off with any other checkpoint)")
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)
     if message := average_seeds_error("--average-seeds", args.average_seeds):
@@ -126,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_grad_enabled(False)
     model, source = load_model(args.checkpoint)
     sampler, steps, cfg, mirror, seeds, inputs = default_sampling(
-        args.checkpoint, args.sampler, args.steps, args.cfg, args.mirror, args.average_seeds, args.input_average)
+        args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.cfg, mirror_average=args.mirror,
+        average_seeds=args.average_seeds, input_average=args.input_average)
     start = time.perf_counter()
     # Each photo is read upright and framed on its own (their sizes may differ), as the ComfyUI node frames a batch.
     try:

@@ -21,9 +21,10 @@ at azimuth 0), generate the 32 rig views and masks and measure:
 * the copy test: with the object's true rig view 8 (azimuth 0, elevation 0, the rig's
   distance) as the input, how closely generated view 8 reproduces it.
 
-Sampling defaults to the demo's for the checkpoint (``scripts/demo.py``: 2 ddim steps at cfg
-2, averaged over 2 noise seeds and the mirrored input's views, and with 2 or 4 input views over
-the estimates with each view first, for the embedded default; 20 dpmpp_2m steps otherwise;
+Sampling defaults to the demo's for the checkpoint (``mvdpp_core.sampling_defaults``: 2 ddim
+steps at cfg 2, averaged over 2 noise seeds and the mirrored input's views, and with 2 or 4 input
+views over the estimates with each view first, for the embedded default and any bundle of its
+recipe (training_stage 'default'); 20 dpmpp_2m steps at cfg 3 otherwise;
 ``--mirror`` / ``--no-mirror``, ``--average-seeds N`` and ``--input-average`` /
 ``--no-input-average`` override the averaging). ``--split train`` measures training
 objects instead (the fit), ``--input-copy`` scores the input view repeated in all 32 slots, and
@@ -68,7 +69,8 @@ from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
-from scripts.demo import EMBEDDED_SAMPLING, average_seeds_error, default_sampling  # noqa: E402
+from mvdpp_core.sampling_defaults import EMBEDDED_SAMPLING, default_sampling  # noqa: E402
+from scripts.demo import average_seeds_error  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
@@ -396,14 +398,15 @@ def with_ema_weights(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
 
 
 def sampling_line(sampling: tuple) -> str:
-    """The sampling a run uses, said before it starts: a checkpoint given by path gets the general
-    defaults (20 dpmpp_2m steps), which a model of the embedded default's recipe samples badly."""
+    """The sampling a run uses, said before it starts: a checkpoint that is not a bundle of the default
+    recipe gets the general defaults (20 dpmpp_2m steps), which a model of that recipe samples badly
+    (a run folder's EMA weights, for one)."""
     sampler, steps, guidance, mirror, seeds, inputs = sampling
     line = (f"[sampling] {sampler}, {steps} steps, cfg {guidance:g}, mirror {'on' if mirror else 'off'}, "
             f"{seeds} seed(s), input averaging {'on' if inputs else 'off'}")
     if tuple(sampling) != EMBEDDED_SAMPLING:
-        line += (" (not the embedded default's; for a model of its recipe, e.g. a copy or a train_default.py "
-                 f"export, give {EMBEDDED_FLAGS})")
+        line += (" (not the embedded default's: the checkpoint is not a bundle of its recipe; to sample it as "
+                 f"the embedded default, give {EMBEDDED_FLAGS})")
     return line
 
 
@@ -519,7 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
                    help="only objects made of exactly this many primitives (0: any; a difficulty rung)")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4], help="input-view counts to evaluate")
-    p.add_argument("--sampler", default=None, help="default: the demo's for this checkpoint (scripts/demo.py)")
+    p.add_argument("--sampler", default=None,
+                   help="default: the demo's for this checkpoint (mvdpp_core.sampling_defaults)")
     p.add_argument("--steps", type=int, default=None, help="default: the demo's for this checkpoint")
     p.add_argument("--guidance", type=float, default=None, help="default: the demo's for this checkpoint")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
@@ -566,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
     sampler, steps, guidance, mirror, seeds, inputs = default_sampling(  # the demo's unless given
-        args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror, args.average_seeds, args.input_average)
+        args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.guidance, mirror_average=args.mirror,
+        average_seeds=args.average_seeds, input_average=args.input_average)
     cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
     try:

@@ -256,12 +256,14 @@ def test_quality_mesh_keeps_the_generated_object():
 def test_demo_and_workflows_sample_the_embedded_default_alike():
     """scripts/demo.py and the three shipped workflows use one sampling for the embedded default;
     any other checkpoint gets the long sampler in the demo."""
+    from mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING
+
     demo = _demo_module()
     sampler, steps, cfg, mirror, seeds, inputs = demo.default_sampling(None)
     embedded = (sampler, steps, cfg, mirror, seeds, inputs)
     assert demo.default_sampling(CHECKPOINT) == embedded
-    assert demo.default_sampling(Path("other.safetensors")) == demo.CHECKPOINT_SAMPLING != embedded
-    assert demo.CHECKPOINT_SAMPLING[3:] == (False, 1, False), "a long stochastic sampler's samples would blur"
+    assert demo.default_sampling(Path("other.safetensors")) == CHECKPOINT_SAMPLING != embedded
+    assert CHECKPOINT_SAMPLING[3:] == (False, 1, False), "a long stochastic sampler's samples would blur"
     for name in ("mvdpp_single_view.json", "mvdpp_two_views.json", "mvdpp_four_views.json"):
         graph = json.loads((ROOT / "workflows" / name).read_text())
         (node,) = [n for n in graph["nodes"] if n["type"] == "MVDPP_MultiViewSampler"]

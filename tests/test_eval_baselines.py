@@ -97,22 +97,26 @@ def test_evaluation_reports_each_object_as_it_finishes(tmp_path, monkeypatch, ca
     assert results["2"]["summary"]["mask_iou"]["mean"] == pytest.approx(0.375)
 
 
-def test_a_checkpoint_given_by_path_is_told_how_to_get_the_embedded_sampling(tmp_path):
-    """A checkpoint given by path gets the general sampling (20 dpmpp_2m steps), which a model of
-    the embedded default's recipe samples badly: the run says so before it starts, and the flags it
-    names give exactly the embedded default's sampling."""
-    from scripts.demo import EMBEDDED_SAMPLING, default_sampling
+def test_a_checkpoint_of_another_recipe_is_told_how_to_get_the_embedded_sampling(tiny_checkpoint, tmp_path):
+    """A bundle that is not of the default recipe gets the general sampling (20 dpmpp_2m steps), which
+    a model of that recipe samples badly: the run says so before it starts, and the flags it names give
+    exactly the embedded default's sampling. A copy of the embedded default needs no flags."""
+    import shutil
 
-    other = tmp_path / "copy_of_the_default.safetensors"
-    general = default_sampling(other)
+    from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, EMBEDDED_SAMPLING, default_sampling
+
+    copy = shutil.copy(EMBEDDED_CHECKPOINT, tmp_path / "copy_of_the_default.safetensors")
+    assert default_sampling(copy) == EMBEDDED_SAMPLING
+    general = default_sampling(tiny_checkpoint)
     assert general != EMBEDDED_SAMPLING
     assert "not the embedded default's" not in eval_default.sampling_line(EMBEDDED_SAMPLING)
     line = eval_default.sampling_line(general)
     assert line.startswith(f"[sampling] {general[0]}, {general[1]} steps") and eval_default.EMBEDDED_FLAGS in line
-    args = eval_default.parse_args(["--checkpoint", str(other), "--heldout", str(tmp_path), "--out", "r.json",
-                                    *eval_default.EMBEDDED_FLAGS.split()])
-    given = default_sampling(args.checkpoint, args.sampler, args.steps, args.guidance, args.mirror,
-                             args.average_seeds, args.input_average)
+    args = eval_default.parse_args(["--checkpoint", str(tiny_checkpoint), "--heldout", str(tmp_path), "--out",
+                                    "r.json", *eval_default.EMBEDDED_FLAGS.split()])
+    given = default_sampling(args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.guidance,
+                             mirror_average=args.mirror, average_seeds=args.average_seeds,
+                             input_average=args.input_average)
     assert given == EMBEDDED_SAMPLING
 
 

@@ -709,3 +709,14 @@ def test_loading_the_pack_imports_nothing_heavy(comfyui_dir):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sampler_node_defaults_are_the_general_sampling(comfy):
+    """A fresh sampler node samples as the demo and batch generation sample a checkpoint that is not
+    of the default recipe (the shipped workflows set the embedded default's sampling)."""
+    from mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING
+
+    inputs = {i.id: i for i in comfy.nodes["MVDPP_MultiViewSampler"].GET_SCHEMA().inputs}
+    defaults = tuple(inputs[name].default for name in ("sampler", "steps", "cfg", "mirror_average", "average_seeds",
+                                                        "input_average"))
+    assert defaults == CHECKPOINT_SAMPLING

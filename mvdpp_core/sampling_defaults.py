@@ -1,0 +1,58 @@
+"""Which sampling a checkpoint is read with when the caller names none (the demo, batch generation,
+the sampler node's defaults, the evaluation).
+
+Models of the procedural default recipe (the embedded default, and any bundle exported by a
+``stage.name: default`` training run) make each view mostly on its own: a long sampler's per-view
+decisions at low noise give 32 shapes that disagree, while 2 deterministic steps keep their
+high-noise prediction, which agrees across views, and averaging that prediction over noise seeds,
+the mirrored input and each photo put first brings it closer to the answer
+(docs/embedded_default.md, "Sampling the embedded default"). Any other checkpoint gets the long
+sampler with no averaging, as the paper samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
+RECIPE_STAGE = "default"  # the training_stage a bundle of the procedural default recipe carries
+
+
+class Sampling(NamedTuple):
+    sampler: str
+    steps: int
+    cfg: float
+    mirror_average: bool
+    average_seeds: int
+    input_average: bool
+
+
+EMBEDDED_SAMPLING = Sampling("ddim", 2, 2.0, True, 2, True)
+CHECKPOINT_SAMPLING = Sampling("dpmpp_2m", 20, 3.0, False, 1, False)
+
+
+def is_recipe_model(checkpoint: Path | str | None) -> bool:
+    """True for the embedded default (None stands for it) and bundles of the default recipe."""
+    if checkpoint is None:
+        return True
+    path = Path(checkpoint)
+    if not path.is_file():
+        return False  # loading it will say what is wrong
+    if path.resolve() == EMBEDDED_CHECKPOINT.resolve():
+        return True
+    from .checkpoint import read_metadata
+
+    try:
+        return read_metadata(path).get("training_stage") == RECIPE_STAGE
+    except ValueError:
+        return False
+
+
+def default_sampling(checkpoint: Path | str | None, **given: object) -> Sampling:
+    """The sampling for ``checkpoint``, with any field given (not None) taking its place."""
+    unknown = set(given) - set(Sampling._fields)
+    if unknown:
+        raise TypeError(f"unknown sampling fields {sorted(unknown)}; allowed: {', '.join(Sampling._fields)}.")
+    base = EMBEDDED_SAMPLING if is_recipe_model(checkpoint) else CHECKPOINT_SAMPLING
+    return base._replace(**{name: value for name, value in given.items() if value is not None})
