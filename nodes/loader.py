@@ -31,6 +31,7 @@ class LoadedModel:
     model: Any  # mvdpp_core.model.MVDPPModel
     name: str
     clip_vision: Any | None = None
+    recipe: bool = False  # a model of the default procedural recipe (mvdpp_core.sampling_defaults)
 
 
 def register_model_folder() -> None:
@@ -167,5 +168,8 @@ class LoadMVDPP(io.ComfyNode):
         cls, checkpoint: str, device: str, dtype: str, attention: str, clip_vision: Any | None = None
     ) -> io.NodeOutput:
         torch_device = resolve_device(device)
-        model = load_model(checkpoint_path(checkpoint), torch_device, resolve_dtype(dtype, torch_device), attention)
-        return io.NodeOutput(LoadedModel(model, checkpoint, clip_vision))
+        from ..mvdpp_core.sampling_defaults import is_recipe_model
+
+        path = checkpoint_path(checkpoint)
+        model = load_model(path, torch_device, resolve_dtype(dtype, torch_device), attention)
+        return io.NodeOutput(LoadedModel(model, checkpoint, clip_vision, recipe=is_recipe_model(path)))

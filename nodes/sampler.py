@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from torch import Tensor
 
 from ..mvdpp_core.condition import ConditionViews
 from ..mvdpp_core.inputs import MAX_AVERAGE_SEEDS
-from ..mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING
+from ..mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING, EMBEDDED_SAMPLING
 from ._checks import check_choice, check_number, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
 from ._convert import image_from_core, mask_from_core
 from .loader import LoadedModel
 
+logger = logging.getLogger(__name__)
 SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
 CFG_MIN, CFG_MAX = 1.0, 20.0
 
@@ -113,9 +115,26 @@ class MultiViewSampler(io.ComfyNode):
         from ..mvdpp_core.pipeline import generate, sampling_passes
 
         model_management.throw_exception_if_processing_interrupted()
+        if note := recipe_sampling_note(model, sampler, steps):
+            logger.warning(note)
         passes = sampling_passes(cond.images.shape[0], mirror_average, average_seeds, input_average)
         result = generate(
             model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
             average_seeds=average_seeds, input_average=input_average, callback=step_callback(steps * passes),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))
+
+
+def recipe_sampling_note(model: LoadedModel, sampler: str, steps: int) -> str | None:
+    """The console warning for a model of the default recipe sampled otherwise than its workflows do
+    (None when it is not one, or is sampled so): its views agree only under a 2-step ddim sampler."""
+    best = EMBEDDED_SAMPLING
+    if not model.recipe or (sampler, steps) == (best.sampler, best.steps):
+        return None
+    return (
+        f"MVDiffusion++: {model.name} is a model of the default procedural recipe; its 32 views agree only "
+        f"under {best.steps} {best.sampler} steps (its workflows: {best.sampler}, {best.steps} steps, "
+        f"cfg {best.cfg:g}, mirror_average {'on' if best.mirror_average else 'off'}, "
+        f"average_seeds {best.average_seeds}). With {steps} {sampler} steps they will disagree "
+        "(README, 'Sampling the embedded default')."
+    )

@@ -720,3 +720,24 @@ def test_sampler_node_defaults_are_the_general_sampling(comfy):
     defaults = tuple(inputs[name].default for name in ("sampler", "steps", "cfg", "mirror_average", "average_seeds",
                                                         "input_average"))
     assert defaults == CHECKPOINT_SAMPLING
+
+
+def test_a_recipe_model_sampled_unlike_its_workflows_is_warned_about(comfy, loaded, sampled, model_dir, caplog):
+    """The loader tells a model of the default recipe (the embedded default, by its metadata) from any
+    other; the sampler warns on the console when such a model gets a sampler under which its views
+    disagree, and says nothing under its workflows' 2 ddim steps or for any other model."""
+    import logging
+
+    embedded = comfy.nodes["MVDPP_LoadModel"].execute("mvdpp_default.safetensors", "cpu", "auto", "auto")[0]
+    assert embedded.recipe and not loaded.recipe
+    recipe = comfy.pack.nodes.loader.LoadedModel(loaded.model, "mvdpp_default.safetensors", recipe=True)
+    node = comfy.nodes["MVDPP_MultiViewSampler"]
+    with caplog.at_level(logging.WARNING):
+        node.execute(recipe, sampled.cond, 7, 2, "ddim", 2.0)
+        node.execute(loaded, sampled.cond, 7, 3, "dpmpp_2m", 2.0)
+        assert not caplog.records
+        node.execute(recipe, sampled.cond, 7, 3, "dpmpp_2m", 2.0)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "mvdpp_default.safetensors is a model of the default procedural recipe" in record.getMessage()
+    assert "With 3 dpmpp_2m steps they will disagree" in record.getMessage()
