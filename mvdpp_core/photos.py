@@ -59,5 +59,6 @@ def frame_photos(
         try:
             framed.append(frame_condition(photo, size=size, background_tolerance=background_tolerance))
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            hint = " (an RGBA PNG whose alpha marks the object needs no backdrop)" if photo.shape[1] == 3 else ""
+            raise ValueError(f"{path}: {str(err).removeprefix('view 0: ')}{hint}") from None
     return ConditionViews(torch.cat([v.images for v in framed]), torch.cat([v.masks for v in framed]))
