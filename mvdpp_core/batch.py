@@ -43,7 +43,6 @@ from .inputs import MAX_AVERAGE_SEEDS
 from .sampling_defaults import EMBEDDED_CHECKPOINT as DEFAULT_CHECKPOINT
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MAX_VIEWS = 10
 DONE = "done.json"
 
 
@@ -136,8 +135,6 @@ def generate_object(model, job: ObjectJob, folder: Path, settings: BatchSettings
     from .pipeline import generate
     from .reconstruction import export_mesh, reconstruct
 
-    if not 1 <= len(job.images) <= MAX_VIEWS:
-        raise ValueError(f"{len(job.images)} input images; an object takes 1 to {MAX_VIEWS}.")
     views = frame_photos(job.images, size=model.config.image_size)
     result = generate(
         model, views, seed=object_seed(settings.seed, job.name), steps=settings.steps,

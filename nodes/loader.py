@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
+from ..mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, is_recipe_model
 from ._checks import check_choice, first_error
 from ._comfy import MVDPPModelSocket, folder_paths, io, model_management
 
 FOLDER_NAME = "mvdpp"
 # The small checkpoint the pack ships (DESIGN section 7); listed only when the file exists.
-EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
+EMBEDDED_DEFAULT = EMBEDDED_CHECKPOINT  # shipped in the pack's models/
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPE_CHOICES = ["auto", *DTYPES]
@@ -168,8 +169,6 @@ class LoadMVDPP(io.ComfyNode):
         cls, checkpoint: str, device: str, dtype: str, attention: str, clip_vision: Any | None = None
     ) -> io.NodeOutput:
         torch_device = resolve_device(device)
-        from ..mvdpp_core.sampling_defaults import is_recipe_model
-
         path = checkpoint_path(checkpoint)
         model = load_model(path, torch_device, resolve_dtype(dtype, torch_device), attention)
         return io.NodeOutput(LoadedModel(model, checkpoint, clip_vision, recipe=is_recipe_model(path)))

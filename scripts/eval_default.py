@@ -69,7 +69,7 @@ from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
-from mvdpp_core.sampling_defaults import EMBEDDED_SAMPLING, default_sampling  # noqa: E402
+from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, EMBEDDED_SAMPLING, default_sampling  # noqa: E402
 from scripts.demo import average_seeds_error  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
@@ -89,7 +89,7 @@ from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E4
 from train.procedural.render import check_renderer, folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
 
-DEFAULT_CHECKPOINT = ROOT / "models" / "mvdpp_default.safetensors"
+DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINT
 METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer", "psnr_other", "mask_iou_other", "silhouette",
            "mask_iou_consensus")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mask_iou": True, "volume_iou": True, "chamfer": False,
