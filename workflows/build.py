@@ -20,19 +20,17 @@ import trimesh
 from PIL import Image
 
 from mvdpp_core import cameras
+from mvdpp_core.sampling_defaults import EMBEDDED_SAMPLING
 from train.procedural.objects import Split, procedural_object
 from train.procedural.render import render_views
 
 HERE = Path(__file__).resolve().parent
 INPUT_SIZE = 128
 CHECKPOINT = "mvdpp_default.safetensors"
-# The sampler's steps, sampler, cfg, mirror averaging, seeds averaged and input averaging for the
-# embedded default: 2 deterministic steps keep its views in agreement, and averaging over 2 seeds
-# and the mirrored input's views brings its mean-like views closer (docs/embedded_default.md, "Sampling the embedded
-# default"); it reads only its first photo, so the two- and four-view workflows average the
-# estimates with each photo first (docs/embedded_default.md, "More than one input view"). With a real checkpoint
-# use ~20 dpmpp_2m steps without averaging (the node's defaults).
-EMBEDDED_SAMPLING = [2, "ddim", 2.0, True, 2, True]
+# The sampler node's widgets (steps, sampler, cfg, mirror averaging, seeds averaged, input averaging)
+# for the embedded default: mvdpp_core.sampling_defaults.EMBEDDED_SAMPLING, in widget order.
+EMBEDDED_WIDGETS = [EMBEDDED_SAMPLING.steps, EMBEDDED_SAMPLING.sampler, EMBEDDED_SAMPLING.cfg,
+                    EMBEDDED_SAMPLING.mirror_average, EMBEDDED_SAMPLING.average_seeds, EMBEDDED_SAMPLING.input_average]
 # (file stem, azimuth deg, elevation deg): the first view defines azimuth 0.
 EXAMPLE_OBJECT = 4
 EXAMPLE_VIEWS = [("front", 0.0, 15.0), ("left", 90.0, 20.0), ("back", 180.0, 15.0), ("right", 270.0, 25.0)]
@@ -144,7 +142,7 @@ def pipeline(g: Graph, images: Node, image_slot: int, mask: tuple[Node, int] | N
     encode = g.add(Node(101, "MVDPP_MaskAwareEncode", (x + 360, 40), [convention, 0.1, 0.55],
                         inputs=[("model", "MVDPP_MODEL"), ("images", "IMAGE"), ("mask", "MASK")],
                         outputs=[("cond", "MVDPP_COND"), ("framed", "IMAGE")], size=(340, 180)))
-    sampler = g.add(Node(102, "MVDPP_MultiViewSampler", (x + 760, 40), [0, "fixed", *EMBEDDED_SAMPLING],
+    sampler = g.add(Node(102, "MVDPP_MultiViewSampler", (x + 760, 40), [0, "fixed", *EMBEDDED_WIDGETS],
                          inputs=[("model", "MVDPP_MODEL"), ("cond", "MVDPP_COND")],
                          outputs=[("views", "IMAGE"), ("masks", "MASK")], size=(320, 200)))
     framed = g.add(Node(103, "PreviewImage", (x + 360, 300), [], inputs=[("images", "IMAGE")], size=(300, 300)))
