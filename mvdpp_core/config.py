@@ -144,6 +144,10 @@ class ScheduleConfig:
     beta_end: float = 0.012
     beta_schedule: BetaSchedule = BetaSchedule.SCALED_LINEAR
     prediction_type: PredictionType = PredictionType.EPSILON
+    # Rescale the schedule so its last step holds no signal (Lin et al. 2024): SD's scaled-linear
+    # schedule keeps sqrt(alpha_bar) = 0.068 of x0 at t = 999, which training sees and sampling from
+    # pure noise does not. Needs v-prediction (epsilon is undefined there). False = the paper's.
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,11 @@ class ModelConfig:
                 f"unet.cross_attention_dim={self.unet.cross_attention_dim} must equal "
                 f"image_encoder.projection_dim={self.image_encoder.projection_dim} (one CLIP "
                 "token per condition view)."
+            )
+        if self.schedule.zero_terminal_snr and self.schedule.prediction_type is PredictionType.EPSILON:
+            raise ValueError(
+                "schedule.zero_terminal_snr=true with prediction_type=epsilon: at a zero-SNR last step the "
+                "noise is the input itself, so epsilon says nothing of the object; use v_prediction."
             )
 
 

@@ -34,8 +34,12 @@ class NoiseSchedule:
             betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float64) ** 2
         else:
             betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if config.zero_terminal_snr:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+            betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod
 
     @property
     def num_train_timesteps(self) -> int:
@@ -106,6 +110,22 @@ class NoiseSchedule:
         if self.prediction_type is PredictionType.EPSILON:
             return noise
         return v_from_x0_eps(x0, noise, self.alpha_bar(t, x0))
+
+
+# The last step's alpha_bar under ``zero_terminal_snr``: 0 in theory, this in the tables, so that
+# log-SNR solvers stay finite (diffusers does the same); its signal, 2**-12 of x0, is below bf16's step.
+TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+def zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Shift and scale sqrt(alpha_bar) so the first step keeps its value and the last is 0
+    (Lin et al. 2024, Algorithm 1), then lift the last to ``TERMINAL_ALPHA_BAR``."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    rescaled = root**2
+    rescaled[-1] = TERMINAL_ALPHA_BAR
+    return rescaled
 
 
 def _check_steps(steps: object, T: int) -> int:

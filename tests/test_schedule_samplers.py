@@ -196,3 +196,98 @@ def test_bad_sampler_arguments_are_refused():
         get_sampler("euler")
     with pytest.raises(ValueError, match="steps=0; allowed 1..1000"):
         SCHEDULE.timesteps(0)
+
+
+def _gaussian_oracle(schedule: NoiseSchedule):
+    """The exact x0 predictor for data N(MU, S^2) under ``schedule``."""
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = schedule.alpha_bar(t, x)
+        return MU + a.sqrt() * S**2 / (a * S**2 + 1 - a) * (x - a.sqrt() * MU)
+    return predict
+
+
+ZERO_SNR = NoiseSchedule(config=ScheduleConfig(prediction_type=PredictionType.V_PREDICTION, zero_terminal_snr=True))
+
+
+def test_zero_terminal_snr_leaves_no_signal_at_the_last_step():
+    """SD's schedule keeps sqrt(alpha_bar) = 0.068 of x0 at t = 999 (what training sees and sampling
+    from pure noise does not); rescaled, the last step holds none and the first is unchanged."""
+    base, zero = SCHEDULE.alphas_cumprod, ZERO_SNR.alphas_cumprod
+    assert base[-1].item() == pytest.approx(0.00466, rel=1e-2)
+    assert zero[-1].item() == 2.0**-24 and (zero[-1] / (1 - zero[-1])).item() < 1e-7
+    assert zero[0].item() == pytest.approx(base[0].item(), rel=1e-12)
+    assert (zero[1:] < zero[:-1]).all() and (zero <= base).all()
+    assert ((ZERO_SNR.betas > 0) & (ZERO_SNR.betas <= 1)).all()
+    torch.testing.assert_close(torch.cumprod(1 - ZERO_SNR.betas, 0), zero)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 100000, generator=g, dtype=torch.float64)
+    t = torch.full((100000,), 999)
+    corr = lambda s: torch.corrcoef(torch.stack([s.q_sample(x0, t, eps), x0]))[0, 1].item()  # noqa: E731
+    assert corr(SCHEDULE) == pytest.approx(0.068, abs=0.01) and abs(corr(ZERO_SNR)) < 0.01
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_one_step_from_noise_is_the_data_mean_only_without_a_terminal_signal(name):
+    """From pure noise at t = T-1, the exact denoiser's one-step answer is the data mean under the
+    zero-SNR schedule, whatever the noise; under SD's it follows the noise (the leaked signal)."""
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(10000, generator=g, dtype=torch.float64)
+    zero, base = (get_sampler(name)(_gaussian_oracle(s), x_T, s, s.timesteps(1)) for s in (ZERO_SNR, SCHEDULE))
+    assert zero.std().item() < 1e-4 and zero.mean().item() == pytest.approx(MU, abs=1e-4)
+    assert base.std().item() > 5e-3  # 0.068 S^2 = 0.006 per unit of noise
+
+
+def test_dpmpp_reaches_the_exact_ode_answer_on_the_zero_snr_schedule():
+    """Log-SNR solvers stay finite at the rescaled top (alpha_bar 2**-24) and converge as before."""
+    oracle = _gaussian_oracle(ZERO_SNR)
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(1000, generator=g, dtype=torch.float64)
+    ts = ZERO_SNR.timesteps(60, "logsnr")
+    out = get_sampler("dpmpp_2m")(oracle, x_T, ZERO_SNR, ts)
+    assert torch.isfinite(out).all()
+    # the exact answer: the data quantile of x_T's noise quantile (the flow maps N(0, 1) onto N(MU, S^2))
+    torch.testing.assert_close(out, MU + S * x_T, atol=2e-2, rtol=0)
+
+
+def test_zero_terminal_snr_is_stored_with_the_model_and_needs_v_prediction(tmp_path):
+    import dataclasses
+
+    from mvdpp_core import MVDPPModel, load_checkpoint, preset, save_checkpoint
+
+    config = preset("tiny")
+    with pytest.raises(ValueError, match="zero_terminal_snr=true with prediction_type=epsilon.*use v_prediction"):
+        dataclasses.replace(config, schedule=ScheduleConfig(zero_terminal_snr=True)).validate()
+    schedule = ScheduleConfig(prediction_type=PredictionType.V_PREDICTION, zero_terminal_snr=True)
+    model = MVDPPModel(dataclasses.replace(config, schedule=schedule))
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "zero_snr.safetensors"))
+    assert loaded.config.schedule.zero_terminal_snr
+    torch.testing.assert_close(loaded.schedule.alphas_cumprod, ZERO_SNR.alphas_cumprod)
+    assert not preset("tiny").schedule.zero_terminal_snr  # the paper's schedule by default
+
+
+def test_training_switches_a_bundle_to_the_zero_snr_schedule_keeping_every_weight(tmp_path):
+    """init.zero_terminal_snr continues a bundle trained on SD's schedule on the rescaled one (the
+    schedule has no weights, so every tensor carries over) and stores it; with epsilon prediction
+    the config is refused before any model is built."""
+    import dataclasses
+
+    from mvdpp_core import MVDPPModel, preset, save_checkpoint
+    from train.config import InitSource, ModelInitConfig, TrainConfig, validate
+    from train.models import build_mvdiff_model
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config = dataclasses.replace(config, schedule=dataclasses.replace(
+        config.schedule, prediction_type=PredictionType.V_PREDICTION))
+    path = save_checkpoint(MVDPPModel(config), tmp_path / "plain.safetensors")
+    bundle = ModelInitConfig(source=InitSource.BUNDLE, path=str(path))
+    plain = build_mvdiff_model(bundle, PredictionType.V_PREDICTION)
+    switched = build_mvdiff_model(dataclasses.replace(bundle, zero_terminal_snr=True), PredictionType.V_PREDICTION)
+    assert not plain.config.schedule.zero_terminal_snr and switched.config.schedule.zero_terminal_snr
+    torch.testing.assert_close(switched.schedule.alphas_cumprod, ZERO_SNR.alphas_cumprod)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(switched.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    bad = dataclasses.replace(TrainConfig(), init=dataclasses.replace(TrainConfig().init, zero_terminal_snr=True))
+    assert bad.stage.prediction_type is PredictionType.EPSILON
+    with pytest.raises(ValueError, match="init.zero_terminal_snr=True with stage.prediction_type=epsilon.*allowed"):
+        validate(bad)

@@ -124,6 +124,10 @@ class ModelInitConfig:
     # stored with the model. 0 keeps a model initialised from SD 2 equal to its base; 1 gives each
     # condition view as much (uniform) attention as all target views together.
     condition_bias_gain: float = 0.0
+    # Switch the model's noise schedule to zero terminal SNR (ScheduleConfig.zero_terminal_snr), from
+    # any source: SD 2's weights or a bundle trained on the plain schedule continue on the rescaled
+    # one, as Zero123++ fine-tuned SD. Stored with the model; false keeps the source's schedule.
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,7 +390,14 @@ def validate(config: Any) -> None:
             f"optim.decay_steps={optim.decay_steps} exceeds optim.max_steps={optim.max_steps}; allowed: "
             "0 to optim.max_steps (the LR decays over the last decay_steps of the run)."
         )
-    init = getattr(config, "init", None)
+    init, stage = getattr(config, "init", None), getattr(config, "stage", None)
+    if (isinstance(init, ModelInitConfig) and init.zero_terminal_snr and isinstance(stage, StageConfig)
+            and stage.prediction_type is PredictionType.EPSILON):
+        raise ValueError(
+            "init.zero_terminal_snr=True with stage.prediction_type=epsilon: at a zero-SNR last step the noise "
+            "is the input itself, so epsilon says nothing of the object; allowed: v_prediction (set "
+            "stage.prediction_type=v_prediction) or init.zero_terminal_snr=false."
+        )
     if isinstance(init, MVAEInitConfig) and not init.train_encoder and init.source is MVAEInitSource.PRESET:
         raise ValueError(
             "init.train_encoder=False with init.source=preset would freeze a randomly initialised encoder; "

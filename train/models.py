@@ -173,12 +173,14 @@ def _assemble(config: ModelConfig, source: MVDPPModel | None, init: ModelInitCon
 
 def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type: PredictionType) -> ModelConfig:
     """The source's config with the trainer's overrides: the MVAE file's VAE, the image size
-    (``init.image_size``; 0 keeps the source's) and the stage's prediction type."""
+    (``init.image_size``; 0 keeps the source's), the stage's prediction type and, when
+    ``init.zero_terminal_snr`` asks, the zero-terminal-SNR schedule."""
     if init.mvae_path:
         config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
     if init.image_size:
         config = dataclasses.replace(config, image_size=init.image_size)
-    schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type)
+    schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type,
+                                   zero_terminal_snr=config.schedule.zero_terminal_snr or init.zero_terminal_snr)
     return dataclasses.replace(config, schedule=schedule)
 
 
