@@ -398,15 +398,15 @@ def with_ema_weights(model: MVDPPModel, checkpoint_dir: Path) -> MVDPPModel:
 
 
 def sampling_line(sampling: tuple) -> str:
-    """The sampling a run uses, said before it starts: a checkpoint that is not a bundle of the default
-    recipe gets the general defaults (20 dpmpp_2m steps), which a model of that recipe samples badly
-    (a run folder's EMA weights, for one)."""
+    """The sampling a run uses, said before it starts: flags, or a checkpoint that is not a bundle of the
+    default recipe (a run folder's EMA weights, for one), can give a sampling other than the embedded
+    default's, under which a model of that recipe makes views that disagree."""
     sampler, steps, guidance, mirror, seeds, inputs = sampling
     line = (f"[sampling] {sampler}, {steps} steps, cfg {guidance:g}, mirror {'on' if mirror else 'off'}, "
             f"{seeds} seed(s), input averaging {'on' if inputs else 'off'}")
     if tuple(sampling) != EMBEDDED_SAMPLING:
-        line += (" (not the embedded default's: the checkpoint is not a bundle of its recipe; to sample it as "
-                 f"the embedded default, give {EMBEDDED_FLAGS})")
+        line += (" (not the embedded default's; to sample a model of its recipe as the embedded default, give "
+                 f"{EMBEDDED_FLAGS})")
     return line
 
 
