@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .inputs import MAX_AVERAGE_SEEDS
-from .sampling_defaults import EMBEDDED_CHECKPOINT as DEFAULT_CHECKPOINT
+from .inputs import average_seeds_error
+from .sampling_defaults import EMBEDDED_CHECKPOINT
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DONE = "done.json"
@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MVDiffusion++ batch generation: objects -> 32 views, masks, grid, GLB.")
     p.add_argument("--inputs", type=Path, required=True, help="folder (sub-folder per object) or CSV object,image")
     p.add_argument("--out", type=Path, required=True, help="output folder (shared by all processes)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT,
                    help="a .safetensors bundle (default: the embedded one). Unless the sampling flags say "
                    "otherwise, a bundle of the default recipe (the embedded default, its copies, train_default.py "
                    "exports) is sampled with 2 ddim steps at cfg 2 averaged over 2 seeds, the mirrored input and "
@@ -226,8 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mesh-resolution", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU")
     args = p.parse_args(argv)
-    if args.average_seeds is not None and not 1 <= args.average_seeds <= MAX_AVERAGE_SEEDS:
-        p.error(f"--average-seeds {args.average_seeds}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging).")
+    if message := average_seeds_error("--average-seeds", args.average_seeds):
+        p.error(message)
     return args
 
 

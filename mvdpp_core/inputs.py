@@ -54,6 +54,15 @@ def check_average_seeds(count: object) -> int:
     return count
 
 
+def average_seeds_error(flag: str, count: int | None) -> str | None:
+    """The message for a count of averaged seeds outside 1..MAX_AVERAGE_SEEDS given to ``flag``
+    (None when it is fine or not given); the demo, eval_default, train_default and batch
+    generation pass it to ``parser.error`` before any work."""
+    if count is None or 1 <= count <= MAX_AVERAGE_SEEDS:
+        return None
+    return f"{flag} {count}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging)."
+
+
 def check_guidance(guidance: object) -> float:
     """Classifier-free guidance scale: finite and >= 0 (1 = off; 2-7 are typical)."""
     value = as_real("guidance", guidance, "3.0")

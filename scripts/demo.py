@@ -27,36 +27,25 @@ from mvdpp_core.cameras import MAX_CONDITION_VIEWS  # noqa: E402
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.config import preset  # noqa: E402
 from mvdpp_core.grid import view_grid  # noqa: E402
-from mvdpp_core.inputs import MAX_AVERAGE_SEEDS  # noqa: E402
+from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.photos import frame_photos  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, default_sampling  # noqa: E402
 
-DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINT
 DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out procedural object
-# How each checkpoint is sampled unless the flags say otherwise: mvdpp_core.sampling_defaults.
 
 
 def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
     if checkpoint is not None:
         return load_checkpoint(checkpoint), str(checkpoint)
-    if DEFAULT_CHECKPOINT.is_file():
-        return load_checkpoint(DEFAULT_CHECKPOINT), str(DEFAULT_CHECKPOINT)
+    if EMBEDDED_CHECKPOINT.is_file():
+        return load_checkpoint(EMBEDDED_CHECKPOINT), str(EMBEDDED_CHECKPOINT)
     print("NOTE: no embedded default checkpoint in this checkout; running a freshly initialised "
           "tiny model (its views are noise-like: this exercises the pipeline, not quality).")
     torch.manual_seed(0)
     return MVDPPModel(preset("tiny")).eval(), "untrained tiny preset"
-
-
-def average_seeds_error(flag: str, count: int | None) -> str | None:
-    """The message for a count of averaged seeds outside 1..MAX_AVERAGE_SEEDS given to ``flag``
-    (None when it is fine or not given); the demo, eval_default and train_default pass it to
-    ``parser.error`` before any work."""
-    if count is None or 1 <= count <= MAX_AVERAGE_SEEDS:
-        return None
-    return f"{flag} {count}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging)."
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:

@@ -66,11 +66,11 @@ from mvdpp_core.cameras import AZIMUTHS_DEG, ELEVATIONS_DEG, resized_intrinsics 
 from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
+from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
 from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
 from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, EMBEDDED_SAMPLING, default_sampling  # noqa: E402
-from scripts.demo import average_seeds_error  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import (  # noqa: E402
@@ -89,7 +89,6 @@ from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E4
 from train.procedural.render import check_renderer, folder_name, write_object  # noqa: E402
 from train.viz import rig_grid, save_png  # noqa: E402
 
-DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINT
 METRICS = ("psnr", "ssim", "mask_iou", "volume_iou", "chamfer", "psnr_other", "mask_iou_other", "silhouette",
            "mask_iou_consensus")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mask_iou": True, "volume_iou": True, "chamfer": False,
@@ -504,7 +503,7 @@ def markdown_table(report: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out procedural objects.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT)
     p.add_argument("--heldout", type=Path, required=True, help="held-out object folders (rendered here if missing)")
     p.add_argument("--split", choices=[s.value for s in Split], default=Split.HELDOUT.value,
                    help="which objects under --heldout: 'train' measures the fit on training objects (same "

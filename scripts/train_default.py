@@ -43,8 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.sampling_defaults import EMBEDDED_SAMPLING  # noqa: E402
-from scripts.demo import average_seeds_error  # noqa: E402
 from train.config import CheckpointConfig  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.loop import Checkpointer  # noqa: E402
