@@ -196,7 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=25.0,
                    help="dB PSNR within which an input counts as the same (1 px shift: 21-24; half a pixel: 27-30)")
     p.add_argument("--steps", type=int, default=3000, help="random-walk steps per object")
-    p.add_argument("--keep", type=int, default=24, help="twins kept per object")
+    p.add_argument("--keep", type=int, default=24,
+                   help="about this many twins kept per object, evenly after the burn-in (25 for 24)")
     p.add_argument("--size", type=int, default=64, help="render size (the default checkpoint's 64)")
     p.add_argument("--camera", choices=["unknown", "known"], default="unknown",
                    help="known: the input camera's elevation and distance stay the truth's")
