@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import trimesh
 
-from mvdpp_core.reconstruction.render import render_trimesh
+from mvdpp_core.reconstruction.render import RenderResult, render_trimesh
 
 from ..data import format as fmt
 from ..data.plan import camera_plan
@@ -48,13 +48,19 @@ class RenderedObject:
     mesh: trimesh.Trimesh
 
 
+def shade(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size: int,
+          background: float = 0.0) -> RenderResult:
+    """The object under this renderer's light (float, premultiplied unless ``background`` is 1)."""
+    return render_trimesh(mesh, c2w, K, size, background=background, light_dir=torch.tensor(LIGHT_DIR),
+                          ambient=AMBIENT, antialias=ANTIALIAS)
+
+
 def render_views(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size: int,
                  on_white: bool = False) -> np.ndarray:
     """(v, S, S, 4) uint8 RGBA with straight alpha: the surface's colour, coverage in alpha
     (white where nothing is covered), so one composite on white gives the render on white.
     ``on_white``: the colour already composited on white (the legacy renderer)."""
-    result = render_trimesh(mesh, c2w, K, size, background=1.0 if on_white else 0.0,
-                            light_dir=torch.tensor(LIGHT_DIR), ambient=AMBIENT, antialias=ANTIALIAS)
+    result = shade(mesh, c2w, K, size, background=1.0 if on_white else 0.0)
     rgb, alpha = result.rgb, result.alpha[..., None]  # premultiplied unless on_white
     if not on_white:  # the box filter averaged colour x coverage: divide the coverage out
         rgb = torch.where(alpha > 0, rgb / alpha.clamp(min=1e-12), torch.ones_like(rgb))

@@ -14,8 +14,9 @@ far from it: both make its figures an upper estimate at that tolerance.
 
 It reports, per object, the mask IoU of each twin's 32 rig masks with the truth's (what drawing
 one plausible object scores), and of the twins' majority mask (what their mean scores, the best a
-predictor of the mean can do), both as ``eval_default.py`` scores a checkpoint's masks (per view,
-at 0.5 on 64 px renders, averaged over the 32 views), and the PSNR of the twins' mean views on
+predictor of the mean can do), per view at 0.5 on 64 px renders and averaged over the 32 views
+(``train.diagnostics.per_view_iou``; the majority also pooled over all views' pixels, as
+``eval_default.py`` scores a checkpoint), and the PSNR of the twins' mean views on
 white (the twins keep the truth's colours, so this one knows the unseen sides' colours too).
 ``--camera known`` fixes the input camera (the ambiguity that is left when the model knows where
 the input was taken); ``--upright`` turns every part about the vertical only, truth and twins
@@ -42,11 +43,11 @@ from scipy.spatial.transform import Rotation
 
 from mvdpp_core import cameras as cam
 from mvdpp_core.reconstruction.metrics import psnr
-from mvdpp_core.reconstruction.render import render_trimesh
 
 from ..data.plan import camera_plan
+from ..diagnostics import mask_iou, per_view_iou
 from .objects import PRIMITIVES, Part, Split, build_object, object_seed, sample_parts
-from .render import AMBIENT, ANTIALIAS, LIGHT_DIR, NUM_CONDITIONS
+from .render import NUM_CONDITIONS, shade
 
 KINDS = list(PRIMITIVES)
 MOVES = ("stretch", "rotation", "axis", "offset", "kind", "camera")
@@ -72,9 +73,7 @@ def condition_c2w(elevation: float, distance: float) -> torch.Tensor:
 
 def render_on_white(parts: tuple[Part, ...], c2w: torch.Tensor, K: torch.Tensor, size: int) -> NDArray[np.float32]:
     """(v, S, S, 4): the object rendered as the procedural renderer does, colour on white + alpha."""
-    mesh, _, _ = build_object(list(parts))
-    result = render_trimesh(mesh, c2w, K, size, background=0.0, light_dir=torch.tensor(LIGHT_DIR),
-                            ambient=AMBIENT, antialias=ANTIALIAS)
+    result = shade(build_object(list(parts))[0], c2w, K, size)
     alpha = result.alpha[..., None]
     return torch.cat([result.rgb + (1 - alpha), alpha], dim=-1).numpy()
 
@@ -138,12 +137,6 @@ def propose(state: State, rng: np.random.Generator, scale: float, camera_known: 
     return dataclasses.replace(state, parts=state.parts[:i] + (part,) + state.parts[i + 1:])
 
 
-def mask_iou(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """Per-view IoU of boolean masks (..., S, S); 1 where both are empty."""
-    inter, union = (a & b).sum((-1, -2)), (a | b).sum((-1, -2))
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 def find_twins(index: int, *, tolerance: float, steps: int, keep: int = 24, size: int = 64,
                camera_known: bool = False, vertical_only: bool = False, seed: int = 0) -> dict:
     """Walk from held-out object ``index`` and score the twins kept from the last two thirds."""
@@ -172,19 +165,21 @@ def find_twins(index: int, *, tolerance: float, steps: int, keep: int = 24, size
         scale = float(np.clip(scale * np.exp(0.03 * (ok - TARGET_ACCEPTANCE)), 0.02, 5.0))
         if step >= burn and (step - burn) % every == 0:
             kept.append(current)
-    true_views = render_on_white(truth, rig, K, size)  # 32 S S 4
-    views = np.stack([render_on_white(s.parts, rig, K, size) for s in kept])  # n 32 S S 4
-    true_masks, twins = true_views[..., 3] >= 0.5, views[..., 3] >= 0.5
-    pairs = [mask_iou(twins[a], twins[b]).mean() for a in range(len(twins)) for b in range(a + 1, len(twins))]
+    true_views = torch.from_numpy(render_on_white(truth, rig, K, size))  # 32 S S 4
+    views = torch.from_numpy(np.stack([render_on_white(s.parts, rig, K, size) for s in kept]))  # n 32 S S 4
+    true_masks, twins = (true_views[..., 3] >= 0.5).float(), (views[..., 3] >= 0.5).float()
+    majority = (twins.mean(0) >= 0.5).float()
+    pairs = [per_view_iou(twins[a], twins[b]).mean() for a in range(len(twins)) for b in range(a + 1, len(twins))]
     return {
         "index": index, "parts": [p.kind for p in truth], "accepted": accepted / steps, "twins": len(kept),
         "twin_parts": sorted({"+".join(p.kind for p in s.parts) for s in kept}),
         "elevation": start.elevation, "elevation_sd": float(np.std([s.elevation for s in kept])),
         "distance": start.distance, "distance_sd": float(np.std([s.distance for s in kept])),
-        "twin_iou": float(mask_iou(twins, true_masks[None]).mean()),
-        "majority_iou": float(mask_iou(twins.mean(0) >= 0.5, true_masks).mean()),
-        "twin_pair_iou": float(np.mean(pairs)) if pairs else 1.0,
-        "mean_view_psnr": psnr(torch.from_numpy(views[..., :3].mean(0)), torch.from_numpy(true_views[..., :3])),
+        "twin_iou": float(torch.stack([per_view_iou(t, true_masks) for t in twins]).mean()),
+        "majority_iou": float(per_view_iou(majority, true_masks).mean()),
+        "majority_iou_pooled": mask_iou(majority, true_masks),  # eval_default.py's mask IoU: all views' pixels pooled
+        "twin_pair_iou": float(torch.stack(pairs).mean()) if pairs else 1.0,
+        "mean_view_psnr": psnr(views[..., :3].mean(0), true_views[..., :3]),
     }
 
 
@@ -224,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                                camera_known=args.camera == "known", vertical_only=args.upright, seed=args.seed))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     summary = {key: float(np.mean([r[key] for r in rows]))
-               for key in ("twin_iou", "majority_iou", "twin_pair_iou", "mean_view_psnr", "elevation_sd", "accepted")}
+               for key in ("twin_iou", "majority_iou", "majority_iou_pooled", "twin_pair_iou", "mean_view_psnr",
+                           "elevation_sd", "accepted")}
     report = {"tolerance_db": args.tolerance, "steps": args.steps, "camera": args.camera, "upright": args.upright,
               "objects": [args.start, args.start + args.count], "seconds": round(time.perf_counter() - t0, 1),
               "mean": summary, "per_object": rows}
