@@ -128,17 +128,18 @@ class ObjectMetrics:
 
 
 def heldout_folders(root: Path, count: int, size: int, split: Split = Split.HELDOUT, parts: int = 0,
-                    on_white: bool = False) -> list[Path]:
+                    on_white: bool = False, upright: bool = False) -> list[Path]:
     """The first ``count`` object folders of ``split`` under ``root`` (only those with exactly
     ``parts`` primitives when ``parts`` > 0), rendered where missing (``on_white``: by the
-    legacy renderer); a folder from the other renderer is an error."""
+    legacy renderer; ``upright``: the upright variant); a folder from the other renderer or
+    variant is an error."""
     folders = []
     for index in first_objects(split, count, parts):
         folder = root / folder_name(split, index)
         if fmt.is_complete(folder) and (folder / "mesh.ply").is_file():
-            check_renderer(folder, on_white)
+            check_renderer(folder, on_white, upright)
         else:
-            write_object(root, split, index, size, save_mesh=True, on_white=on_white)
+            write_object(root, split, index, size, save_mesh=True, on_white=on_white, upright=upright)
         folders.append(folder)
     return folders
 
@@ -511,6 +512,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--legacy-on-white", action="store_true",
                    help="held-out views rendered with colour on white (the renderer until 2026-12-05): only to "
                         "reproduce the evaluations made before it (docs/embedded_default.md says which)")
+    p.add_argument("--upright", action="store_true",
+                   help="held-out objects whose parts turn about the vertical only (train.procedural.generate "
+                        "--upright): for models trained on upright objects; keep them in their own folder")
     p.add_argument("--input-copy", action="store_true",
                    help="also score the input view repeated in all 32 slots (a model that only repeats its input)")
     p.add_argument("--hull-baseline", action="store_true",
@@ -574,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
     try:
-        folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts, args.legacy_on_white)
+        folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts, args.legacy_on_white,
+                                  args.upright)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     model = load_checkpoint(args.checkpoint)
@@ -582,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         model.unet.set_attention_backend("sdpa", global_attention=False)
         print("[attention] every layer restricted to its own view", flush=True)
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
-                    "parts": args.parts, "sampling": asdict(cfg), "per_view_attention": args.per_view_attention,
+                    "parts": args.parts, "upright": args.upright, "sampling": asdict(cfg),
+                    "per_view_attention": args.per_view_attention,
                     "targets_1_view": {"psnr": 20.0, "mask_iou": 0.85, "mask_iou_gap": 0.25, "psnr_gap": 4.0,
                                        "silhouette": 0.85, "volume_iou": 0.60}}
     t0 = time.perf_counter()

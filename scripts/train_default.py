@@ -19,6 +19,8 @@ sets optim.max_steps to the step the time limit is expected at; --decay ends the
 
 `--parts K` trains on the first --objects training objects made of exactly K primitives, and
 evaluates on held-out objects made of K (a simpler rung of the same task; 0, the default: any).
+`--upright` trains and evaluates on the upright variant of the objects (each part turned about
+the vertical only, as real objects have an up), in folders of their own.
 Extra `--set KEY=VALUE` go to the trainer (e.g. `--set optim.lr=5e-4`). On CUDA it trains in
 bf16 with data-loader workers; on a CPU in fp32 in the main process. A rerun with the same
 --work resumes: complete object folders are kept and training continues from its checkpoint.
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also score the nearest training object (the bar a model must clear)")
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",
                    help="only objects made of exactly K primitives, for training and evaluation (0: any)")
+    p.add_argument("--upright", action="store_true",
+                   help="train and evaluate on objects whose parts turn about the vertical only, as real "
+                        "objects have an up (train.procedural.generate --upright; folders of their own)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="more trainer overrides")
     args = p.parse_args(argv)
@@ -133,15 +138,16 @@ def chunks(count: int, jobs: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(edges)]
 
 
-def render(root: Path, count: int, jobs: int, parts: int = 0) -> float:
-    """The first ``count`` training objects (of ``parts`` primitives when > 0) under ``root``
-    (complete folders kept), ``jobs`` processes."""
+def render(root: Path, count: int, jobs: int, parts: int = 0, upright: bool = False) -> float:
+    """The first ``count`` training objects (of ``parts`` primitives when > 0; the upright
+    variant with ``upright``) under ``root`` (complete folders kept), ``jobs`` processes."""
     t0 = time.perf_counter()
     indices = first_objects(Split.TRAIN, count, parts)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "train.procedural.generate", "--out", str(root), "--split", "train",
-             "--count", str(n), "--start", str(start), "--size", "64", "--threads", "1", "--parts", str(parts)],
+             "--count", str(n), "--start", str(start), "--size", "64", "--threads", "1", "--parts", str(parts)]
+            + (["--upright"] if upright else []),
             cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for start, n in chunks(indices[-1] + 1, jobs)
@@ -238,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    # a rung gets its own objects and run, so a --work reused with another --parts never mixes the two
-    data = args.work / "data" / ("train" if not args.parts else f"train_{args.parts}_parts")
-    run, log = args.work / ("run" if not args.parts else f"run_{args.parts}_parts"), args.out / "train.log"
-    summary: dict = {"config": args.config.name, "objects": args.objects, "parts": args.parts,
+    # a rung and the upright variant get their own objects and run, so a --work reused with another
+    # --parts or --upright never mixes them
+    suffix = (f"_{args.parts}_parts" if args.parts else "") + ("_upright" if args.upright else "")
+    data = args.work / "data" / f"train{suffix}"
+    heldout = args.work / "data" / ("heldout_upright" if args.upright else "heldout")
+    run, log = args.work / f"run{suffix}", args.out / "train.log"
+    summary: dict = {"config": args.config.name, "objects": args.objects, "parts": args.parts, "upright": args.upright,
                      "batch_size": args.batch_size, "minutes": args.minutes, "finish_within": args.finish_within,
                      "eval_sampling": list(args.eval_sampling), "eval_mirror": args.eval_mirror,
                      "eval_average_seeds": args.eval_average_seeds,
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary["device_name"] = torch.cuda.get_device_name(0)
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
-    summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts), 1)
+    summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts, args.upright), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
     def trainer(sets: list[str]) -> list[str]:
         return [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config),
@@ -288,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_count:
         sampler, steps, guidance = args.eval_sampling
         cmd = [sys.executable, str(REPO / "scripts" / "eval_default.py"),
-               "--checkpoint", str(args.out / "model.safetensors"), "--heldout", str(args.work / "data" / "heldout"),
+               "--checkpoint", str(args.out / "model.safetensors"), "--heldout", str(heldout),
                "--count", str(args.eval_count), "--parts", str(args.parts), "--views", "1", "--copy-count", "0",
                "--no-baseline",
                "--sampler", sampler, "--steps", str(steps), "--guidance", str(guidance),
                "--mirror" if args.eval_mirror else "--no-mirror", "--average-seeds", str(args.eval_average_seeds),
                "--threads", str(args.jobs), "--out", str(args.out / "eval.json")]
+        cmd += ["--upright"] if args.upright else []
         if args.retrieval:
             cmd += ["--retrieval-baseline", str(data)]
         t0 = time.perf_counter()

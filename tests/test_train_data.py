@@ -3,6 +3,7 @@ broken files) and the render launcher (resume, failure log, SLURM script)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from mvdpp_core import cameras as cam
 from mvdpp_core.common import composite_on_white
@@ -18,8 +20,8 @@ from train.data import format as fmt
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, to_tensors
 from train.data.shards import object_folders, pack_shards
 from train.data.synthetic import synthetic_object, write_synthetic_dataset
-from train.procedural.objects import Split, procedural_object
-from train.procedural.render import AMBIENT, ANTIALIAS, LIGHT_DIR, render_views
+from train.procedural.objects import Split, object_seed, procedural_object, sample_parts, upright
+from train.procedural.render import AMBIENT, ANTIALIAS, LIGHT_DIR, render_object, render_views
 from train.render.launch import RenderJob, RenderOptions, read_object_list, render_all, slurm_script
 
 
@@ -229,3 +231,34 @@ def test_a_folder_of_the_other_renderer_is_refused_not_resumed(tmp_path, capsys)
         generate_main(args)
     assert generate_main([*args, "--legacy-on-white"]) == 0  # the same renderer resumes
     assert "0 objects rendered" in capsys.readouterr().out
+
+
+def test_upright_objects_turn_each_part_about_the_vertical_only_and_keep_every_other_draw():
+    drawn = sample_parts(object_seed(Split.TRAIN, 5))
+    turned = upright(drawn)
+    for a, b in zip(drawn, turned, strict=True):
+        assert dataclasses.replace(a, rotation=b.rotation) == b  # only the rotation changes
+        up = Rotation.from_quat(b.rotation).as_matrix() @ np.array([0.0, 0.0, 1.0])
+        assert up == pytest.approx([0.0, 0.0, 1.0], abs=1e-9)  # each part's own vertical stays vertical
+        yaw = Rotation.from_quat(a.rotation).as_euler("zyx")[0]
+        assert Rotation.from_quat(b.rotation).as_euler("zyx")[0] == pytest.approx(yaw, abs=1e-9)
+    plain, standing = render_object(Split.TRAIN, 5, size=16), render_object(Split.TRAIN, 5, size=16, upright=True)
+    assert standing.cameras["targets"] == plain.cameras["targets"]  # the same cameras, another object
+    assert standing.cameras["conditions"] == plain.cameras["conditions"]
+    assert np.abs(standing.targets.astype(int) - plain.targets.astype(int)).mean() > 1
+    assert standing.cameras["source"] == "procedural train 5 upright"
+
+
+def test_a_folder_of_the_other_object_variant_is_refused_not_resumed(tmp_path, capsys):
+    from train.procedural.generate import main as generate_main
+
+    args = ["--out", str(tmp_path), "--split", "heldout", "--count", "1", "--size", "16", "--no-mesh"]
+    assert generate_main([*args, "--upright"]) == 0
+    with pytest.raises(SystemExit, match="holds an upright object .*run with --upright to read it"):
+        generate_main(args)
+    assert generate_main([*args, "--upright"]) == 0  # the same variant resumes
+    assert "0 objects rendered" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert generate_main(["--out", str(plain), *args[2:]]) == 0
+    with pytest.raises(SystemExit, match="holds an as-generated object .*run without --upright to read it"):
+        generate_main(["--out", str(plain), *args[2:], "--upright"])

@@ -44,6 +44,13 @@ def test_a_rung_renders_only_objects_of_its_number_of_primitives(tmp_path):
     assert all(fmt.is_complete(p) for p in tmp_path.iterdir())
 
 
+def test_the_upright_variant_renders_upright_objects(tmp_path):
+    render(tmp_path, 2, 2, upright=True)
+    sources = [json.loads((tmp_path / folder_name(Split.TRAIN, i) / fmt.CAMERAS_FILE).read_text())["source"]
+               for i in range(2)]
+    assert sources == ["procedural train 0 upright", "procedural train 1 upright"]
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)

@@ -8,7 +8,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from train.procedural import twins
-from train.procedural.objects import Split, object_seed, sample_parts
+from train.procedural.objects import Split, object_seed, sample_parts, upright
 
 
 def test_a_tolerance_no_other_object_meets_keeps_only_the_truth():
@@ -42,7 +42,7 @@ def test_moves_stay_inside_the_prior():
 
 def test_known_camera_and_upright_modes_keep_what_they_fix():
     rng = np.random.default_rng(1)
-    start = twins.State(twins.upright(tuple(sample_parts(object_seed(Split.HELDOUT, 3)))), 20.0, 1.8)
+    start = twins.State(upright(tuple(sample_parts(object_seed(Split.HELDOUT, 3)))), 20.0, 1.8)
     state = start
     for _ in range(200):
         state = twins.propose(state, rng, scale=3.0, camera_known=True, vertical_only=True) or state
@@ -56,7 +56,7 @@ def test_known_camera_and_upright_modes_keep_what_they_fix():
 def test_upright_keeps_each_parts_yaw():
     part = sample_parts(object_seed(Split.HELDOUT, 0))[0]
     part = dataclasses.replace(part, rotation=tuple(Rotation.from_euler("zyx", [0.7, 0.4, -0.3]).as_quat()))
-    turned = twins.upright((part,))[0]
+    turned = upright((part,))[0]
     assert Rotation.from_quat(turned.rotation).as_euler("zyx") == pytest.approx([0.7, 0.0, 0.0], abs=1e-9)
 
 

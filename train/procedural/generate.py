@@ -2,6 +2,7 @@
 
   python -m train.procedural.generate --out /data/procedural/train --split train --count 2000 --size 64
   python -m train.procedural.generate --out /data/procedural/heldout --split heldout --count 64 --size 64
+  python -m train.procedural.generate --out /data/procedural/train_upright --split train --count 2000 --upright
 
 Held-out folders also hold the true mesh (``mesh.ply``, normalised world frame) for mesh
 metrics. Existing complete folders are kept, so an interrupted run resumes. Prints
@@ -38,14 +39,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--legacy-on-white", action="store_true",
                    help="store colour composited on white, as the renderer did until 2026-12-05 (readers then "
                         "lighten outlines twice): only to reproduce the embedded default's steps 1-5")
+    p.add_argument("--upright", action="store_true",
+                   help="turn each part about the vertical only (objects with an up, as real ones have; "
+                        "same cameras and draws otherwise); keep them in their own folder")
     return p.parse_args(argv)
 
 
 def generate(out: Path, split: Split, start: int, count: int, size: int, num_conditions: int, save_mesh: bool,
-             parts: int = 0, on_white: bool = False) -> int:
+             parts: int = 0, on_white: bool = False, upright: bool = False) -> int:
     """Render objects start..start+count-1 into ``out`` (only those made of exactly ``parts``
-    primitives when ``parts`` > 0; ``on_white``: the legacy renderer's colour); returns how many
-    were rendered now. A complete folder written by the other renderer is an error, not kept."""
+    primitives when ``parts`` > 0; ``on_white``: the legacy renderer's colour; ``upright``: parts
+    turned about the vertical only); returns how many were rendered now. A complete folder written
+    by the other renderer, or holding the other variant, is an error, not kept."""
     if count < 1:
         raise ValueError(f"--count {count}; give at least 1 object.")
     out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +60,9 @@ def generate(out: Path, split: Split, start: int, count: int, size: int, num_con
             continue
         folder = out / folder_name(split, index)
         if fmt.is_complete(folder) and (not save_mesh or (folder / "mesh.ply").is_file()):
-            check_renderer(folder, on_white)
+            check_renderer(folder, on_white, upright)
             continue
-        write_object(out, split, index, size, num_conditions, save_mesh, on_white)
+        write_object(out, split, index, size, num_conditions, save_mesh, on_white, upright)
         done += 1
     return done
 
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         done = generate(args.out, split, args.start, args.count, args.size, args.num_conditions, save_mesh,
-                        args.parts, args.legacy_on_white)
+                        args.parts, args.legacy_on_white, args.upright)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - t0

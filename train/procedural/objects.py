@@ -13,6 +13,7 @@ stretched, rotated and offset; the parts are concatenated and normalised per DES
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from collections.abc import Callable
@@ -114,6 +115,13 @@ def sample_parts(seed: int) -> list[Part]:
     return [sample_part(rng, first=i == 0) for i in range(n)]
 
 
+def upright(parts: tuple[Part, ...] | list[Part]) -> tuple[Part, ...]:
+    """The same parts, each turned about the vertical (world +Z) only, by its own yaw: objects
+    that, like real ones and the paper's Objaverse renders, have an up."""
+    return tuple(dataclasses.replace(p, rotation=tuple(Rotation.from_euler(
+        "z", Rotation.from_quat(p.rotation).as_euler("zyx")[0]).as_quat())) for p in parts)
+
+
 def part_count(split: Split | str, index: int) -> int:
     """How many primitives object ``index`` of ``split`` has (1..MAX_PARTS), without building it."""
     return len(sample_parts(object_seed(split, index)))
@@ -170,7 +178,9 @@ def build_object(parts: list[Part]) -> tuple[trimesh.Trimesh, NDArray[np.float64
     return mesh, center, scale
 
 
-def procedural_object(split: Split | str, index: int) -> tuple[trimesh.Trimesh, NDArray[np.float64], float]:
+def procedural_object(split: Split | str, index: int, upright_parts: bool = False,
+                      ) -> tuple[trimesh.Trimesh, NDArray[np.float64], float]:
     """Object ``index`` of ``split`` (deterministic): normalised mesh with vertex colours,
-    source centre and scale."""
-    return build_object(sample_parts(object_seed(split, index)))
+    source centre and scale (``upright_parts``: each part turned about the vertical only)."""
+    parts = sample_parts(object_seed(split, index))
+    return build_object(list(upright(parts)) if upright_parts else parts)

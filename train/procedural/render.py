@@ -34,6 +34,7 @@ LIGHT_DIR = (0.35, -0.25, 1.0)  # world direction towards the light (above, slig
 AMBIENT = 0.7
 ANTIALIAS = 2
 NUM_CONDITIONS = 4
+UPRIGHT = "upright"  # the source suffix of objects whose parts turn about the vertical only
 RENDERER = "mvdpp procedural (PyTorch rasteriser, straight alpha)"
 LEGACY_RENDERER = "mvdpp procedural (PyTorch rasteriser)"  # colour stored on white (until 2026-12-05)
 
@@ -68,14 +69,15 @@ def render_views(mesh: trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, size
     return (rgba.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def render_object(split: Split | str, index: int, size: int = 64,
-                  num_conditions: int = NUM_CONDITIONS, on_white: bool = False) -> RenderedObject:
+def render_object(split: Split | str, index: int, size: int = 64, num_conditions: int = NUM_CONDITIONS,
+                  on_white: bool = False, upright: bool = False) -> RenderedObject:
     """Build and render object ``index`` of ``split``: 32 rig views + ``num_conditions``
-    (``on_white``: colour stored composited on white, the legacy renderer)."""
+    (``on_white``: colour stored composited on white, the legacy renderer; ``upright``: each
+    part turned about the vertical only, ``objects.upright``, same cameras)."""
     split = parse_split(split)
     if size < 16 or size % 8:
         raise ValueError(f"size={size}; use a multiple of 8 of at least 16 (64 for the tiny preset).")
-    mesh, center, scale = procedural_object(split, index)
+    mesh, center, scale = procedural_object(split, index, upright)
     seed = object_seed(split, index)
     plan = camera_plan(size, num_conditions, seed=seed % 2**62)
     views = plan["targets"] + plan["conditions"]
@@ -84,19 +86,32 @@ def render_object(split: Split | str, index: int, size: int = 64,
     cameras = fmt.cameras_document(
         image_size=size, K=plan["K"], targets=plan["targets"], conditions=plan["conditions"],
         center=center.tolist(), scale=scale, renderer=LEGACY_RENDERER if on_white else RENDERER,
-        source=f"procedural {split.value} {index}",
+        source=source_name(split, index, upright),
     )
     return RenderedObject(rgba[: fmt.NUM_TARGETS], rgba[fmt.NUM_TARGETS:], cameras, mesh)
 
 
-def check_renderer(folder: str | Path, on_white: bool = False) -> None:
+def source_name(split: Split | str, index: int, upright: bool = False) -> str:
+    """cameras.json's ``source`` of a procedural object (``upright`` objects say so)."""
+    return f"procedural {parse_split(split).value} {int(index)}" + (f" {UPRIGHT}" if upright else "")
+
+
+def check_renderer(folder: str | Path, on_white: bool = False, upright: bool = False) -> None:
     """Refuse a procedural object folder written by the other renderer (straight or on-white
-    colour), so a data set or an evaluation never mixes the two conventions silently."""
-    renderer = json.loads((Path(folder) / fmt.CAMERAS_FILE).read_text()).get("renderer", "")
+    colour) or of the other object variant (upright or as generated), so a data set or an
+    evaluation never mixes the conventions silently."""
+    document = json.loads((Path(folder) / fmt.CAMERAS_FILE).read_text())
+    renderer = document.get("renderer", "")
     wanted, other = (LEGACY_RENDERER, RENDERER) if on_white else (RENDERER, LEGACY_RENDERER)
     if renderer == other:
         flag = "without --legacy-on-white" if on_white else "with --legacy-on-white"
         raise ValueError(f"{folder} was rendered by {renderer!r}, not {wanted!r}: use a new folder, "
+                         f"or run {flag} to read it.")
+    source = str(document.get("source", ""))
+    if source.startswith("procedural ") and source.endswith(f" {UPRIGHT}") != upright:
+        flag = "without --upright" if upright else "with --upright"
+        variant = "upright" if not upright else "as-generated"
+        raise ValueError(f"{folder} holds an {variant} object ({source!r}): use a new folder, "
                          f"or run {flag} to read it.")
 
 
@@ -105,10 +120,11 @@ def folder_name(split: Split | str, index: int) -> str:
 
 
 def write_object(root: str | Path, split: Split | str, index: int, size: int = 64,
-                 num_conditions: int = NUM_CONDITIONS, save_mesh: bool = False, on_white: bool = False) -> Path:
+                 num_conditions: int = NUM_CONDITIONS, save_mesh: bool = False, on_white: bool = False,
+                 upright: bool = False) -> Path:
     """Render object ``index`` into ``root/<split>_<index>/``; ``mesh.ply`` too with ``save_mesh``
-    (``on_white``: the legacy renderer's colour)."""
-    obj = render_object(split, index, size, num_conditions, on_white)
+    (``on_white``: the legacy renderer's colour; ``upright``: its parts turned about the vertical only)."""
+    obj = render_object(split, index, size, num_conditions, on_white, upright)
     folder = Path(root) / folder_name(split, index)
     folder.mkdir(parents=True, exist_ok=True)
     if save_mesh:  # before cameras.json, which marks the folder complete

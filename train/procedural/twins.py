@@ -46,7 +46,7 @@ from mvdpp_core.reconstruction.metrics import psnr
 
 from ..data.plan import camera_plan
 from ..diagnostics import mask_iou, per_view_iou
-from .objects import PRIMITIVES, Part, Split, build_object, object_seed, sample_parts
+from .objects import PRIMITIVES, Part, Split, build_object, object_seed, sample_parts, upright
 from .render import NUM_CONDITIONS, shade
 
 KINDS = list(PRIMITIVES)
@@ -76,12 +76,6 @@ def render_on_white(parts: tuple[Part, ...], c2w: torch.Tensor, K: torch.Tensor,
     result = shade(build_object(list(parts))[0], c2w, K, size)
     alpha = result.alpha[..., None]
     return torch.cat([result.rgb + (1 - alpha), alpha], dim=-1).numpy()
-
-
-def upright(parts: tuple[Part, ...]) -> tuple[Part, ...]:
-    """The same parts, each turned about the vertical (world +Z) only, by its own yaw."""
-    return tuple(dataclasses.replace(p, rotation=tuple(Rotation.from_euler(
-        "z", Rotation.from_quat(p.rotation).as_euler("zyx")[0]).as_quat())) for p in parts)
 
 
 def _unit(v: NDArray[np.float64]) -> NDArray[np.float64]:
