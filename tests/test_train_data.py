@@ -249,6 +249,13 @@ def test_upright_objects_turn_each_part_about_the_vertical_only_and_keep_every_o
     assert standing.cameras["source"] == "procedural train 5 upright"
 
 
+def test_upright_keeps_each_parts_yaw_and_drops_its_tilt():
+    part = sample_parts(object_seed(Split.HELDOUT, 0))[0]
+    part = dataclasses.replace(part, rotation=tuple(Rotation.from_euler("zyx", [0.7, 0.4, -0.3]).as_quat()))
+    turned = upright((part,))[0]
+    assert Rotation.from_quat(turned.rotation).as_euler("zyx") == pytest.approx([0.7, 0.0, 0.0], abs=1e-9)
+
+
 def test_a_folder_of_the_other_object_variant_is_refused_not_resumed(tmp_path, capsys):
     from train.procedural.generate import main as generate_main
 

@@ -108,11 +108,10 @@ def check_renderer(folder: str | Path, on_white: bool = False, upright: bool = F
         raise ValueError(f"{folder} was rendered by {renderer!r}, not {wanted!r}: use a new folder, "
                          f"or run {flag} to read it.")
     source = str(document.get("source", ""))
-    if source.startswith("procedural ") and source.endswith(f" {UPRIGHT}") != upright:
-        flag = "without --upright" if upright else "with --upright"
-        variant = "upright" if not upright else "as-generated"
-        raise ValueError(f"{folder} holds an {variant} object ({source!r}): use a new folder, "
-                         f"or run {flag} to read it.")
+    found_upright = source.endswith(f" {UPRIGHT}")
+    if source.startswith("procedural ") and found_upright != upright:
+        found, flag = ("an upright", "with --upright") if found_upright else ("an as-generated", "without --upright")
+        raise ValueError(f"{folder} holds {found} object ({source!r}): use a new folder, or run {flag} to read it.")
 
 
 def folder_name(split: Split | str, index: int) -> str:
