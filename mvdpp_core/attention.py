@@ -8,7 +8,9 @@ SDPA by default, xformers on CUDA when installed) is chosen in ``attend`` only.
 View parallelism: when one object's views are split across the ranks of a process group
 (``view_group``), each rank keeps its own queries and all-gathers keys and values, so the
 result equals global attention over all views on one device, with a differentiable
-gather (gradients flow back to the rank that owns each view).
+gather (gradients flow back to the rank that owns each view). The attention biases (epipolar,
+condition-key) are built from every rank's view ids (``gather_view_ids``): the rows of this
+rank's queries against the keys of all views.
 """
 
 from __future__ import annotations
@@ -68,34 +70,36 @@ def attend(
     return rearrange(out, "n h l d -> n l (h d)")
 
 
-def _refuse_view_parallel(view_group, what: str, switch: str) -> None:
-    if view_group is not None:
-        raise ValueError(
-            f"{what} does not run under view parallelism yet; set parallel.view_group_size to 1 or {switch} to false."
-        )
-
-
 class EpipolarCache:
     """The epipolar bias of one set of view ids, built once per token count and gain and shared by
-    the layers (and, while the ids stay the same, by the calls of a sampling run)."""
+    the layers (and, while the ids stay the same, by the calls of a sampling run).
 
-    def __init__(self, view_ids: Tensor):
+    ``queries``: the views whose rows are needed (all; under view parallelism this rank's share of
+    ``view_ids``, which then holds every rank's views)."""
+
+    def __init__(self, view_ids: Tensor, queries: slice | None = None):
         # Objects with the same views (a guidance batch, a batch of one rig) share one bias.
         same = bool((view_ids == view_ids[:1]).all())
         self.view_ids = view_ids[:1] if same else view_ids  # b' v
-        self._base: dict[int, Tensor] = {}  # tokens per view -> (b', v l, v l) log-weights
+        self.queries = queries
+        self._base: dict[int, Tensor] = {}  # tokens per view -> (b', q l, v l) log-weights
         self._scaled: dict[tuple[int, tuple[float, ...]], Tensor] = {}  # (tokens, gains) -> bias
 
-    def matches(self, view_ids: Tensor) -> bool:
+    def matches(self, view_ids: Tensor, queries: slice | None = None) -> bool:
         ids = self.view_ids
-        return ids.device == view_ids.device and view_ids.shape[1] == ids.shape[1] and bool((view_ids == ids).all())
+        return (
+            ids.device == view_ids.device
+            and view_ids.shape[1] == ids.shape[1]
+            and queries == self.queries
+            and bool((view_ids == ids).all())
+        )
 
     def __call__(self, tokens: int, gain: Tensor) -> Tensor:
-        """(b' or 1, h or 1, l, l): ``gain`` (h,) times the log-weights, one head when all are equal."""
+        """(b' or 1, h or 1, q l, v l): ``gain`` (h,) times the log-weights, one head when all are equal."""
         gains = tuple(gain.tolist())
         if (tokens, gains) not in self._scaled:
             if tokens not in self._base:
-                self._base[tokens] = epipolar_bias(self.view_ids, tokens)
+                self._base[tokens] = epipolar_bias(self.view_ids, tokens, self.queries)
             base = self._base[tokens]
             if set(gains) == {1.0}:  # the log-weights themselves: no second (v l)^2 copy
                 self._scaled[tokens, gains] = base[:, None]
@@ -130,6 +134,17 @@ def gather_views(x: Tensor, group: torch.distributed.ProcessGroup | ViewShards) 
     return torch.cat([part[:, : count * tokens] for part, count in zip(parts, group.counts, strict=True)], dim=1)
 
 
+def gather_view_ids(view_ids: Tensor, group: torch.distributed.ProcessGroup | ViewShards) -> tuple[Tensor, slice]:
+    """Every rank's view ids of each object, (b, v) -> (b, V) in rank order, and the slice of
+    them this rank holds: what an attention bias over all key views needs."""
+    ids = gather_views(view_ids[..., None], group)[..., 0]
+    if isinstance(group, ViewShards):
+        start = sum(group.counts[: torch.distributed.get_rank(group.group)])
+    else:
+        start = torch.distributed.get_rank(group) * view_ids.shape[1]
+    return ids, slice(start, start + view_ids.shape[1])
+
+
 class MultiViewAttnProcessor:
     """diffusers attention processor; global over views when ``global_views`` is set.
 
@@ -141,7 +156,8 @@ class MultiViewAttnProcessor:
     epipolar bias of ``mvdpp_core.geometry`` per head. ``cosine`` (the layer's ``CosineScale``
     of the UNet's ``CosineAttention``) makes the logits a per-head temperature times cos(q, k).
     ``condition`` (the layer's ``HeadGain`` of the UNet's ``ConditionAttentionBias``) adds
-    ``gain[h]`` times ``condition_keys`` (b, v), per key view, to the logits.
+    ``gain[h]`` times ``condition_keys`` (b, v), per key view (every rank's views under view
+    parallelism), to the logits.
     """
 
     def __init__(
@@ -196,16 +212,15 @@ class MultiViewAttnProcessor:
             q, k = q + q_g, k + k_g
         if is_self and self.cosine is not None:
             q, k = self.cosine(q, k)
-        if is_self and self.global_views and num_views > 1:
-            # All views of one object attend to each other: one sequence per object.
+        if is_self and self.global_views and (num_views > 1 or view_group is not None):
+            # All views of one object attend to each other: one sequence per object. (A rank of a
+            # view group may hold a single view: it still gathers the others'.)
             q, k, v = (rearrange(t, "(b v) l c -> b (v l) c", v=num_views) for t in (q, k, v))
             bias = None
             tokens = q.shape[1] // num_views
             if self.epipolar is not None and epipolar is not None:
-                _refuse_view_parallel(view_group, "epipolar attention", "unet.epipolar_attention")
-                bias = epipolar(tokens, self.epipolar.gain)
+                bias = epipolar(tokens, self.epipolar.gain)  # rows: this rank's views; columns: all views
             if self.condition is not None and condition_keys is not None:
-                _refuse_view_parallel(view_group, "the condition-key bias", "unet.condition_attention_bias")
                 keys = condition_keys.to(q.dtype).repeat_interleave(tokens, dim=1)  # b (v l)
                 per_head = self.condition.gain.to(q.dtype)[None, :, None, None] * keys[:, None, None, :]  # b h 1 L
                 bias = per_head if bias is None else bias + per_head

@@ -153,10 +153,12 @@ def epipolar_table(size: int) -> Tensor:
     return table.reshape(NUM_TARGET_VIEWS * tokens, NUM_TARGET_VIEWS * tokens)
 
 
-def epipolar_bias(view_ids: Tensor, tokens: int) -> Tensor:
+def epipolar_bias(view_ids: Tensor, tokens: int, queries: slice | None = None) -> Tensor:
     """The epipolar log-weights of an object's views (b, v) (ids 0..31 rig slots, 32.. condition
-    views) at ``tokens`` per view: (b, v l, v l). Condition views are pose-free: their rows and
-    columns hold 0 (plain global attention to and from them)."""
+    views) at ``tokens`` per view: (b, q l, v l), the rows of the query views ``queries`` (all v
+    by default; under view parallelism a rank's own views) against the keys of all v views.
+    Condition views are pose-free: their rows and columns hold 0 (plain global attention to and
+    from them)."""
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ValueError(f"epipolar attention needs square token grids; got {tokens} tokens per view.")
@@ -164,9 +166,11 @@ def epipolar_bias(view_ids: Tensor, tokens: int) -> Tensor:
     b, v = view_ids.shape
     is_target = view_ids < NUM_TARGET_VIEWS  # b v
     slots = view_ids.clamp(max=NUM_TARGET_VIEWS - 1)
-    bias = torch.empty(b, v, tokens, v, tokens, device=view_ids.device)
+    queries = slice(None) if queries is None else queries
+    q = len(range(v)[queries])
+    bias = torch.empty(b, q, tokens, v, tokens, device=view_ids.device)
     for n in range(b):  # whole blocks of the table: contiguous copies, not a gather per entry
-        torch.index_select(table.index_select(0, slots[n]), 2, slots[n], out=bias[n])
-        bias[n, ~is_target[n]] = 0.0
+        torch.index_select(table.index_select(0, slots[n, queries]), 2, slots[n], out=bias[n])
+        bias[n, ~is_target[n, queries]] = 0.0
         bias[n, :, :, ~is_target[n]] = 0.0
-    return bias.reshape(b, v * tokens, v * tokens)
+    return bias.reshape(b, q * tokens, v * tokens)

@@ -34,7 +34,14 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from .attention import AttentionBackend, EpipolarCache, multiview_processors, resolve_backend
+from .attention import (
+    AttentionBackend,
+    EpipolarCache,
+    ViewShards,
+    gather_view_ids,
+    multiview_processors,
+    resolve_backend,
+)
 from .cameras import NUM_TARGET_VIEWS
 from .config import UNetConfig
 from .geometry import GEOMETRY_CHANNELS, token_geometry
@@ -252,7 +259,7 @@ class MultiViewUNet(nn.Module):
         timesteps: Tensor,
         view_ids: Tensor,
         context: Tensor,
-        view_group: torch.distributed.ProcessGroup | None = None,
+        view_group: torch.distributed.ProcessGroup | ViewShards | None = None,
     ) -> Tensor:
         """Denoise all views of each object jointly.
 
@@ -263,7 +270,8 @@ class MultiViewUNet(nn.Module):
             context: (b, n, d) cross-attention tokens (CLIP embeddings of the condition views),
                 shared by every view of the object.
             view_group: view parallelism: the process group whose ranks hold the other views
-                of the same objects (every rank the same b and v); None = all views here.
+                of the same objects (every rank the same b and v, or the shares of a
+                ``ViewShards``); None = all views here. ``view_ids`` are then this rank's.
         Returns:
             (b, v, 4, h, w) the model output (epsilon or v, per the schedule config).
         """
@@ -274,12 +282,16 @@ class MultiViewUNet(nn.Module):
         if self.geometry is not None:
             ids = rearrange(view_ids, "b v -> (b v)")
             kwargs["geometry"] = token_geometry(ids, sample.shape[-1]).to(sample.dtype)  # (b v) g h w
+        # The biases are over all key views: under view parallelism, every rank's view ids.
+        all_ids, queries = view_ids, None
+        if view_group is not None and (self.epipolar is not None or self.condition_bias is not None):
+            all_ids, queries = gather_view_ids(view_ids, view_group)
         if self.epipolar is not None:
-            if self._epipolar_cache is None or not self._epipolar_cache.matches(view_ids):
-                self._epipolar_cache = EpipolarCache(view_ids)
+            if self._epipolar_cache is None or not self._epipolar_cache.matches(all_ids, queries):
+                self._epipolar_cache = EpipolarCache(all_ids, queries)
             kwargs["epipolar"] = self._epipolar_cache
         if self.condition_bias is not None:
-            kwargs["condition_keys"] = condition_key_weights(view_ids)
+            kwargs["condition_keys"] = condition_key_weights(all_ids)
         out = self.unet(
             rearrange(sample, "b v c h w -> (b v) c h w"),
             rearrange(timesteps, "b v -> (b v)"),

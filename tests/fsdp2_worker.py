@@ -27,14 +27,17 @@ FSDP_CONFIG = REPO / "train" / "accelerate" / "8gpu_fsdp2.yaml"
 EMA_DECAY = 0.5
 
 
-def build():
-    """Seeded tiny model, its ``TrainedModules`` (what train_mvdiff shards) and the batch of 2 objects."""
+def build(checkpointing: bool = False):
+    """Seeded tiny model, its ``TrainedModules`` (what train_mvdiff shards) and the batch of 2 objects;
+    ``checkpointing``: gradient checkpointing on, as the GPU stage configs have it."""
     from train.train_mvdiff import TrainedModules
 
     torch.manual_seed(0)
     model = MVDPPModel(preset("tiny"))
     with torch.no_grad():
         model.unet.unet.class_embedding.scale.fill_(0.5)
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
     g = torch.Generator().manual_seed(1)
     batch = {
         "sample": torch.randn(2, 3, 9, 8, 8, generator=g),
@@ -50,6 +53,23 @@ def step(module, optimizer, ema, batch: dict, rows: slice, step_index: int) -> t
     """One optimisation step of the recipe (loss, backward, clip, AdamW, EMA) on ``rows`` of the batch."""
     out = module(batch["sample"][rows], batch["t"][rows], batch["ids"][rows], batch["ctx"][rows], None, None, None)
     loss = (out - batch["target"][rows]).pow(2).mean()
+    return _finish_step(module, optimizer, ema, loss, step_index)
+
+
+def view_step(module, optimizer, ema, batch: dict, views: slice, group, step_index: int) -> torch.Tensor:
+    """The same step under view parallelism: this rank holds ``views`` of both objects, and its
+    loss is its views' part of the object loss times the group size, as ``diffusion_loss``
+    computes it (FSDP2 averages the gradients over the ranks: their sum, the whole objects')."""
+    out = module(
+        batch["sample"][:, views], batch["t"], batch["ids"][:, views], batch["ctx"], None, None, None,
+        view_group=group,
+    )
+    per_view = (out - batch["target"][:, views]).pow(2).mean(dim=(2, 3, 4))  # b own
+    loss = WORLD * per_view.sum(dim=1).mean() / batch["ids"].shape[1]
+    return _finish_step(module, optimizer, ema, loss, step_index)
+
+
+def _finish_step(module, optimizer, ema, loss: torch.Tensor, step_index: int) -> torch.Tensor:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), 0.05)  # small: clipping is active
     optimizer.step()
@@ -80,7 +100,7 @@ def plugin_from_config():
     )
 
 
-def sharded(rank: int):
+def sharded(rank: int, checkpointing: bool = False):
     """A fresh model sharded exactly as ``acc.prepare`` shards it under the recipe's FSDP2 config."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
@@ -90,7 +110,7 @@ def sharded(rank: int):
         mixed_precision="no", is_main_process=rank == 0, num_processes=WORLD, process_index=rank, is_fsdp2=True,
         wait_for_everyone=dist.barrier,
     )
-    model, trained, batch = build()
+    model, trained, batch = build(checkpointing)
     return model, fsdp2_prepare_model(acc, trained), batch, plugin, acc
 
 
@@ -141,6 +161,35 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
     losses = torch.stack([loss1, loss2, loss2_resumed])
     dist.all_reduce(losses)
     results["losses"] = losses / WORLD
+    _save(results, rank, out_dir)
+
+
+def rank_main_views(rank: int, init_file: str, out_dir: str) -> None:
+    """FSDP2 with a view group of both ranks (``parallel.view_group_size=2`` on 2 processes): each
+    rank holds both objects, and its share of their 3 views (1 and 2, ``ViewShards``); gradient
+    checkpointing on (the blocks' recomputation in backward gathers the views again)."""
+    from mvdpp_core.attention import ViewShards
+    from train.view_parallel import view_shares
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    model, module, batch, plugin, acc = sharded(rank, checkpointing=True)
+    optimizer, ema = optimiser_and_ema(module)
+    shares = view_shares(batch["ids"].shape[1], WORLD)
+    group = ViewShards(dist.group.WORLD, tuple(s.stop - s.start for s in shares))
+    losses = []
+    results = {}
+    for index in (1, 2):
+        losses.append(view_step(module, optimizer, ema, batch, shares[rank], group, index))
+        results[f"params{index}"] = full_params(module)
+    losses = torch.stack(losses)
+    dist.all_reduce(losses)
+    results["losses"] = losses / WORLD
+    results["ema2"] = ema.full_state_dict()
+    _save(results, rank, out_dir)
+
+
+def _save(results: dict, rank: int, out_dir: str) -> None:
     flat = {
         f"{group}.{k}" if isinstance(v, dict) else group: t
         for group, v in results.items()

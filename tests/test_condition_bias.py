@@ -70,12 +70,9 @@ def test_the_bias_changes_global_attention_and_permutes_with_the_views(biased_un
     assert_gain_matters_and_permutes(biased_unet, biased_unet.condition_bias, sample, t, ids, ctx)
 
 
-def test_gains_are_fixed_buffers_and_view_parallelism_is_refused(biased_unet):
+def test_gains_are_fixed_buffers(biased_unet):
     ids = torch.tensor([[0, 9, 20, 32]])
     assert_fixed_gains(biased_unet, "condition_attention_bias", biased_unet.condition_bias.layers, 1.0, ids)
-    sample, t, _, ctx = unet_inputs(CFG, 1, 4, size=16)
-    with pytest.raises(ValueError, match="condition-key bias does not run under view parallelism"):
-        biased_unet(sample, t, ids, ctx, view_group=object())
 
 
 def test_training_init_starts_the_gain_and_refuses_it_for_bundles():

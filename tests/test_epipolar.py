@@ -147,10 +147,13 @@ def test_a_bundle_continues_with_epipolar_attention_switched_on_and_every_weight
     assert all((layer.gain == 0.5).all() for layer in kept.unet.epipolar.layers)
 
 
-def test_view_parallelism_is_refused_with_a_clear_error(epipolar_unet):
-    sample, t, ids, ctx = unet_inputs(CFG, 1, 3, size=16)
-    with pytest.raises(ValueError, match="parallel.view_group_size to 1"):
-        epipolar_unet(sample, t, ids, ctx, view_group=object())
+def test_the_rows_of_some_query_views_are_those_of_the_full_bias():
+    """Under view parallelism a rank builds only its own views' rows against every key view
+    (tests/test_view_parallel.py checks the split model against one process)."""
+    ids = torch.tensor([[0, 9, 17, 32, 3], [5, 33, 12, 20, 7]])
+    full = epipolar_bias(ids, 16)
+    assert torch.equal(epipolar_bias(ids, 16, slice(2, 4)), full[:, 2 * 16 : 4 * 16])
+    assert torch.equal(epipolar_bias(ids, 16, slice(0, 5)), full)
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """The FSDP2 recipe on 2 gloo CPU ranks: accelerate's own wrapping with the 8-GPU config's
 policy shards the UNet (the 0-dim view scale once made ``fully_shard`` refuse it), and one
 optimisation step, a sharded checkpoint, a resume, the EMA of sharded parameters and the
-export of gathered full tensors all equal one process holding the whole batch."""
+export of gathered full tensors all equal one process holding the whole batch; so do two
+steps with the objects' views split over the ranks (FSDP2 under view parallelism)."""
 
 import pytest
 import torch
-from fsdp2_worker import WORLD, build, optimiser_and_ema, rank_main, step
+from fsdp2_worker import WORLD, build, optimiser_and_ema, rank_main, rank_main_views, step
 from spawn_ranks import run_ranks
 
 from mvdpp_core.checkpoint import load_checkpoint
@@ -55,6 +56,25 @@ def test_fsdp2_step_checkpoint_resume_ema_and_export_equal_one_process(tmp_path)
     for name, value in exported.unet.named_parameters():
         torch.testing.assert_close(value, ref["ema2"][f"unet.{name}"], atol=2e-5, rtol=1e-4, msg=name)
     assert exported.unet.unet.class_embedding.scale.shape == (1,)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_the_views_split_over_the_ranks_equals_one_process(tmp_path):
+    """``parallel.view_group_size=2`` under the FSDP2 recipe: both ranks hold both objects and a
+    share of their views (1 and 2: a rank holding a single view must still join the gathers,
+    which it once skipped, mismatching the collectives); global attention gathers the rest, with
+    gradient checkpointing as in the GPU stage configs. Two steps (AdamW, clipping, EMA) land
+    where one unsharded process holding every view, without checkpointing, lands."""
+    ranks = run_ranks(rank_main_views, tmp_path, WORLD, timeout=400)
+    ref = reference()
+    got = ranks[0]
+    torch.testing.assert_close(got["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
+    assert_params_close(group(got, "params1"), ref["params1"], "after one step")
+    assert_params_close(group(got, "params2"), ref["params2"], "after two steps")
+    assert_params_close(group(got, "ema2"), ref["ema2"], "EMA of the sharded parameters")
+    moved = max((ref["params2"][k] - ref["params1"][k]).abs().max().item() for k in ref["params1"])
+    assert moved > 1e-3
+    assert_params_close(group(ranks[1], "params2"), group(got, "params2"), "rank 1")
 
 
 def test_bundles_with_a_0_dim_view_scale_still_load(tmp_path):

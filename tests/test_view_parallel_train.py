@@ -1,6 +1,8 @@
 """train_mvdiff with parallel.view_group_size = 2 on 2 gloo CPU processes: each object's views
 split over the two ranks give the loss and every gradient of one process holding all views,
-and a resumed split run continues exactly like an uninterrupted one-process run."""
+and a resumed split run continues exactly like an uninterrupted one-process run; with the plain
+tiny model and with the embedded default's architecture (first view in the targets, geometry
+encoding, epipolar and condition-key biases at gain 1)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ from train.train_mvdiff import train
 from train.view_parallel import check_parallel, view_shares
 
 LR, EPS = 0.1, 1.0
+RECIPE = {
+    "init.architecture": "{target_condition: first_view, unet: {geometry_encoding: true, epipolar_attention: true, "
+    "condition_attention_bias: true}}",
+    "init.geometry_init_std": 0.05,
+    "init.epipolar_gain": 1.0,
+    "init.condition_bias_gain": 1.0,
+}
 
 
 def settings(data: Path, out: Path, **extra: object) -> list[str]:
@@ -75,15 +84,16 @@ def grads_from_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
 
 
 @pytest.mark.slow
-def test_views_split_over_two_ranks_match_one_process_and_resume(tmp_path):
+@pytest.mark.parametrize("arch", [{}, RECIPE], ids=["plain", "default-architecture"])
+def test_views_split_over_two_ranks_match_one_process_and_resume(tmp_path, arch):
     data = tmp_path / "objects"
     write_synthetic_dataset(data, num_objects=4, image_size=32, num_cond=3, seed=3)
     one, split = tmp_path / "one", tmp_path / "split"
-    ref = train(load_config(TrainConfig, CONFIG, settings(data, one, **{"optim.max_steps": 2})))
-    launch_two(data, split, **{"optim.max_steps": 1})
-    launch_two(data, split, **{"optim.max_steps": 2})  # resumes from step 1
+    ref = train(load_config(TrainConfig, CONFIG, settings(data, one, **{"optim.max_steps": 2, **arch})))
+    launch_two(data, split, **{"optim.max_steps": 1, **arch})
+    launch_two(data, split, **{"optim.max_steps": 2, **arch})  # resumes from step 1
 
-    cfg = load_config(TrainConfig, CONFIG, settings(data, one))
+    cfg = load_config(TrainConfig, CONFIG, settings(data, one, **arch))
     unet = build_mvdiff_model(cfg.init, cfg.stage.prediction_type).unet
     init = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     g_one, g_split = grads_from_step(init, weights(one, 1)), grads_from_step(init, weights(split, 1))

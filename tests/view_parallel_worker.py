@@ -4,29 +4,48 @@ A module of its own (not the test file) because spawned ranks import their targe
 module name, and a test module's name under pytest's importlib mode is not importable.
 """
 
+import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from mvdpp_core.attention import ViewShards
 from mvdpp_core.config import preset
 
 VIEWS, WORLD = 6, 2
+# The biased model's object: 5 rig views and 2 condition views, split 3 + 4 over the ranks
+# (unequal shares, the condition views on the last rank, as train/view_parallel.py lays them out).
+BIASED_IDS = [0, 9, 17, 3, 26, 32, 33]
+BIASED_COUNTS = (3, 4)
 
 
-def model_and_inputs():
+def model_and_inputs(biased: bool = False):
+    """The tiny UNet and one object's inputs; ``biased``: with the geometry encoding, the epipolar
+    bias and the condition-key bias switched on (gains 1), over ``BIASED_IDS``."""
     from mvdpp_core.unet import MultiViewUNet
 
     torch.manual_seed(0)
-    unet = MultiViewUNet(preset("tiny").unet)
+    config = preset("tiny").unet
+    if biased:
+        config = dataclasses.replace(
+            config, geometry_encoding=True, epipolar_attention=True, condition_attention_bias=True
+        )
+    unet = MultiViewUNet(config)
     with torch.no_grad():
         unet.unet.class_embedding.scale.fill_(0.5)
+    if biased:
+        unet.geometry.reset_parameters(0.1)
+        unet.epipolar.reset_parameters(1.0)
+        unet.condition_bias.reset_parameters(1.0)
+    views = len(BIASED_IDS) if biased else VIEWS
     g = torch.Generator().manual_seed(1)
-    sample = torch.randn(1, VIEWS, 9, 8, 8, generator=g)
-    target = torch.randn(1, VIEWS, 4, 8, 8, generator=g)
+    sample = torch.randn(1, views, 9, 8, 8, generator=g)
+    target = torch.randn(1, views, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 2, 32, generator=g)
-    return unet, sample, target, torch.tensor([700]), torch.arange(VIEWS)[None], ctx
+    ids = torch.tensor([BIASED_IDS]) if biased else torch.arange(VIEWS)[None]
+    return unet, sample, target, torch.tensor([700]), ids, ctx
 
 
 def loss_and_grads(unet, sample, target, t, ids, ctx, group=None):
@@ -37,11 +56,25 @@ def loss_and_grads(unet, sample, target, t, ids, ctx, group=None):
 
 
 def rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    """Equal shares over the world group (a plain process group)."""
+    _run_rank(rank, init_file, out_dir, biased=False)
+
+
+def rank_main_biased(rank: int, init_file: str, out_dir: str) -> None:
+    """The biased model, unequal shares (``ViewShards``)."""
+    _run_rank(rank, init_file, out_dir, biased=True)
+
+
+def _run_rank(rank: int, init_file: str, out_dir: str, biased: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    unet, sample, target, t, ids, ctx = model_and_inputs()
-    mine = slice(rank * VIEWS // WORLD, (rank + 1) * VIEWS // WORLD)
-    out, loss, grads = loss_and_grads(unet, sample[:, mine], target[:, mine], t, ids[:, mine], ctx, dist.group.WORLD)
+    unet, sample, target, t, ids, ctx = model_and_inputs(biased)
+    if biased:
+        start = sum(BIASED_COUNTS[:rank])
+        mine, group = slice(start, start + BIASED_COUNTS[rank]), ViewShards(dist.group.WORLD, BIASED_COUNTS)
+    else:
+        mine, group = slice(rank * VIEWS // WORLD, (rank + 1) * VIEWS // WORLD), dist.group.WORLD
+    out, loss, grads = loss_and_grads(unet, sample[:, mine], target[:, mine], t, ids[:, mine], ctx, group)
     dist.all_reduce(loss)
     for g in grads.values():  # what DDP does: sum the ranks' gradients
         dist.all_reduce(g)
