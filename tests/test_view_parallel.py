@@ -5,13 +5,28 @@ the attention biases (epipolar, condition-key) built over every rank's views."""
 import pytest
 import torch
 from spawn_ranks import run_ranks
-from view_parallel_worker import BIASED_COUNTS, WORLD, loss_and_grads, model_and_inputs, rank_main, rank_main_biased
+from view_parallel_worker import (
+    BIASED_COUNTS,
+    WORLD,
+    loss_and_grads,
+    model_and_inputs,
+    rank_main,
+    rank_main_biased,
+    rank_main_biased_equal,
+)
+
+CASES = {  # the model, each rank's share, and the first rank's number of views
+    "plain": (False, rank_main, 3),
+    "biases-unequal-shares": (True, rank_main_biased, BIASED_COUNTS[0]),
+    "biases-equal-shares": (True, rank_main_biased_equal, 4),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("biased", [False, True], ids=["plain", "epipolar-and-condition-bias"])
-def test_two_ranks_match_one_process(tmp_path, biased):
-    results = run_ranks(rank_main_biased if biased else rank_main, tmp_path, WORLD, timeout=300)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_one_process(tmp_path, case):
+    biased, rank_main_of_case, first = CASES[case]
+    results = run_ranks(rank_main_of_case, tmp_path, WORLD, timeout=300)
     for r in results:
         r["grads"] = {k.removeprefix("grad."): v for k, v in r.items() if k.startswith("grad.")}
     out, loss, grads = loss_and_grads(*model_and_inputs(biased))
@@ -22,7 +37,6 @@ def test_two_ranks_match_one_process(tmp_path, biased):
         torch.testing.assert_close(results[0]["grads"][name], g, atol=1e-4, rtol=1e-3, msg=name)
     # Without the gather, each rank attends only to its own views: the outputs differ.
     unet, sample, target, t, ids, ctx = model_and_inputs(biased)
-    first = BIASED_COUNTS[0] if biased else 3
     with torch.no_grad():
         alone = unet(sample[:, :first], t, ids[:, :first], ctx)
     assert (alone - out[:, :first]).abs().max() > 1e-3

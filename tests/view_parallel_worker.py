@@ -15,10 +15,11 @@ from mvdpp_core.attention import ViewShards
 from mvdpp_core.config import preset
 
 VIEWS, WORLD = 6, 2
-# The biased model's object: 5 rig views and 2 condition views, split 3 + 4 over the ranks
-# (unequal shares, the condition views on the last rank, as train/view_parallel.py lays them out).
-BIASED_IDS = [0, 9, 17, 3, 26, 32, 33]
-BIASED_COUNTS = (3, 4)
+# The biased model's object: 6 rig views and 2 condition views, split 3 + 5 over the ranks
+# (unequal shares, ``ViewShards``, the condition views on the last rank as train/view_parallel.py
+# lays them out) or 4 + 4 (equal shares over a plain process group).
+BIASED_IDS = [0, 9, 17, 3, 26, 12, 32, 33]
+BIASED_COUNTS = (3, 5)
 
 
 def model_and_inputs(biased: bool = False):
@@ -62,18 +63,24 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
 
 def rank_main_biased(rank: int, init_file: str, out_dir: str) -> None:
     """The biased model, unequal shares (``ViewShards``)."""
+    _run_rank(rank, init_file, out_dir, biased=True, counts=BIASED_COUNTS)
+
+
+def rank_main_biased_equal(rank: int, init_file: str, out_dir: str) -> None:
+    """The biased model, equal shares over a plain process group."""
     _run_rank(rank, init_file, out_dir, biased=True)
 
 
-def _run_rank(rank: int, init_file: str, out_dir: str, biased: bool) -> None:
+def _run_rank(rank: int, init_file: str, out_dir: str, biased: bool, counts: tuple[int, ...] | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     unet, sample, target, t, ids, ctx = model_and_inputs(biased)
-    if biased:
-        start = sum(BIASED_COUNTS[:rank])
-        mine, group = slice(start, start + BIASED_COUNTS[rank]), ViewShards(dist.group.WORLD, BIASED_COUNTS)
+    if counts is not None:
+        start = sum(counts[:rank])
+        mine, group = slice(start, start + counts[rank]), ViewShards(dist.group.WORLD, counts)
     else:
-        mine, group = slice(rank * VIEWS // WORLD, (rank + 1) * VIEWS // WORLD), dist.group.WORLD
+        views = ids.shape[1]
+        mine, group = slice(rank * views // WORLD, (rank + 1) * views // WORLD), dist.group.WORLD
     out, loss, grads = loss_and_grads(unet, sample[:, mine], target[:, mine], t, ids[:, mine], ctx, group)
     dist.all_reduce(loss)
     for g in grads.values():  # what DDP does: sum the ranks' gradients
