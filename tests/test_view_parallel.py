@@ -1,6 +1,7 @@
 """View-parallel global attention: one object's views split over 2 gloo ranks give the
 same outputs, loss and gradients as all views in one process, with the plain model and with
-the attention biases (epipolar, condition-key) built over every rank's views."""
+every global attention option on (geometry encoding, cosine attention, and the epipolar and
+condition-key biases, built over every rank's views)."""
 
 import pytest
 import torch

@@ -23,15 +23,17 @@ BIASED_COUNTS = (3, 5)
 
 
 def model_and_inputs(biased: bool = False):
-    """The tiny UNet and one object's inputs; ``biased``: with the geometry encoding, the epipolar
-    bias and the condition-key bias switched on (gains 1), over ``BIASED_IDS``."""
+    """The tiny UNet and one object's inputs; ``biased``: with every global attention option on (the
+    geometry encoding, cosine attention, the epipolar and condition-key biases at gain 1), over
+    ``BIASED_IDS``."""
     from mvdpp_core.unet import MultiViewUNet
 
     torch.manual_seed(0)
     config = preset("tiny").unet
     if biased:
         config = dataclasses.replace(
-            config, geometry_encoding=True, epipolar_attention=True, condition_attention_bias=True
+            config, geometry_encoding=True, cosine_attention=True, epipolar_attention=True,
+            condition_attention_bias=True,
         )
     unet = MultiViewUNet(config)
     with torch.no_grad():
