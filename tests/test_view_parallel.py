@@ -16,7 +16,7 @@ from view_parallel_worker import (
     rank_main_biased_equal,
 )
 
-CASES = {  # the model, each rank's share, and the first rank's number of views
+CASES = {  # (the biased model?, the ranks' entry point, which picks their shares, the first rank's views)
     "plain": (False, rank_main, 3),
     "biases-unequal-shares": (True, rank_main_biased, BIASED_COUNTS[0]),
     "biases-equal-shares": (True, rank_main_biased_equal, 4),
