@@ -1,7 +1,6 @@
 """The twin probe (train.procedural.twins): its walk stays inside the generator's prior and its
 scores read the tolerance the right way round."""
 
-
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
