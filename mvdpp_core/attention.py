@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +158,9 @@ class MultiViewAttnProcessor:
     of the UNet's ``CosineAttention``) makes the logits a per-head temperature times cos(q, k).
     ``condition`` (the layer's ``HeadGain`` of the UNet's ``ConditionAttentionBias``) adds
     ``gain[h]`` times ``condition_keys`` (b, v), per key view (every rank's views under view
-    parallelism), to the logits.
+    parallelism), to the logits. ``length_reference`` R > 0 multiplies the query-key logits of
+    global attention by log(L) / log(R * l) (``UNetConfig.length_scaled_attention``), L the keys
+    over every view (every rank's), l one view's tokens; the biases are added unscaled.
     """
 
     def __init__(
@@ -169,8 +172,10 @@ class MultiViewAttnProcessor:
         epipolar: torch.nn.Module | None = None,
         cosine: torch.nn.Module | None = None,
         condition: torch.nn.Module | None = None,
+        length_reference: int = 0,
     ):
         self.global_views = global_views
+        self.length_reference = length_reference
         self.backend = backend
         self.geometry_proj = geometry_proj
         self.epipolar = epipolar
@@ -226,6 +231,8 @@ class MultiViewAttnProcessor:
                 bias = per_head if bias is None else bias + per_head
             if view_group is not None:  # the other ranks hold the object's other views
                 k, v = gather_views(k, view_group), gather_views(v, view_group)
+            if self.length_reference:  # scaling q scales q.k and leaves the biases as they are
+                q = q * (math.log(k.shape[1]) / math.log(self.length_reference * tokens))
             out = attend(q, k, v, attn.heads, self.backend, bias)
             out = rearrange(out, "b (v l) c -> (b v) l c", v=num_views)
         else:
@@ -250,11 +257,12 @@ def multiview_processors(
     epipolar_gains: dict[str, torch.nn.Module] | None = None,
     cosine_scales: dict[str, torch.nn.Module] | None = None,
     condition_gains: dict[str, torch.nn.Module] | None = None,
+    length_reference: int = 0,
 ) -> dict[str, MultiViewAttnProcessor]:
     """Processor map for ``unet.set_attn_processor``: attn1 global, attn2 per view;
     ``geometry_projs``, ``epipolar_gains``, ``cosine_scales`` and ``condition_gains`` by processor
     name (attn1 layers) when the UNet has a geometry encoding, epipolar or cosine attention, or
-    the condition-key bias."""
+    the condition-key bias; ``length_reference`` for every global attention layer."""
     geometry_projs, epipolar_gains = geometry_projs or {}, epipolar_gains or {}
     cosine_scales, condition_gains = cosine_scales or {}, condition_gains or {}
     return {
@@ -265,6 +273,7 @@ def multiview_processors(
             epipolar=epipolar_gains.get(name),
             cosine=cosine_scales.get(name),
             condition=condition_gains.get(name),
+            length_reference=length_reference,
         )
         for name in attn_names
     }

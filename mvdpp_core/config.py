@@ -77,12 +77,18 @@ class UNetConfig:
     # share of (near-uniform) attention whether 6 targets are trained or 32 sampled. Off in the
     # paper's architecture; at gain 0 it leaves global attention as is.
     condition_attention_bias: bool = False
+    # Log-length scaling (entropy-invariant attention): every global attention layer's query-key
+    # logits are multiplied by log(L) / log(R * l), L the keys it attends to (all views' tokens), l
+    # one view's tokens at that layer and R this reference view count, so attention trained at
+    # about R views keeps its sharpness when 33 are sampled (softmax over L uniform keys has entropy
+    # log L). The biases above are added unscaled. 0: off, the paper's; at R views exactly as off.
+    length_scaled_attention: int = 0
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for ``UNet2DConditionModel(**kwargs)`` (our extras removed)."""
         kwargs = dataclasses.asdict(self)
         extras = ("num_view_slots", "global_attention", "geometry_encoding", "epipolar_attention", "cosine_attention",
-                  "condition_attention_bias")
+                  "condition_attention_bias", "length_scaled_attention")
         for extra in extras:
             kwargs.pop(extra)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
@@ -202,6 +208,13 @@ class ModelConfig:
                 f"unet.cross_attention_dim={self.unet.cross_attention_dim} must equal "
                 f"image_encoder.projection_dim={self.image_encoder.projection_dim} (one CLIP "
                 "token per condition view)."
+            )
+        reference = self.unet.length_scaled_attention
+        if isinstance(reference, bool) or not isinstance(reference, int) or reference == 1 or reference < 0:
+            raise ValueError(
+                f"unet.length_scaled_attention={reference!r}: give the reference number of views (an integer "
+                "of at least 2, e.g. 8, the views of a training object) at which the logits are unscaled, "
+                "or 0 to switch the scaling off."
             )
         if self.schedule.zero_terminal_snr and self.schedule.prediction_type is PredictionType.EPSILON:
             raise ValueError(

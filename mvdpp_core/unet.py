@@ -22,6 +22,8 @@ the new weights. It changes an initialised model, so it is for models trained fr
 With ``UNetConfig.condition_attention_bias`` a sixth, ``ConditionAttentionBias``, adds a fixed
 per-head gain times log(number of target views) to every global attention logit on a condition
 view's key: 0 at initialisation (the base is kept), ``init.condition_bias_gain`` from scratch.
+``UNetConfig.length_scaled_attention`` adds no weights: the processors multiply global
+attention's query-key logits by log(keys) / log(keys at the reference view count).
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ class MultiViewUNet(nn.Module):
                 epipolar_gains=self.epipolar.by_processor() if self.epipolar is not None else None,
                 cosine_scales=self.cosine.by_processor() if self.cosine is not None else None,
                 condition_gains=self.condition_bias.by_processor() if self.condition_bias is not None else None,
+                length_reference=self.config.length_scaled_attention,
             )
         )
 

@@ -310,18 +310,18 @@ def test_first_view_dropout_without_first_view_input_is_refused(data_dir, tmp_pa
 
 
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
-    """init.architecture switches the geometry encoding, epipolar and cosine attention and the
-    condition-key bias on; the encoding's and the temperatures' trained (EMA) weights and the two
+    """init.architecture switches the geometry encoding, epipolar and cosine attention, the
+    condition-key bias and log-length scaling on; the encoding's and the temperatures' trained (EMA) weights and the two
     fixed gains reach the bundle."""
     out = tmp_path / "geometry"
     switches = ("geometry_encoding: true, epipolar_attention: true, cosine_attention: true, "
-                "condition_attention_bias: true")
+                "condition_attention_bias: true, length_scaled_attention: 8")
     extra = {"init.architecture": f"{{unet: {{{switches}}}}}", "init.geometry_init_std": 0.05,
              "init.epipolar_gain": 0.7, "init.condition_bias_gain": 0.5, "optim.max_steps": 1}
     train(run_config(data_dir, out, **extra))
     model = load_checkpoint(out / "export" / "model.safetensors")
     assert model.config.unet.geometry_encoding and model.unet.geometry is not None
-    assert model.config.unet.epipolar_attention
+    assert model.config.unet.epipolar_attention and model.config.unet.length_scaled_attention == 8
     assert all(torch.allclose(layer.gain, torch.tensor(0.7)) for layer in model.unet.epipolar.layers)
     assert all(torch.allclose(layer.gain, torch.tensor(0.5)) for layer in model.unet.condition_bias.layers)
     ema = load_file(str(out / "checkpoints" / "step_00000001" / "ema.safetensors"))

@@ -1,7 +1,8 @@
 """View-parallel global attention: one object's views split over 2 gloo ranks give the
 same outputs, loss and gradients as all views in one process, with the plain model and with
-every global attention option on (geometry encoding, cosine attention, and the epipolar and
-condition-key biases, built over every rank's views)."""
+every global attention option on (geometry encoding, cosine attention, the epipolar and
+condition-key biases, built over every rank's views, and log-length scaling, over every rank's
+keys)."""
 
 import pytest
 import torch
@@ -45,11 +46,15 @@ def test_two_ranks_match_one_process(tmp_path, case):
 
 @torch.no_grad()
 def test_the_biases_matter_in_the_split_model():
-    """The biased model's outputs depend on its gains (so the split test above checks them): with
-    the epipolar and condition-key gains at 0 the same inputs give other outputs."""
+    """The biased model's outputs depend on its gains and its log-length scaling (so the split test
+    above checks them): with the epipolar and condition-key gains at 0, then without the scaling,
+    the same inputs give other outputs."""
     unet, sample, _, t, ids, ctx = model_and_inputs(biased=True)
     with_biases = unet(sample, t, ids, ctx)
     for gains in (unet.epipolar, unet.condition_bias):
         gains.reset_parameters(0.0)
         assert (unet(sample, t, ids, ctx) - with_biases).abs().max() > 1e-3
         with_biases = unet(sample, t, ids, ctx)
+    for processor in unet.unet.attn_processors.values():
+        processor.length_reference = 0
+    assert (unet(sample, t, ids, ctx) - with_biases).abs().max() > 1e-3

@@ -24,8 +24,8 @@ BIASED_COUNTS = (3, 5)
 
 def model_and_inputs(biased: bool = False):
     """The tiny UNet and one object's inputs; ``biased``: with every global attention option on (the
-    geometry encoding, cosine attention, the epipolar and condition-key biases at gain 1), over
-    ``BIASED_IDS``."""
+    geometry encoding, cosine attention, the epipolar and condition-key biases at gain 1, log-length
+    scaling at a reference of 3 views), over ``BIASED_IDS``."""
     from mvdpp_core.unet import MultiViewUNet
 
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def model_and_inputs(biased: bool = False):
     if biased:
         config = dataclasses.replace(
             config, geometry_encoding=True, cosine_attention=True, epipolar_attention=True,
-            condition_attention_bias=True,
+            condition_attention_bias=True, length_scaled_attention=3,
         )
     unet = MultiViewUNet(config)
     with torch.no_grad():
