@@ -44,8 +44,13 @@ def args(inputs: Path, out: Path, checkpoint: Path) -> list[str]:
             "--sampler", "ddim", "--guidance", "1.0", "--mesh-resolution", "32"]
 
 
-def env() -> dict[str, str]:
+def env(tmp: Path | None = None) -> dict[str, str]:
+    """The batch's environment; ``tmp``: its temporary folder (TMPDIR), so that the launcher's run
+    folders stay inside the test's own folder."""
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        clean["TMPDIR"] = str(tmp)
     return {**clean, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
@@ -95,7 +100,7 @@ def test_two_processes_write_what_one_writes_and_a_killed_run_resumes(tiny_check
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
            "-m", "mvdpp_core.batch", *args(inputs, two, tiny_checkpoint)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(tmp_path / "tmp"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_objects(finished(two), reference)
     started = starts(two)

@@ -61,8 +61,14 @@ def unet_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
 
 
-def script_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def script_env(tmp: Path | None = None) -> dict[str, str]:
+    """The scripts' environment; ``tmp``: their temporary folder (TMPDIR), so that what a launcher
+    leaves there (torchelastic's run folders) stays inside the test's own folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp)
+    return env
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -95,7 +101,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
         str(CONFIG),
         *[a for o in overrides(data_dir, two, **{"optim.batch_size": 2, "optim.eps": 1e-3}) for a in ("--set", o)],
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     init = train_init_weights(data_dir, tmp_path / "init")
     w1, w2 = unet_weights(one, 3), unet_weights(two, 3)
