@@ -62,7 +62,8 @@ def launch_two(data: Path, out: Path, **extra: object) -> None:
         str(REPO / "train" / "train_mvdiff.py"), "--config", str(CONFIG),
         *[a for o in settings(data, out, **{"parallel.view_group_size": 2, **extra}) for a in ("--set", o)],
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=script_env(out.parent / "tmp"), capture_output=True, text=True, timeout=600)
+    env = script_env(out.parent / "tmp")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
