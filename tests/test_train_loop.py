@@ -317,8 +317,8 @@ def test_first_view_dropout_without_first_view_input_is_refused(data_dir, tmp_pa
 
 def test_geometry_architecture_trains_and_exports(data_dir, tmp_path):
     """init.architecture switches the geometry encoding, epipolar and cosine attention, the
-    condition-key bias and log-length scaling on; the encoding's and the temperatures' trained (EMA) weights and the two
-    fixed gains reach the bundle."""
+    condition-key bias and log-length scaling on; the encoding's and the temperatures' trained
+    (EMA) weights, the two fixed gains and the scaling's reference reach the bundle."""
     out = tmp_path / "geometry"
     switches = ("geometry_encoding: true, epipolar_attention: true, cosine_attention: true, "
                 "condition_attention_bias: true, length_scaled_attention: 8")
