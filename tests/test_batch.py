@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_train_loop import script_env
 from tiny_models import object_views
 
 from mvdpp_core.batch import list_jobs, main
@@ -45,13 +46,8 @@ def args(inputs: Path, out: Path, checkpoint: Path) -> list[str]:
 
 
 def env(tmp: Path | None = None) -> dict[str, str]:
-    """The batch's environment; ``tmp``: its temporary folder (TMPDIR), so that the launcher's run
-    folders stay inside the test's own folder."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    if tmp is not None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        clean["TMPDIR"] = str(tmp)
-    return {**clean, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """The scripts' environment (``tmp``: their TMPDIR) without a rank of the calling process."""
+    return {k: v for k, v in script_env(tmp).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def finished(out: Path) -> dict[str, dict[str, np.ndarray]]:

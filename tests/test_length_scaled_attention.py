@@ -19,7 +19,6 @@ from train.config import ModelInitConfig
 from train.models import build_mvdiff_model
 
 PLAIN = preset("tiny").unet
-SCALED = dataclasses.replace(PLAIN, length_scaled_attention=4)
 
 
 def scaled_and_plain(reference: int = 4) -> tuple[MultiViewUNet, MultiViewUNet]:
