@@ -167,6 +167,27 @@ def test_step_8_continues_step_7_with_its_recipe():
     assert eight.checkpoint == seven.checkpoint and eight.logging == seven.logging
 
 
+def test_the_upright_continuations_keep_step_8s_recipe():
+    """default_unet_upright.yaml continues step 8 on upright objects and default_unet_upright_2.yaml
+    continues its export on more of them: the same model, MVAE, loss and batch as step 8; each
+    a cosine to 0 over its own length, a new data order and its own output."""
+    from dataclasses import replace
+
+    eight = load_config(TrainConfig, CONFIGS / "default_unet_8.yaml")
+    first = load_config(TrainConfig, CONFIGS / "default_unet_upright.yaml")
+    second = load_config(TrainConfig, CONFIGS / "default_unet_upright_2.yaml")
+    for prev, cont in ((eight, first), (first, second)):
+        assert cont.stage == prev.stage and cont.ema == prev.ema
+        assert cont.optim.decay_steps == cont.optim.max_steps  # the learning rate ends at 0
+        assert replace(cont.optim, max_steps=0, decay_steps=0, warmup_steps=0) == replace(
+            eight.optim, max_steps=0, decay_steps=0, warmup_steps=0)
+        assert cont.init.mvae_path == "models/mvdpp_default.safetensors" and cont.data.seed != prev.data.seed
+        assert cont.runtime.output_dir not in (prev.runtime.output_dir, eight.runtime.output_dir)
+    assert first.init.path == "models/mvdpp_default.safetensors"  # step 8, shipped
+    assert second.init.path == first.runtime.output_dir + "/export/model.safetensors"
+    assert second.data.folders == first.data.folders and second.optim.max_steps > first.optim.max_steps
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""
