@@ -111,6 +111,31 @@ def test_workers_and_resume_keep_the_order(objects):
     assert seeds(make_batches(make(3)), 3) == reference[6:]
 
 
+def test_joined_data_folders_draw_from_each(objects, tmp_path):
+    """'::' joins data folders (two renders whose object folders share names, as the procedural
+    objects with and without --upright do): every folder of each is listed, root by root, the
+    dataset draws objects of both, and a missing one is named."""
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, num_objects=3, image_size=32, num_cond=4, seed=4)
+    joined = f"{objects}::{other}"
+    listed = object_folders(joined)
+    assert listed == object_folders(objects) + object_folders(other)
+    assert len({p.name for p in listed}) < len(listed) == 8  # the same names, each kept
+    ds = MultiViewDataset(folders=joined, image_size=16, sampling=sampling(), batch_size=2, seed=0)
+    assert ds.folders == listed
+
+    def source(item: dict) -> Path:
+        for folder in listed:
+            views = to_tensors(fmt.read_object_folder(folder).target_rgba[item["target_ids"].numpy()], 16)[0]
+            if torch.equal(views, item["target_rgb"]):
+                return folder.parent
+        raise AssertionError("an item that matches no listed object")
+
+    assert {source(it) for it in items(ds, 16)} == {objects, other}
+    with pytest.raises(ValueError, match=r"data folder .*missing \(one of the '::'-joined"):
+        object_folders(f"{objects}::{tmp_path / 'missing'}")
+
+
 def test_shards_stream_the_same_objects_and_resume(objects, tmp_path):
     counts = pack_shards(object_folders(objects), str(tmp_path / "s-%06d.tar"), per_shard=2)
     assert counts == {"packed": 5, "skipped": 0, "shards": 3}

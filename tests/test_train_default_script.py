@@ -88,6 +88,24 @@ def test_one_command_renders_trains_on_the_shipped_mvae_reports_and_resumes(tmp_
     assert summary["steps"] == 3 and "eval" not in summary
 
 
+def test_an_upright_run_also_reports_the_objects_as_generated(tmp_path):
+    """--upright trains and scores on upright objects, and scores the held-out objects as generated
+    too (the issue's set), each from its own folder, so a run at scale reports both."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    run("--work", str(work), "--out", str(out), "--objects", "2", "--jobs", "2", "--device", "cpu", "--upright",
+        "--set", "stage.max_cond_views=1", "--max-steps", "1", "--eval-count", "1", "--no-retrieval")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["upright"] and set(summary["eval"]) == set(summary["eval_as_generated"]) >= {"mask_iou", "psnr"}
+    assert json.loads((out / "eval.json").read_text())["upright"] is True
+    assert json.loads((out / "eval_as_generated.json").read_text())["upright"] is False
+
+    def source(folder: str) -> str:
+        return json.loads((work / "data" / folder / folder_name(Split.HELDOUT, 0) / fmt.CAMERAS_FILE).read_text())[
+            "source"]
+
+    assert source("heldout_upright") == "procedural heldout 0 upright" and source("heldout") == "procedural heldout 0"
+
+
 def test_bad_arguments_are_refused_with_the_value(tmp_path):
     for args, message in ((["--objects", "0"], "--objects 0: give at least 1"),
                           (["--minutes", "-2"], "--minutes -2.0: give 0"),

@@ -61,7 +61,8 @@ class MVAEInitSource(str, enum.Enum):
 @dataclass(frozen=True)
 class DataConfig:
     """Where objects come from: exactly one of ``folders`` (a folder of rendered object
-    folders) or ``shards`` (webdataset URLs, brace-expanded, '::'-joined; paths or ``pipe:``)."""
+    folders, or several '::'-joined) or ``shards`` (webdataset URLs, brace-expanded,
+    '::'-joined; paths or ``pipe:``)."""
 
     folders: str = ""
     shards: str = ""

@@ -24,11 +24,20 @@ logger = logging.getLogger(__name__)
 
 
 def object_folders(root: str | Path) -> list[Path]:
-    """The object folders under ``root`` (sorted; complete or not: readers skip broken ones)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist; render objects there first (train/render/launch.py).")
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    """The object folders under ``root`` (sorted; complete or not: readers skip broken ones).
+    ``root`` may join several data folders with '::' (as shard lists do), e.g. two renders of
+    the procedural objects with and without ``--upright``: their folders, root by root."""
+    found: list[Path] = []
+    for part in str(root).split("::"):
+        folder = Path(part)
+        if not part or not folder.is_dir():
+            among = f" (one of the '::'-joined {str(root)!r})" if "::" in str(root) else ""
+            raise ValueError(
+                f"data folder {part or repr(part)}{among} does not exist; render objects there first "
+                "(train/render/launch.py)."
+            )
+        found += sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    return found
 
 
 def pack_shards(folders: Iterable[Path], pattern: str, per_shard: int = 1000) -> dict[str, int]:
