@@ -188,6 +188,22 @@ def test_the_upright_continuations_keep_step_8s_recipe():
     assert second.data.folders == first.data.folders and second.optim.max_steps > first.optim.max_steps
 
 
+def test_the_mixed_continuation_is_step_8s_recipe_on_both_renders():
+    """default_unet_mixed.yaml continues step 8 with its recipe on two '::'-joined renders of the
+    same objects, as generated and upright; it differs from the upright continuation only in its
+    data, length and seeds."""
+    from dataclasses import replace
+
+    upright = load_config(TrainConfig, CONFIGS / "default_unet_upright.yaml")
+    mixed = load_config(TrainConfig, CONFIGS / "default_unet_mixed.yaml")
+    assert mixed.stage == upright.stage and mixed.ema == upright.ema and mixed.init == upright.init
+    assert mixed.optim == replace(upright.optim, max_steps=mixed.optim.max_steps, decay_steps=mixed.optim.max_steps)
+    generated, up = mixed.data.folders.split("::")
+    assert generated != up and "upright" in up and "upright" not in generated
+    assert mixed.data.seed not in (upright.data.seed, 6) and mixed.runtime.seed == mixed.data.seed
+    assert mixed.runtime.output_dir != upright.runtime.output_dir
+
+
 def test_view_embedding_scale_starts_where_configured(tmp_path):
     """0 keeps a new model equal to its base (the design); a from-scratch run may start at 1;
     a bundle keeps its trained scale, so setting one there is refused."""
