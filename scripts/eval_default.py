@@ -73,6 +73,7 @@ from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
 from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, EMBEDDED_SAMPLING, default_sampling  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
+from train.data.shards import object_folders  # noqa: E402
 from train.diagnostics import (  # noqa: E402
     MeshErrors,
     hull_masks,
@@ -291,7 +292,7 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
     set holds). Also the mean of the 32 masks of the ``KNN_MEAN`` nearest training objects,
     thresholded at 0.5 (the silhouette's posterior mean, estimated from the training set:
     the blurred answer a regression on the input's silhouette alone converges to)."""
-    train = [first_masks(f, size) for f in sorted(train_root.iterdir()) if fmt.is_complete(f)]
+    train = [first_masks(f, size) for f in object_folders(train_root) if fmt.is_complete(f)]  # '::' joins folders
     if not train:
         raise ValueError(f"--retrieval-baseline {train_root} holds no complete object folder; give the training "
                          "split's folder (train.procedural.generate --split train).")

@@ -21,7 +21,11 @@ sets optim.max_steps to the step the time limit is expected at; --decay ends the
 evaluates on held-out objects made of K (a simpler rung of the same task; 0, the default: any).
 `--upright` trains and evaluates on the upright variant of the objects (each part turned about
 the vertical only, as real objects have an up), in folders of their own, and also evaluates the
-held-out objects as generated (the issue's set) into eval_as_generated.json.
+held-out objects as generated (the issue's set) into eval_as_generated.json. `--mixed` trains on
+half and half: the first --objects/2 objects of each render, their folders joined with '::'
+(docs/embedded_default.md, "Objects with an up": it learns upright objects and keeps most of
+its figures on the others); eval.json scores the objects as generated, eval_upright.json the
+upright ones.
 Extra `--set KEY=VALUE` go to the trainer (e.g. `--set optim.lr=5e-4`). On CUDA it trains in
 bf16 with data-loader workers; on a CPU in fp32 in the main process. A rerun with the same
 --work resumes: complete object folders are kept and training continues from its checkpoint.
@@ -98,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train and evaluate on objects whose parts turn about the vertical only, as real "
                         "objects have an up (train.procedural.generate --upright; folders of their own); "
                         "the held-out objects as generated are evaluated too (eval_as_generated.json)")
+    p.add_argument("--mixed", action="store_true",
+                   help="train on half objects as generated, half upright (the first --objects/2 of each render, "
+                        "in folders of their own); evaluate both (eval.json, eval_upright.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="more trainer overrides")
     args = p.parse_args(argv)
@@ -116,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.probe_steps and not (args.minutes or args.finish_within):
         p.error(f"--probe-steps {args.probe_steps} sizes the run by its time limit; give --minutes or "
                 "--finish-within too.")
+    if args.mixed and args.upright:
+        p.error("--mixed --upright: --mixed already trains on upright objects (half of them); give one of the two.")
+    if args.mixed and args.objects < 2:
+        p.error(f"--objects {args.objects} with --mixed: give at least 2 (half of them are upright).")
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file; give a trainer config, e.g. {CONFIG}.")
     try:
@@ -185,7 +196,7 @@ def stream(cmd: list[str], log: Path, env: dict[str, str]) -> list[str]:
     return tail
 
 
-def trainer_overrides(args: argparse.Namespace, data: Path, run: Path, cuda: bool) -> list[str]:
+def trainer_overrides(args: argparse.Namespace, data: str, run: Path, cuda: bool) -> list[str]:
     workers = args.loader_workers if args.loader_workers >= 0 else (8 if cuda else 0)
     sets = {
         "data.folders": data, "runtime.output_dir": run, "init.mvae_path": args.mvae.resolve(),
@@ -246,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    # a rung and the upright variant get their own objects and run, so a --work reused with another
-    # --parts or --upright never mixes them
-    suffix = (f"_{args.parts}_parts" if args.parts else "") + ("_upright" if args.upright else "")
-    data = args.work / "data" / f"train{suffix}"
+    # a rung and each variant get their own objects and run, so a --work reused with another
+    # --parts, --upright or --mixed never mixes them
+    suffix = (f"_{args.parts}_parts" if args.parts else "") + next(
+        (f"_{name}" for name in ("upright", "mixed") if getattr(args, name)), "")
+    half = (args.objects + 1) // 2
+    renders = ([(args.work / "data" / f"train{suffix}_generated", half, False),
+                (args.work / "data" / f"train{suffix}_upright", args.objects - half, True)] if args.mixed
+               else [(args.work / "data" / f"train{suffix}", args.objects, args.upright)])
+    data = "::".join(str(root) for root, _, _ in renders)  # data.folders joins several with '::'
     heldout = args.work / "data" / ("heldout_upright" if args.upright else "heldout")
     run, log = args.work / f"run{suffix}", args.out / "train.log"
     summary: dict = {"config": args.config.name, "objects": args.objects, "parts": args.parts, "upright": args.upright,
+                     "mixed": args.mixed,
                      "batch_size": args.batch_size, "minutes": args.minutes, "finish_within": args.finish_within,
                      "eval_sampling": list(args.eval_sampling), "eval_mirror": args.eval_mirror,
                      "eval_average_seeds": args.eval_average_seeds,
@@ -262,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary["device_name"] = torch.cuda.get_device_name(0)
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
-    summary["render_s"] = round(render(data, args.objects, args.jobs, args.parts, args.upright), 1)
+    summary["render_s"] = round(sum(render(root, n, args.jobs, args.parts, up) for root, n, up in renders), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
     def trainer(sets: list[str]) -> list[str]:
         return [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config),
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--mirror" if args.eval_mirror else "--no-mirror", "--average-seeds", str(args.eval_average_seeds),
                    "--threads", str(args.jobs), "--out", str(args.out / name)]
             cmd += ["--upright"] if upright else []
-            cmd += ["--retrieval-baseline", str(data)] if retrieval else []
+            cmd += ["--retrieval-baseline", data] if retrieval else []
             stream(cmd, log, child_env())
             return headline(json.loads((args.out / name).read_text()))
 
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             # the figures are on the objects as generated: an upright run reports those too
             summary["eval_as_generated"] = evaluate(args.work / "data" / "heldout", False, "eval_as_generated.json",
                                                     False)
+        if args.mixed:
+            summary["eval_upright"] = evaluate(args.work / "data" / "heldout_upright", True, "eval_upright.json", False)
         summary["eval_s"] = round(time.perf_counter() - t0, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

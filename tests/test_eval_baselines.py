@@ -6,6 +6,7 @@ training objects' masks is their majority vote, and with one neighbour the neare
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,10 @@ def test_retrieval_recalls_an_object_of_its_training_set(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no complete object folder"):
         retrieval_baseline(folders, tmp_path / "empty", 32)
+    # a training set of two '::'-joined folders (train_default.py --mixed) holds both: each held-out
+    # object is now among the training objects, so the nearest one is itself
+    joined = retrieval_baseline(held_out, Path(f"{tmp_path / 'train'}::{tmp_path / 'heldout'}"), 32)
+    assert joined["training_objects"] == 7 and joined["mask_iou"] == 1.0
 
 
 def test_parts_selects_objects_by_their_number_of_primitives(tmp_path, capsys):

@@ -106,6 +106,27 @@ def test_an_upright_run_also_reports_the_objects_as_generated(tmp_path):
     assert source("heldout_upright") == "procedural heldout 0 upright" and source("heldout") == "procedural heldout 0"
 
 
+def test_a_mixed_run_trains_on_both_renders_and_reports_both_sets(tmp_path):
+    """--mixed renders the first half of --objects as generated and the rest upright, in folders of
+    their own, trains on the two joined with '::', and scores the objects as generated (eval.json)
+    and the upright ones (eval_upright.json)."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    run("--work", str(work), "--out", str(out), "--objects", "3", "--jobs", "2", "--device", "cpu", "--mixed",
+        "--set", "stage.max_cond_views=1", "--max-steps", "1", "--eval-count", "1")
+    generated, upright = work / "data" / "train_mixed_generated", work / "data" / "train_mixed_upright"
+    assert sorted(p.name for p in generated.iterdir()) == [folder_name(Split.TRAIN, i) for i in range(2)]
+    assert sorted(p.name for p in upright.iterdir()) == [folder_name(Split.TRAIN, 0)]
+    assert json.loads((upright / folder_name(Split.TRAIN, 0) / fmt.CAMERAS_FILE).read_text())["source"].endswith(
+        "upright")
+    config = yaml.safe_load((work / "run_mixed" / "config.yaml").read_text())
+    assert config["data"]["folders"] == f"{generated}::{upright}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mixed"] and not summary["upright"] and "eval_upright" in summary
+    assert summary["eval"]["retrieval_training_objects"] == 3  # the nearest of both renders
+    assert json.loads((out / "eval.json").read_text())["upright"] is False
+    assert json.loads((out / "eval_upright.json").read_text())["upright"] is True
+
+
 def test_bad_arguments_are_refused_with_the_value(tmp_path):
     for args, message in ((["--objects", "0"], "--objects 0: give at least 1"),
                           (["--minutes", "-2"], "--minutes -2.0: give 0"),
@@ -115,7 +136,9 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
                           (["--probe-steps", "40"], "--probe-steps 40 sizes the run by its time limit"),
                           (["--probe-steps", "1", "--minutes", "3"], "--probe-steps 1: give 0"),
                           (["--finish-within", "-1"], "--finish-within -1.0: give 0"),
-                          (["--config", "nope.yaml"], "--config nope.yaml: no such file")):
+                          (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+                          (["--mixed", "--upright"], "--mixed already trains on upright objects"),
+                          (["--mixed", "--objects", "1"], "--objects 1 with --mixed: give at least 2")):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                                "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
