@@ -578,6 +578,14 @@ def main(argv: list[str] | None = None) -> int:
         average_seeds=args.average_seeds, input_average=args.input_average)
     cfg = SamplingConfig(sampler, steps, guidance, args.seed, args.mesh_resolution, mirror, seeds, inputs)
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
+    if args.retrieval_baseline is not None:  # refused now, not after the model's evaluation
+        try:
+            train = object_folders(args.retrieval_baseline)
+        except ValueError as e:
+            raise SystemExit(f"error: --retrieval-baseline: {e}") from None
+        if not any(fmt.is_complete(f) for f in train):
+            raise SystemExit(f"error: --retrieval-baseline {args.retrieval_baseline} holds no complete object "
+                             "folder; give the training split's folder (train.procedural.generate --split train).")
     try:
         folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts, args.legacy_on_white,
                                   args.upright)

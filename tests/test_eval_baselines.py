@@ -42,6 +42,13 @@ def test_retrieval_recalls_an_object_of_its_training_set(tmp_path, monkeypatch):
     # object is now among the training objects, so the nearest one is itself
     joined = retrieval_baseline(held_out, Path(f"{tmp_path / 'train'}::{tmp_path / 'heldout'}"), 32)
     assert joined["training_objects"] == 7 and joined["mask_iou"] == 1.0
+    # the command refuses a missing or empty training folder before it evaluates anything
+    for train, message in ((tmp_path / "missing", "data folder .*missing does not exist"),
+                           (tmp_path / "empty", "empty holds no complete object folder")):
+        with pytest.raises(SystemExit, match=f"error: --retrieval-baseline.*{message}"):
+            main(["--heldout", str(tmp_path / "never"), "--retrieval-baseline", str(train),
+                  "--out", str(tmp_path / "r.json")])
+        assert not (tmp_path / "never").exists()
 
 
 def test_parts_selects_objects_by_their_number_of_primitives(tmp_path, capsys):
