@@ -284,6 +284,16 @@ def first_masks(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 KNN_MEAN = 16  # neighbours averaged by the retrieval baseline's mean masks
 
 
+def training_folders(train_root: Path) -> list[Path]:
+    """The complete object folders of ``train_root`` ('::' joins several); a missing or empty one
+    is refused by name."""
+    train = [f for f in object_folders(train_root) if fmt.is_complete(f)]
+    if not train:
+        raise ValueError(f"{train_root} holds no complete object folder; give the training split's folder "
+                         "(train.procedural.generate --split train).")
+    return train
+
+
 def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict[str, float]:
     """Mask IoU of a training object's 32 true masks, against the object's own (and another
     object's) true masks: the training object whose input mask has the highest IoU with the
@@ -292,10 +302,7 @@ def retrieval_baseline(folders: list[Path], train_root: Path, size: int) -> dict
     set holds). Also the mean of the 32 masks of the ``KNN_MEAN`` nearest training objects,
     thresholded at 0.5 (the silhouette's posterior mean, estimated from the training set:
     the blurred answer a regression on the input's silhouette alone converges to)."""
-    train = [first_masks(f, size) for f in object_folders(train_root) if fmt.is_complete(f)]  # '::' joins folders
-    if not train:
-        raise ValueError(f"--retrieval-baseline {train_root} holds no complete object folder; give the training "
-                         "split's folder (train.procedural.generate --split train).")
+    train = [first_masks(f, size) for f in training_folders(train_root)]
     objects = [first_masks(f, size) for f in folders]
     # IoU of every (training, evaluated) pair at once: intersections are dot products of 0/1 vectors
     # (exact in float32 below 2^24 pixels), unions |a| + |b| - intersection; one matrix product.
@@ -580,12 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     print(sampling_line((sampler, steps, guidance, mirror, seeds, inputs)), flush=True)
     if args.retrieval_baseline is not None:  # refused now, not after the model's evaluation
         try:
-            train = object_folders(args.retrieval_baseline)
+            training_folders(args.retrieval_baseline)
         except ValueError as e:
             raise SystemExit(f"error: --retrieval-baseline: {e}") from None
-        if not any(fmt.is_complete(f) for f in train):
-            raise SystemExit(f"error: --retrieval-baseline {args.retrieval_baseline} holds no complete object "
-                             "folder; give the training split's folder (train.procedural.generate --split train).")
     try:
         folders = heldout_folders(args.heldout, args.count, 64, Split(args.split), args.parts, args.legacy_on_white,
                                   args.upright)

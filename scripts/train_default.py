@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # a rung and each variant get their own objects and run, so a --work reused with another
     # --parts, --upright or --mixed never mixes them
-    suffix = (f"_{args.parts}_parts" if args.parts else "") + next(
-        (f"_{name}" for name in ("upright", "mixed") if getattr(args, name)), "")
+    suffix = (f"_{args.parts}_parts" if args.parts else "") + (
+        "_upright" if args.upright else "_mixed" if args.mixed else "")
     half = (args.objects + 1) // 2
     renders = ([(args.work / "data" / f"train{suffix}_generated", half, False),
                 (args.work / "data" / f"train{suffix}_upright", args.objects - half, True)] if args.mixed
