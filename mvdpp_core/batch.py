@@ -220,7 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the views generated from the mirrored photos (twice the time)")
-    p.add_argument("--average-seeds", type=int, default=None, help="average the views of this many noise seeds")
+    p.add_argument("--average-seeds", type=int, default=None,
+                   help="average the views of this many noise draws, in antithetic pairs")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                    help="with several photos, average the views generated with each photo first")
     p.add_argument("--mesh-resolution", type=int, default=128)

@@ -47,9 +47,9 @@ def check_seed(seed: object) -> int:
 
 
 def check_average_seeds(count: object) -> int:
-    """How many noise seeds ``generate`` averages: an int in 1..``MAX_AVERAGE_SEEDS``."""
+    """How many noise draws ``generate`` averages: an int in 1..``MAX_AVERAGE_SEEDS``."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_AVERAGE_SEEDS:
-        raise ValueError(f"average_seeds={count!r}; allowed 1 to {MAX_AVERAGE_SEEDS} noise seeds whose views are "
+        raise ValueError(f"average_seeds={count!r}; allowed 1 to {MAX_AVERAGE_SEEDS} noise draws whose views are "
                          "averaged (1 = no averaging).")
     return count
 
@@ -60,7 +60,7 @@ def average_seeds_error(flag: str, count: int | None) -> str | None:
     generation pass it to ``parser.error`` before any work."""
     if count is None or 1 <= count <= MAX_AVERAGE_SEEDS:
         return None
-    return f"{flag} {count}: give 1 to {MAX_AVERAGE_SEEDS} noise seeds (1 = no averaging)."
+    return f"{flag} {count}: give 1 to {MAX_AVERAGE_SEEDS} noise draws (1 = no averaging)."
 
 
 def check_guidance(guidance: object) -> float:

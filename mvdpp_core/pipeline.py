@@ -142,13 +142,15 @@ def generate(
             (``MultiViewResult.mirrored``) and average the results. The task is symmetric
             under this reflection and a trained model only nearly so: the average makes the
             output exactly equivariant to mirroring the input.
-        average_seeds: average the views generated from this many noise seeds (``seed``,
-            ``seed + 1``, ...; each also mirrored with ``mirror_average``), 1 to 16. Averaged
-            estimates are closer to the answer wherever a sampler returns a mean-like estimate
-            (the embedded default's 2 ddim steps: README). Each pass costs one generation; the
-            callback counts the steps of all passes on one scale. Both are off by default: the
-            samples of a many-step stochastic sampler may differ in detail, and their average
-            blurs it.
+        average_seeds: average the views generated from this many noise draws, 1 to 16, taken
+            in antithetic pairs: ``seed``'s starting noise, the same noise negated, then
+            ``seed + 1``'s and its negation, ... (each also mirrored with ``mirror_average``).
+            Averaged estimates are closer to the answer wherever a sampler returns a mean-like
+            estimate (the embedded default's 2 ddim steps: README); a pair cancels the part of
+            the output that is odd in the noise, which two independent seeds only halve. Each
+            pass costs one generation; the callback counts the steps of all passes on one scale.
+            Both are off by default: the samples of a many-step stochastic sampler may differ in
+            detail, and their average blurs it.
         input_average: with 2 or more condition views, also generate with each other view
             first (it then defines azimuth 0, the others follow), find the rig azimuth at which
             that view sits in the first view's frame (``azimuth_shift``: the views are pose-free),
@@ -192,8 +194,9 @@ def generate(
     passes = [(first, k, mirrored) for first in firsts for k in range(average_seeds) for mirrored in sides]
     estimates = [[] for _ in firsts]
     for j, (first, k, mirrored) in enumerate(passes):
-        result = _sample(model, conditions[first, mirrored], (seed + k) % (MAX_SEED + 1), ts, sample_fn, guidance,
-                         _pass_callback(callback, j, len(passes)))
+        # Noise draws come in antithetic pairs: seed's noise, then the same noise negated, then seed + 1's.
+        result = _sample(model, conditions[first, mirrored], (seed + k // 2) % (MAX_SEED + 1), ts, sample_fn, guidance,
+                         _pass_callback(callback, j, len(passes)), negate=k % 2 == 1)
         estimates[first].append(result.mirrored() if mirrored else result)
     estimates = [MultiViewResult.mean(e) for e in estimates]
     reference, first_view = estimates[0], views.masks[:1]
@@ -270,14 +273,17 @@ def _pass_callback(callback: StepCallback | None, index: int, passes: int) -> St
 
 
 def _sample(model: MVDPPModel, cond: Condition, seed: int, ts: Tensor, sample_fn: Sampler, guidance: float,
-            callback: StepCallback | None) -> MultiViewResult:
-    """One sampling pass from an encoded condition: denoise from the seed's noise, decode."""
+            callback: StepCallback | None, negate: bool = False) -> MultiViewResult:
+    """One sampling pass from an encoded condition: denoise from the seed's noise (``negate``: that
+    noise negated, the antithetic draw; a stochastic sampler's later noise is the seed's as drawn), decode."""
     vae_dtype = model.vae_dtype
     denoiser = guided_denoiser(model, cond, guidance)
     generator = torch.Generator().manual_seed(seed)
     latent = model.config.latent_size
     shape = (1, NUM_TARGET_VIEWS + cond.num_views, model.config.vae.latent_channels, latent, latent)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(model.device)
+    if negate:
+        x = -x
     x0 = sample_fn(denoiser, x, model.schedule, ts, generator=generator, callback=callback)
     if not torch.isfinite(x0).all():  # decoding NaN gives 32 blank views: say why instead
         raise ValueError(nonfinite_cause(model, guidance))

@@ -4,8 +4,8 @@ the sampler node's defaults, the evaluation).
 Models of the procedural default recipe (the embedded default, and any bundle exported by a
 ``stage.name: default`` training run) make each view mostly on its own: a long sampler's per-view
 decisions at low noise give 32 shapes that disagree, while 2 deterministic steps keep their
-high-noise prediction, which agrees across views, and averaging that prediction over noise seeds,
-the mirrored input and each photo put first brings it closer to the answer
+high-noise prediction, which agrees across views, and averaging that prediction over noise draws
+(in antithetic pairs), the mirrored input and each photo put first brings it closer to the answer
 (docs/embedded_default.md, "Sampling the embedded default"). Any other checkpoint gets the long
 sampler with no averaging, as the paper samples.
 """

@@ -75,8 +75,9 @@ class MultiViewSampler(io.ComfyNode):
                 io.Int.Input(
                     "average_seeds", default=CHECKPOINT_SAMPLING.average_seeds, min=1, max=MAX_AVERAGE_SEEDS,
                     optional=True,
-                    tooltip="Average the views of this many noise seeds (seed, seed + 1, ...; each also mirrored "
-                    "with mirror_average), one generation each. 2 with the embedded tiny default (README); 1 for "
+                    tooltip="Average the views of this many noise draws, one generation each, in antithetic pairs "
+                    "(the seed's noise, the same noise negated, then seed + 1's, ...; each also mirrored with "
+                    "mirror_average). 2 with the embedded tiny default (README); 1 for "
                     "a real checkpoint.",
                 ),
                 io.Boolean.Input(

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="average with the views generated from the mirrored input (twice the time; default: "
                         "on with the embedded default, off with any other checkpoint)")
     parser.add_argument("--average-seeds", type=int, default=None,
-                        help="average the views of this many noise seeds (default: 2 with the embedded default, 1 "
-                        "with any other checkpoint)")
+                        help="average the views of this many noise draws, in antithetic pairs (default: 2 with "
+                        "the embedded default, 1 with any other checkpoint)")
     parser.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                         help="with several photos, average the views generated with each photo first, turned into "
                         "the first photo's frame (one generation per photo; default: on with the embedded default, "

@@ -22,9 +22,9 @@ at azimuth 0), generate the 32 rig views and masks and measure:
   distance) as the input, how closely generated view 8 reproduces it.
 
 Sampling defaults to the demo's for the checkpoint (``mvdpp_core.sampling_defaults``: 2 ddim
-steps at cfg 2, averaged over 2 noise seeds and the mirrored input's views, and with 2 or 4 input
-views over the estimates with each view first, for the embedded default and any bundle of its
-recipe (training_stage 'default'); 20 dpmpp_2m steps at cfg 3 otherwise;
+steps at cfg 2, averaged over an antithetic pair of noise draws and the mirrored input's views,
+and with 2 or 4 input views over the estimates with each view first, for the embedded default
+and any bundle of its recipe (training_stage 'default'); 20 dpmpp_2m steps at cfg 3 otherwise;
 ``--mirror`` / ``--no-mirror``, ``--average-seeds N`` and ``--input-average`` /
 ``--no-input-average`` override the averaging). ``--split train`` measures training
 objects instead (the fit), ``--input-copy`` scores the input view repeated in all 32 slots, and
@@ -541,7 +541,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="average with the views from the mirrored input (generate's mirror_average); default: the "
                    "demo's for this checkpoint")
     p.add_argument("--average-seeds", type=int, default=None,
-                   help="average the views of this many noise seeds (generate's average_seeds); default: the demo's")
+                   help="average the views of this many noise draws, in antithetic pairs (generate's average_seeds); "
+                   "default: the demo's")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                    help="with 2 or 4 input views, average the estimates with each view first, turned into the first "
                    "view's frame (generate's input_average); default: the demo's for this checkpoint")

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-mirror", action=argparse.BooleanOptionalAction, default=EMBEDDED_SAMPLING[3],
                    help="average the evaluation's views with the mirrored input's (the embedded default's sampling)")
     p.add_argument("--eval-average-seeds", type=int, default=EMBEDDED_SAMPLING[4],
-                   help="noise seeds whose views the evaluation averages (the embedded default's sampling)")
+                   help="noise draws (in antithetic pairs) whose views the evaluation averages (the embedded "
+                   "default's sampling)")
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the nearest training object (the bar a model must clear)")
     p.add_argument("--parts", type=int, default=0, choices=range(MAX_PARTS + 1), metavar="K",

@@ -367,7 +367,7 @@ def test_demo_refuses_an_average_over_no_seeds(capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--average-seeds", "0"])
     assert exit_info.value.code == 2
-    assert "--average-seeds 0: give 1 to 16 noise seeds" in capsys.readouterr().err
+    assert "--average-seeds 0: give 1 to 16 noise draws" in capsys.readouterr().err
 
 
 def test_demo_refuses_a_missing_photo_and_more_photos_than_the_model_takes(capsys, tmp_path):
