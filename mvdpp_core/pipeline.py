@@ -147,10 +147,10 @@ def generate(
             ``seed + 1``'s and its negation, ... (each also mirrored with ``mirror_average``).
             Averaged estimates are closer to the answer wherever a sampler returns a mean-like
             estimate (the embedded default's 2 ddim steps: README); a pair cancels the part of
-            the output that is odd in the noise, which two independent seeds only halve. Each
-            pass costs one generation; the callback counts the steps of all passes on one scale.
-            Both are off by default: the samples of a many-step stochastic sampler may differ in
-            detail, and their average blurs it.
+            the output that is odd in the noise, which two independent seeds only average
+            down. Each pass costs one generation; the callback counts the steps of all passes on
+            one scale. Both are off by default: the samples of a many-step stochastic sampler
+            may differ in detail, and their average blurs it.
         input_average: with 2 or more condition views, also generate with each other view
             first (it then defines azimuth 0, the others follow), find the rig azimuth at which
             that view sits in the first view's frame (``azimuth_shift``: the views are pose-free),

@@ -209,6 +209,7 @@ def test_average_seeds_is_the_mean_over_antithetic_noise_pairs_and_keeps_equivar
     mean = MultiViewResult.mean([plain, negated])
     torch.testing.assert_close(two.masks, mean.masks)
     torch.testing.assert_close(two.images, mean.images)
+    torch.testing.assert_close(MultiViewResult.mean([negated, plain]).images, mean.images)  # order does not matter
     three = generate(model, views, seed=5, average_seeds=3, **kwargs)
     torch.testing.assert_close(three.masks, (2 * mean.masks + generate(model, views, seed=6, **kwargs).masks) / 3)
     four = generate(model, views, seed=5, average_seeds=2, mirror_average=True, **kwargs)
