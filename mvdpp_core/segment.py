@@ -27,6 +27,10 @@ MAX_BORDER_OUTLIERS = 0.15
 MIN_PIECE_FRACTION = 0.001
 # A mask whose border is at least this much foreground is almost surely inverted.
 INVERTED_BORDER_FRACTION = 0.9
+# ... counting a border pixel as foreground only when it is at least this sure: an inverted mask
+# is as sure of its border as the mask it inverts, while an average of disagreeing estimates
+# (an untrained model's views, averaged over noise draws) hovers near 0.5 there.
+INVERTED_BORDER_LEVEL = 0.9
 
 
 def border_pixels(images: Tensor, width: int) -> Tensor:
@@ -110,8 +114,8 @@ def _clean(foreground: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def border_foreground_fraction(masks: Tensor) -> Tensor:
-    """Fraction of each mask's border that is foreground (> 0.5): (n, 1, H, W) or (n, H, W) -> (n,).
+def border_foreground_fraction(masks: Tensor, level: float = 0.5) -> Tensor:
+    """Fraction of each mask's border that is foreground (> ``level``): (n, 1, H, W) or (n, H, W) -> (n,).
 
     An object photo's border is backdrop, so a mask whose border is almost all foreground
     is very likely inverted (1 = background): the caller can say so instead of failing later.
@@ -119,7 +123,7 @@ def border_foreground_fraction(masks: Tensor) -> Tensor:
     if masks.ndim == 3:
         masks = masks[:, None]
     border = border_pixels(masks.float(), border_width(*masks.shape[-2:]))  # n p 1
-    return (border[..., 0] > 0.5).float().mean(dim=1)
+    return (border[..., 0] > level).float().mean(dim=1)
 
 
 def inverted_views(masks: Tensor) -> list[int]:
@@ -128,9 +132,10 @@ def inverted_views(masks: Tensor) -> list[int]:
     A view of an object (a photo or a rig view) has backdrop at its border, so a mask whose
     border is almost all foreground while some pixel inside is background is the complement
     of an object mask. A mask that is foreground everywhere outlines nothing and is not
-    counted here (it is blank, not inverted).
+    counted here (it is blank, not inverted), nor is one whose border is only undecided (values
+    between 0.5 and ``INVERTED_BORDER_LEVEL``, as where averaged estimates disagree).
     """
     flat = masks.flatten(1).float()
     has_background = flat.amin(dim=1) < 0.5
-    border_is_object = border_foreground_fraction(masks) >= INVERTED_BORDER_FRACTION
+    border_is_object = border_foreground_fraction(masks, INVERTED_BORDER_LEVEL) >= INVERTED_BORDER_FRACTION
     return (border_is_object & has_background).nonzero().flatten().tolist()

@@ -288,6 +288,9 @@ def test_segment_recovers_disc_and_refuses_clutter():
     assert border_foreground_fraction(found).item() == 0.0
     assert border_foreground_fraction(1 - found).item() == 1.0
     assert inverted_views(torch.cat([found, 1 - found, torch.ones_like(found)])) == [1]  # all-object is blank
+    # An undecided border (averaged estimates that disagree, e.g. an untrained model's) is not inverted; a
+    # slightly soft inverted one still is.
+    assert inverted_views(torch.cat([0.2 + 0.5 * (1 - found), 0.95 * (1 - found)])) == [1]
     clutter = torch.rand(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="not a plain backdrop.*background-removal node"):
         segment_uniform_background(clutter)
