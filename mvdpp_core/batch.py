@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .inputs import average_seeds_error
-from .sampling_defaults import EMBEDDED_CHECKPOINT
+from .sampling_defaults import EMBEDDED_CHECKPOINT, PARTNER_HELP, resolve_partners
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DONE = "done.json"
@@ -132,10 +132,10 @@ def generate_object(model, job: ObjectJob, folder: Path, settings: BatchSettings
     """Generate and write one object's files into ``folder``; returns its record."""
     from .grid import view_grid
     from .photos import frame_photos
-    from .pipeline import generate
+    from .pipeline import ensemble_members, generate
     from .reconstruction import export_mesh, reconstruct
 
-    views = frame_photos(job.images, size=model.config.image_size)
+    views = frame_photos(job.images, size=ensemble_members(model)[0].config.image_size)
     result = generate(
         model, views, seed=object_seed(settings.seed, job.name), steps=settings.steps,
         sampler=settings.sampler, guidance=settings.guidance, mirror_average=settings.mirror_average,
@@ -209,6 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MVDiffusion++ batch generation: objects -> 32 views, masks, grid, GLB.")
     p.add_argument("--inputs", type=Path, required=True, help="folder (sub-folder per object) or CSV object,image")
     p.add_argument("--out", type=Path, required=True, help="output folder (shared by all processes)")
+    p.add_argument("--partner", type=Path, nargs="*", default=None, metavar="CHECKPOINT", help=PARTNER_HELP)
     p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT,
                    help="a .safetensors bundle (default: the embedded one). Unless the sampling flags say "
                    "otherwise, a bundle of the default recipe (the embedded default, its copies, train_default.py "
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = list_jobs(args.inputs)
     with torch.no_grad():  # scoped: a caller (e.g. a test) keeps its own grad mode
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        partners = tuple(load_checkpoint(p, device=device, dtype=dtype)
+                         for p in resolve_partners(args.checkpoint, args.partner))
+        model = (model, *partners) if partners else model  # the embedded default averages with its partner
         settings = batch_settings(args)
         counts = run_batch(model, jobs, args.out, settings, rank, world)
     print(json.dumps({"rank": rank, "world_size": world, "objects": len(jobs[rank::world]), **counts}), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,16 @@ class MultiViewResult:
         images = sum(r.images * w for r, w in zip(results, weights, strict=True)) / sum(weights)
         return MultiViewResult(images, sum(r.masks for r in results) / len(results))
 
+    @staticmethod
+    def ensemble(results: list[MultiViewResult]) -> MultiViewResult:
+        """The estimates of several models of one object: the masks averaged, the models weighted
+        equally, and the first model's colours. The models vote on the shape; the first paints it,
+        so a partner whose MVAE keeps less colour (the embedded default's) does not wash the
+        colours out (docs/embedded_default.md, "Two checkpoints averaged")."""
+        if len(results) == 1:
+            return results[0]
+        return MultiViewResult(results[0].images, sum(r.masks for r in results) / len(results))
+
 
 def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Denoiser:
     """x0-predicting denoiser over all 32 + n views, with classifier-free guidance.
@@ -102,7 +113,7 @@ def guided_denoiser(model: MVDPPModel, cond: Condition, guidance: float) -> Deno
 
 @torch.no_grad()
 def generate(
-    model: MVDPPModel,
+    model: MVDPPModel | Sequence[MVDPPModel],
     images: Tensor | ConditionViews,
     masks: Tensor | None = None,
     *,
@@ -122,6 +133,11 @@ def generate(
     """Generate the 32 rig views of the object shown in 1-10 condition views.
 
     Args:
+        model: a loaded model, or several (a tuple or list: an ensemble, e.g. the embedded
+            default and its partner, ``sampling_defaults.ensemble_partners``): each makes every
+            pass below from its own encoding of the views, and an estimate takes the mean of
+            their masks, the models weighted equally, and the first model's colours
+            (``MultiViewResult.ensemble``). They must share an image size.
         images: (n, 3, H, W) RGB or (n, 4, H, W) RGBA in [0, 1]; the first image defines
             azimuth 0. They are framed by ``mvdpp_core.condition.frame_condition`` (masks,
             alpha or a plain backdrop; recentred as in training), exactly as the ComfyUI node
@@ -160,16 +176,11 @@ def generate(
             changes nothing.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
-    if not all(hasattr(model, a) for a in ("schedule", "encode_condition", "config")):  # duck-typed: the
-        # node pack may import this package under another name, giving MVDPPModel a second identity
-        raise TypeError(
-            f"model is a {type(model).__name__}, not an MVDPPModel; load one with "
-            "mvdpp_core.load_checkpoint('path/to/model.safetensors')."
-        )
+    members = ensemble_members(model)
     sampler = parse_enum(SamplerName, sampler, "sampler")
     sample_fn = get_sampler(sampler)
     default_steps, spacing = SAMPLER_DEFAULTS[sampler]
-    ts = model.schedule.timesteps(default_steps if steps is None else steps, spacing)
+    ts = [m.schedule.timesteps(default_steps if steps is None else steps, spacing) for m in members]
     seed, guidance = check_seed(seed), check_guidance(guidance)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r} is not callable; pass a function (step, total, x0) or None.")
@@ -178,7 +189,7 @@ def generate(
             raise TypeError(f"{name}={switch!r}; pass True or False.")
     average_seeds = check_average_seeds(average_seeds)
     views = images if is_framed(images) else frame_condition(
-        images, masks, size=model.config.image_size, mask_convention=mask_convention,
+        images, masks, size=members[0].config.image_size, mask_convention=mask_convention,
         background_tolerance=background_tolerance, fill=object_fill, embeddings=embeddings,
     )
     if mirror_average:
@@ -186,24 +197,48 @@ def generate(
     n = views.images.shape[0]
     firsts = range(n) if input_average else range(1)
     sides = (False, True) if mirror_average else (False,)
-    conditions = {}  # each order and side of the views is encoded once, whatever the seeds
-    for first in firsts:
-        ordered = views.reordered([first] + [i for i in range(n) if i != first])
-        for mirrored in sides:
-            conditions[first, mirrored] = encode_views(model, ordered.mirrored() if mirrored else ordered)
-    passes = [(first, k, mirrored) for first in firsts for k in range(average_seeds) for mirrored in sides]
-    estimates = [[] for _ in firsts]
-    for j, (first, k, mirrored) in enumerate(passes):
+    conditions = {}  # each model, order and side of the views is encoded once, whatever the seeds
+    for m, member in enumerate(members):
+        for first in firsts:
+            ordered = views.reordered([first] + [i for i in range(n) if i != first])
+            for mirrored in sides:
+                conditions[m, first, mirrored] = encode_views(member, ordered.mirrored() if mirrored else ordered)
+    passes = [(m, first, k, mirrored) for m in range(len(members)) for first in firsts
+              for k in range(average_seeds) for mirrored in sides]
+    estimates = [[[] for _ in members] for _ in firsts]
+    for j, (m, first, k, mirrored) in enumerate(passes):
         # Noise draws come in antithetic pairs: seed's noise, then the same noise negated, then seed + 1's.
-        result = _sample(model, conditions[first, mirrored], (seed + k // 2) % (MAX_SEED + 1), ts, sample_fn, guidance,
-                         _pass_callback(callback, j, len(passes)), negate=k % 2 == 1)
-        estimates[first].append(result.mirrored() if mirrored else result)
-    estimates = [MultiViewResult.mean(e) for e in estimates]
+        result = _sample(members[m], conditions[m, first, mirrored], (seed + k // 2) % (MAX_SEED + 1), ts[m],
+                         sample_fn, guidance, _pass_callback(callback, j, len(passes)), negate=k % 2 == 1)
+        estimates[first][m].append(result.mirrored() if mirrored else result)
+    estimates = [MultiViewResult.ensemble([MultiViewResult.mean(e) for e in by_model]) for by_model in estimates]
     reference, first_view = estimates[0], views.masks[:1]
     return MultiViewResult.mean([reference] + [
         estimate.rotated(azimuth_shift(estimate, reference, views.masks[k : k + 1], first_view))
         for k, estimate in enumerate(estimates[1:], start=1)
     ])
+
+
+def ensemble_members(model: MVDPPModel | Sequence[MVDPPModel]) -> list[MVDPPModel]:
+    """The models ``generate`` averages: ``model`` alone, or the members of a tuple or list,
+    checked to be loaded models of one image size."""
+    members = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not members:
+        raise ValueError("model=() holds no models; pass a loaded model, or a tuple of them to average.")
+    for member in members:  # duck-typed: the node pack may import this package under another name,
+        # giving MVDPPModel a second identity
+        if not all(hasattr(member, a) for a in ("schedule", "encode_condition", "config")):
+            raise TypeError(
+                f"model is a {type(member).__name__}, not an MVDPPModel; load one with "
+                "mvdpp_core.load_checkpoint('path/to/model.safetensors') (or pass a tuple of them)."
+            )
+    sizes = [member.config.image_size for member in members]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"the ensemble's models generate views of sizes {sizes}; average only models of one image size "
+            "(the same recipe's checkpoints), or generate with each alone."
+        )
+    return members
 
 
 ALIGN_SIZE = 64  # azimuth_shift compares silhouettes recentred to this size
@@ -259,9 +294,10 @@ def _column_match(view: Tensor | None, estimate: MultiViewResult, azimuth: int) 
 
 
 def sampling_passes(num_views: int, mirror_average: bool = False, average_seeds: int = 1,
-                    input_average: bool = False) -> int:
-    """How many sampling passes ``generate`` runs (each of ``steps`` steps) for these options."""
-    return (num_views if input_average else 1) * average_seeds * (2 if mirror_average else 1)
+                    input_average: bool = False, models: int = 1) -> int:
+    """How many sampling passes ``generate`` runs (each of ``steps`` steps) for these options
+    and ``models`` models averaged."""
+    return models * (num_views if input_average else 1) * average_seeds * (2 if mirror_average else 1)
 
 
 def _pass_callback(callback: StepCallback | None, index: int, passes: int) -> StepCallback | None:

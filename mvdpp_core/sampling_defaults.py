@@ -8,6 +8,10 @@ high-noise prediction, which agrees across views, and averaging that prediction 
 (in antithetic pairs), the mirrored input and each photo put first brings it closer to the answer
 (docs/embedded_default.md, "Sampling the embedded default"). Any other checkpoint gets the long
 sampler with no averaging, as the paper samples.
+
+The embedded default is read together with its partner, an earlier checkpoint of the same recipe
+on another MVAE (step 5): ``generate`` averages the two models' estimates, whose errors differ more
+than two noise draws' do (docs/embedded_default.md, "Two checkpoints averaged").
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "mvdpp_default.safetensors"
+# The embedded default's partner: step 5 of the recipe (the default shipped 2026-12-04 to -05).
+EMBEDDED_PARTNER = EMBEDDED_CHECKPOINT.with_name("mvdpp_default_step5.safetensors")
 RECIPE_STAGE = "default"  # the training_stage a bundle of the procedural default recipe carries
 
 
@@ -47,6 +53,28 @@ def is_recipe_model(checkpoint: Path | str | None) -> bool:
         return read_metadata(path).get("training_stage") == RECIPE_STAGE
     except ValueError:
         return False
+
+
+def ensemble_partners(checkpoint: Path | str | None) -> tuple[Path, ...]:
+    """The checkpoints whose estimates are averaged with ``checkpoint``'s when the caller names
+    none: the partner for the embedded default (None stands for it) when the pack ships it, none
+    for any other checkpoint."""
+    if checkpoint is not None and (not Path(checkpoint).is_file()
+                                   or Path(checkpoint).resolve() != EMBEDDED_CHECKPOINT.resolve()):
+        return ()
+    return (EMBEDDED_PARTNER,) if EMBEDDED_PARTNER.is_file() else ()
+
+
+def resolve_partners(checkpoint: Path | str | None, given: list[Path] | None) -> tuple[Path, ...]:
+    """A script's ``--partner`` flag: the checkpoints given (none for ``--partner`` alone), or
+    when it is absent (None) ``ensemble_partners(checkpoint)``."""
+    return ensemble_partners(checkpoint) if given is None else tuple(given)
+
+
+PARTNER_HELP = (
+    "checkpoints whose estimates are averaged with --checkpoint's (generate's tuple of models); default: "
+    "the embedded default's partner for the embedded default, none for others; --partner alone: none"
+)
 
 
 def default_sampling(checkpoint: Path | str | None, **given: object) -> Sampling:

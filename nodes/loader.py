@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, is_recipe_model
+from ..mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, ensemble_partners, is_recipe_model
 from ._checks import check_choice, first_error
 from ._comfy import MVDPPModelSocket, folder_paths, io, model_management
 
@@ -26,13 +26,20 @@ LOAD_HEADROOM = 1.5
 
 @dataclass
 class LoadedModel:
-    """What flows through an MVDPP_MODEL socket: the model, its file name, and an optional
-    ComfyUI CLIP vision model used instead of a bundled image encoder."""
+    """What flows through an MVDPP_MODEL socket: the model, its file name, an optional ComfyUI
+    CLIP vision model used instead of a bundled image encoder, and the models whose estimates the
+    sampler averages with the model's (the embedded default's partner)."""
 
     model: Any  # mvdpp_core.model.MVDPPModel
     name: str
     clip_vision: Any | None = None
     recipe: bool = False  # a model of the default procedural recipe (mvdpp_core.sampling_defaults)
+    partners: tuple[Any, ...] = ()  # mvdpp_core.model.MVDPPModel each
+
+    @property
+    def models(self) -> Any:
+        """What ``mvdpp_core.pipeline.generate`` takes: the model, or it and its partners."""
+        return (self.model, *self.partners) if self.partners else self.model
 
 
 def register_model_folder() -> None:
@@ -124,7 +131,9 @@ class LoadMVDPP(io.ComfyNode):
                 io.Combo.Input(
                     "checkpoint", options=checkpoint_names(),
                     tooltip="A .safetensors bundle from ComfyUI/models/mvdpp (or an 'mvdpp:' folder in "
-                    "extra_model_paths.yaml). mvdpp_default.safetensors is the small model shipped with the pack.",
+                    "extra_model_paths.yaml). mvdpp_default.safetensors is the small model shipped with the pack; "
+                    "it loads with its partner (mvdpp_default_step5.safetensors), whose views the sampler "
+                    "averages with its own.",
                 ),
                 io.Combo.Input(
                     "device", options=DEVICES, default="auto",
@@ -170,5 +179,8 @@ class LoadMVDPP(io.ComfyNode):
     ) -> io.NodeOutput:
         torch_device = resolve_device(device)
         path = checkpoint_path(checkpoint)
-        model = load_model(path, torch_device, resolve_dtype(dtype, torch_device), attention)
-        return io.NodeOutput(LoadedModel(model, checkpoint, clip_vision, recipe=is_recipe_model(path)))
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        model = load_model(path, torch_device, torch_dtype, attention)
+        partners = tuple(load_model(p, torch_device, torch_dtype, attention) for p in ensemble_partners(path))
+        loaded = LoadedModel(model, checkpoint, clip_vision, recipe=is_recipe_model(path), partners=partners)
+        return io.NodeOutput(loaded)

@@ -118,9 +118,10 @@ class MultiViewSampler(io.ComfyNode):
         model_management.throw_exception_if_processing_interrupted()
         if note := recipe_sampling_note(model, sampler, steps):
             logger.warning(note)
-        passes = sampling_passes(cond.images.shape[0], mirror_average, average_seeds, input_average)
+        passes = sampling_passes(cond.images.shape[0], mirror_average, average_seeds, input_average,
+                                 models=1 + len(model.partners))
         result = generate(
-            model.model, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
+            model.models, cond, seed=seed, steps=steps, sampler=sampler, guidance=cfg, mirror_average=mirror_average,
             average_seeds=average_seeds, input_average=input_average, callback=step_callback(steps * passes),
         )
         return io.NodeOutput(image_from_core(result.images), mask_from_core(result.masks))

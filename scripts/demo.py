@@ -30,18 +30,31 @@ from mvdpp_core.grid import view_grid  # noqa: E402
 from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.photos import frame_photos  # noqa: E402
-from mvdpp_core.pipeline import generate  # noqa: E402
+from mvdpp_core.pipeline import ensemble_members, generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
-from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, default_sampling  # noqa: E402
+from mvdpp_core.sampling_defaults import (  # noqa: E402
+    EMBEDDED_CHECKPOINT,
+    PARTNER_HELP,
+    default_sampling,
+    resolve_partners,
+)
 
 DEFAULT_IMAGE = ROOT / "workflows" / "inputs" / "heldout_004.png"  # a held-out procedural object
 
 
-def load_model(checkpoint: Path | None) -> tuple[MVDPPModel, str]:
+def load_model(
+    checkpoint: Path | None, partner: list[Path] | None = None
+) -> tuple[MVDPPModel | tuple[MVDPPModel, ...], str]:
+    """The model, with its partners (``--partner``; for the embedded default, its partner:
+    generate averages their estimates), and what to call it."""
+    if checkpoint is None and EMBEDDED_CHECKPOINT.is_file():
+        checkpoint = EMBEDDED_CHECKPOINT
     if checkpoint is not None:
-        return load_checkpoint(checkpoint), str(checkpoint)
-    if EMBEDDED_CHECKPOINT.is_file():
-        return load_checkpoint(EMBEDDED_CHECKPOINT), str(EMBEDDED_CHECKPOINT)
+        partners = resolve_partners(checkpoint, partner)
+        model = load_checkpoint(checkpoint)
+        if not partners:
+            return model, str(checkpoint)
+        return (model, *map(load_checkpoint, partners)), " + ".join(map(str, (checkpoint, *partners)))
     print("NOTE: no embedded default checkpoint in this checkout; running a freshly initialised "
           "tiny model (its views are noise-like: this exercises the pipeline, not quality).")
     torch.manual_seed(0)
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image", type=Path, nargs="+", default=[DEFAULT_IMAGE],
                         help="RGBA PNGs or photos on a plain background, 1 to 10 views of one object (the first "
                         "defines azimuth 0; the others need no poses)")
+    parser.add_argument("--partner", type=Path, nargs="*", default=None, metavar="CHECKPOINT", help=PARTNER_HELP)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a .safetensors bundle (default: embedded). A bundle of the default recipe "
                         "(training_stage 'default': a copy of the embedded default, a train_default.py export) is "
@@ -93,14 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--image {path}: no such file; give an RGBA PNG or a photo on a plain background.")
 
     torch.set_grad_enabled(False)
-    model, source = load_model(args.checkpoint)
+    model, source = load_model(args.checkpoint, args.partner)
     sampler, steps, cfg, mirror, seeds, inputs = default_sampling(
         args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.cfg, mirror_average=args.mirror,
         average_seeds=args.average_seeds, input_average=args.input_average)
     start = time.perf_counter()
     # Each photo is read upright and framed on its own (their sizes may differ), as the ComfyUI node frames a batch.
     try:
-        views = frame_photos(args.image, size=model.config.image_size)
+        views = frame_photos(args.image, size=ensemble_members(model)[0].config.image_size)
     except ValueError as err:
         parser.error(str(err))
     result = generate(model, views, seed=args.seed, steps=steps, sampler=sampler, guidance=cfg,

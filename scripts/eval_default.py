@@ -68,9 +68,15 @@ from mvdpp_core.common import composite_on_white  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
-from mvdpp_core.pipeline import MultiViewResult, generate  # noqa: E402
+from mvdpp_core.pipeline import MultiViewResult, ensemble_members, generate  # noqa: E402
 from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
-from mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, EMBEDDED_SAMPLING, default_sampling  # noqa: E402
+from mvdpp_core.sampling_defaults import (  # noqa: E402
+    EMBEDDED_CHECKPOINT,
+    EMBEDDED_SAMPLING,
+    PARTNER_HELP,
+    default_sampling,
+    resolve_partners,
+)
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.data.shards import object_folders  # noqa: E402
@@ -162,13 +168,13 @@ def view_metrics(result: MultiViewResult, rgb: torch.Tensor, mask: torch.Tensor)
     return psnr(pred_hwc, true_hwc), ssim(pred_hwc, true_hwc), mask_iou(result.masks[:, 0], mask[:, 0])
 
 
-def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: SamplingConfig,
+def evaluate_object(model: MVDPPModel | tuple[MVDPPModel, ...], folder: Path, n_views: int, cfg: SamplingConfig,
                     with_mesh: bool, other: Path | None = None, grid: Path | None = None) -> ObjectMetrics:
-    """Metrics of one object; ``other``: a different object whose truth the output is also scored
-    against; ``grid``: also write a PNG of the true rig views (first input view in front) above
-    the generated ones."""
+    """Metrics of one object (``model``: one, or a tuple whose estimates are averaged, as ``generate``
+    takes them); ``other``: a different object whose truth the output is also scored against;
+    ``grid``: also write a PNG of the true rig views (first input view in front) above the generated ones."""
     views = fmt.read_object_folder(folder, cond_ids=list(range(n_views)))
-    size = model.config.image_size
+    size = ensemble_members(model)[0].config.image_size
     rgb, mask = to_tensors(views.target_rgba, size)
     cond_rgb, cond_mask = to_tensors(views.cond_rgba, size)
     result = generate(model, ConditionViews.framed(cond_rgb, cond_mask), seed=cfg.seed, steps=cfg.steps,
@@ -195,11 +201,11 @@ def evaluate_object(model: MVDPPModel, folder: Path, n_views: int, cfg: Sampling
                          mesh.accuracy, mesh.completeness, mesh.volume_ratio)
 
 
-def copy_test(model: MVDPPModel, folders: list[Path], cfg: SamplingConfig) -> dict[str, float]:
+def copy_test(model: MVDPPModel | tuple[MVDPPModel, ...], folders: list[Path], cfg: SamplingConfig) -> dict[str, float]:
     """Input = the true rig view 8; PSNR (on white) and mask IoU of generated view 8 against it,
     and where the mask's error lies (``train.diagnostics.mask_placement``: area ratio, centroid
     offset in pixels, and the IoU left once size and position are corrected: the shape)."""
-    size = model.config.image_size
+    size = ensemble_members(model)[0].config.image_size
     psnrs, ious, placements = [], [], []
     for folder in folders:
         views = fmt.read_object_folder(folder, target_ids=[COPY_VIEW], cond_ids=[0])
@@ -354,8 +360,8 @@ def mesh_error_means(rows: list[ObjectMetrics]) -> dict[str, float]:
     return {key: means[name]["mean"] for key, name in fields.items()}
 
 
-def evaluate_model(model: MVDPPModel, folders: list[Path], view_counts: list[int], cfg: SamplingConfig,
-                   with_mesh: bool = True, label: str = "", multi_count: int = 0,
+def evaluate_model(model: MVDPPModel | tuple[MVDPPModel, ...], folders: list[Path], view_counts: list[int],
+                   cfg: SamplingConfig, with_mesh: bool = True, label: str = "", multi_count: int = 0,
                    on_result: Callable[[dict], None] | None = None, grids: Path | None = None) -> dict[str, dict]:
     """Metrics summary per input-view count (keys "1", "2", ...); view counts above 1 use the
     first ``multi_count`` objects (0: all). ``on_result(results)`` after each count. ``grids``:
@@ -513,6 +519,7 @@ def markdown_table(report: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out procedural objects.")
     p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT)
+    p.add_argument("--partner", type=Path, nargs="*", default=None, metavar="CHECKPOINT", help=PARTNER_HELP)
     p.add_argument("--heldout", type=Path, required=True, help="held-out object folders (rendered here if missing)")
     p.add_argument("--split", choices=[s.value for s in Split], default=Split.HELDOUT.value,
                    help="which objects under --heldout: 'train' measures the fit on training objects (same "
@@ -597,10 +604,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     model = load_checkpoint(args.checkpoint)
+    partners = resolve_partners(args.checkpoint, args.partner)
+    ensemble = (model, *(load_checkpoint(p) for p in partners)) if partners else model  # what generates
+    if partners:
+        print(f"[ensemble] estimates averaged with {', '.join(str(p) for p in partners)}", flush=True)
     if args.per_view_attention:
-        model.unet.set_attention_backend("sdpa", global_attention=False)
+        for member in ensemble_members(ensemble):
+            member.unet.set_attention_backend("sdpa", global_attention=False)
         print("[attention] every layer restricted to its own view", flush=True)
-    report: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "objects": len(folders),
+    report: dict = {"checkpoint": str(args.checkpoint), "partners": [str(p) for p in partners],
+                    "split": args.split, "objects": len(folders),
                     "parts": args.parts, "upright": args.upright, "sampling": asdict(cfg),
                     "per_view_attention": args.per_view_attention,
                     "targets_1_view": {"psnr": 20.0, "mask_iou": 0.85, "mask_iou_gap": 0.25, "psnr_gap": 4.0,
@@ -624,10 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.flow_count:
         save("flow")(heldout_flow(model, folders[: args.flow_count]))
         print(flow_line(report["flow"]), flush=True)
-    evaluate_model(model, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
+    evaluate_model(ensemble, folders, args.views, cfg, label="trained", multi_count=args.multi_count,
                    on_result=save("trained"), grids=args.grids)
     if args.copy_count:
-        save("copy_test")(copy_test(model, folders[: args.copy_count], cfg))
+        save("copy_test")(copy_test(ensemble, folders[: args.copy_count], cfg))
         print(f"[copy test] {report['copy_test']}", flush=True)
     if not args.no_baseline:
         base = folders[: args.baseline_count or len(folders)]

@@ -104,6 +104,28 @@ def test_checkpoint_loads_as_tiny_architecture():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_partner_is_an_earlier_checkpoint_of_the_recipe_and_the_demo_averages_with_it():
+    """The embedded default's partner (step 5, docs/embedded_default.md "Two checkpoints averaged")
+    is a bundle of the same recipe and architecture with other weights, the two files within the
+    default's size budget; the demo loads both for the embedded default and one with --partner
+    alone."""
+    from mvdpp_core.checkpoint import load_checkpoint, read_metadata
+    from mvdpp_core.sampling_defaults import EMBEDDED_PARTNER
+
+    assert CHECKPOINT.stat().st_size + EMBEDDED_PARTNER.stat().st_size <= MAX_BYTES
+    assert read_metadata(EMBEDDED_PARTNER).get("training_stage") == "default"
+    default, partner = _load_default(), load_checkpoint(EMBEDDED_PARTNER)
+    # the same UNet and image size on its own MVAE (step 5's, before the colour-keeping one)
+    assert dataclasses.replace(partner.config, vae=default.config.vae) == default.config
+    assert partner.config.vae.scaling_factor != default.config.vae.scaling_factor
+    assert not torch.equal(partner.unet.unet.conv_in.weight, default.unet.unet.conv_in.weight)
+    demo = _demo_module()
+    pair, source = demo.load_model(None)
+    assert isinstance(pair, tuple) and len(pair) == 2 and source == f"{CHECKPOINT} + {EMBEDDED_PARTNER}"
+    alone, source = demo.load_model(None, [])
+    assert not isinstance(alone, tuple) and source == str(CHECKPOINT)
+
+
 def test_fixed_seed_reproduces_recorded_output():
     model = _load_default()
     reference = json.loads(REFERENCE.read_text())

@@ -733,6 +733,10 @@ def test_a_recipe_model_sampled_unlike_its_workflows_is_warned_about(comfy, load
 
     embedded = comfy.nodes["MVDPP_LoadModel"].execute("mvdpp_default.safetensors", "cpu", "auto", "auto")[0]
     assert embedded.recipe and not loaded.recipe
+    # the embedded default comes with its partner, whose estimates the sampler averages with its own
+    (partner,) = embedded.partners
+    assert embedded.models == (embedded.model, partner) and partner is not embedded.model
+    assert not loaded.partners and loaded.models is loaded.model
     recipe = comfy.pack.nodes.loader.LoadedModel(loaded.model, "mvdpp_default.safetensors", recipe=True)
     node = comfy.nodes["MVDPP_MultiViewSampler"]
     with caplog.at_level(logging.WARNING):

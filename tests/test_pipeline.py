@@ -229,6 +229,42 @@ def test_average_seeds_is_the_mean_over_antithetic_noise_pairs_and_keeps_equivar
     assert sum(error["antithetic"]) < 0.7 * sum(error["independent"]), error
 
 
+def test_an_ensemble_averages_its_models_masks_and_takes_the_first_models_colours(model):
+    """A tuple of models votes on the shape: the masks are the mean of the models' (weighted
+    equally), the colours the first model's, so a partner that keeps less colour does not wash
+    them out; in either order the masks are the same, and a model twice is that model alone."""
+    other = tiny_model(seed=1, view_scale=0.3)
+    images, masks = object_views(1)
+    views = ConditionViews.framed(images, masks)
+    kwargs = dict(seed=3, steps=1, sampler="ddim", guidance=2.0)
+    seen = []
+    both = generate((model, other), views, callback=lambda i, n, x0: seen.append((i, n)), **kwargs)
+    assert seen == [(1, 2), (2, 2)]  # 2 models, one step each
+    alone = [generate(m, views, **kwargs) for m in (model, other)]
+    assert (alone[0].masks - alone[1].masks).abs().max() > 1e-3, "the models must differ for the mean to be tested"
+    assert (alone[0].images - alone[1].images).abs().max() > 1e-3
+    mean_masks = (alone[0].masks + alone[1].masks) / 2
+    torch.testing.assert_close(both.masks, mean_masks)
+    torch.testing.assert_close(both.images, alone[0].images)
+    swapped = generate([other, model], views, **kwargs)
+    torch.testing.assert_close(swapped.masks, mean_masks)
+    torch.testing.assert_close(swapped.images, alone[1].images)
+    twice = generate((model, model), views, **kwargs)
+    torch.testing.assert_close(twice.masks, alone[0].masks)
+    torch.testing.assert_close(twice.images, alone[0].images)
+
+
+def test_an_ensemble_of_no_models_or_of_mixed_sizes_is_refused(model):
+    images, masks = object_views(1)
+    with pytest.raises(ValueError, match=r"model=\(\) holds no models"):
+        generate((), images, masks, steps=1, sampler="ddim")
+    with pytest.raises(TypeError, match="model is a str, not an MVDPPModel"):
+        generate((model, "model.safetensors"), images, masks, steps=1, sampler="ddim")
+    small = MVDPPModel(dataclasses.replace(preset("tiny"), image_size=32)).eval()
+    with pytest.raises(ValueError, match=r"generate views of sizes \[64, 32\]; average only models of one image size"):
+        generate((model, small), images, masks, steps=1, sampler="ddim")
+
+
 @pytest.mark.parametrize("count", [0, 17, True, 1.5])
 def test_bad_average_seeds_are_refused(model, count):
     images, masks = object_views(1)

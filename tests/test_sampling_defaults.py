@@ -14,9 +14,12 @@ from mvdpp_core.batch import batch_settings, parse_args
 from mvdpp_core.sampling_defaults import (
     CHECKPOINT_SAMPLING,
     EMBEDDED_CHECKPOINT,
+    EMBEDDED_PARTNER,
     EMBEDDED_SAMPLING,
     default_sampling,
+    ensemble_partners,
     is_recipe_model,
+    resolve_partners,
 )
 
 
@@ -43,6 +46,21 @@ def test_recipe_bundles_are_sampled_as_the_embedded_default(staged_bundles, tiny
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a bundle")
     assert default_sampling(broken) == CHECKPOINT_SAMPLING
+
+
+def test_only_the_embedded_default_has_a_partner(staged_bundles, tmp_path):
+    """The embedded default (None stands for it) averages with its shipped partner; a copy of it
+    elsewhere, a recipe export and any other bundle have none unless a --partner flag names one,
+    and --partner alone names none."""
+    assert EMBEDDED_PARTNER.is_file() and EMBEDDED_PARTNER.parent == EMBEDDED_CHECKPOINT.parent
+    assert ensemble_partners(None) == ensemble_partners(EMBEDDED_CHECKPOINT) == (EMBEDDED_PARTNER,)
+    copy = tmp_path / EMBEDDED_CHECKPOINT.name
+    shutil.copy(EMBEDDED_CHECKPOINT, copy)
+    for other in (copy, staged_bundles["default"], staged_bundles["stage3"], tmp_path / "missing.safetensors"):
+        assert ensemble_partners(other) == (), other
+    assert resolve_partners(None, None) == (EMBEDDED_PARTNER,)
+    assert resolve_partners(None, []) == ()
+    assert resolve_partners(copy, [EMBEDDED_PARTNER]) == (EMBEDDED_PARTNER,)
 
 
 def test_given_fields_replace_the_defaults_and_unknown_ones_are_refused():
