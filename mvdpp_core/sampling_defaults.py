@@ -10,8 +10,9 @@ high-noise prediction, which agrees across views, and averaging that prediction 
 sampler with no averaging, as the paper samples.
 
 The embedded default is read together with its partner, an earlier checkpoint of the same recipe
-on another MVAE (step 5): ``generate`` averages the two models' estimates, whose errors differ more
-than two noise draws' do (docs/embedded_default.md, "Two checkpoints averaged").
+on another MVAE (step 5): ``generate`` averages the two models' masks, whose errors differ more than
+two noise draws' do, and keeps the embedded default's colours (docs/embedded_default.md, "Two
+checkpoints averaged").
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def is_recipe_model(checkpoint: Path | str | None) -> bool:
 
 
 def ensemble_partners(checkpoint: Path | str | None) -> tuple[Path, ...]:
-    """The checkpoints whose estimates are averaged with ``checkpoint``'s when the caller names
+    """The checkpoints whose masks are averaged with ``checkpoint``'s when the caller names
     none: the partner for the embedded default (None stands for it) when the pack ships it, none
     for any other checkpoint."""
     if checkpoint is not None and (not Path(checkpoint).is_file()
@@ -72,8 +73,9 @@ def resolve_partners(checkpoint: Path | str | None, given: list[Path] | None) ->
 
 
 PARTNER_HELP = (
-    "checkpoints whose estimates are averaged with --checkpoint's (generate's tuple of models); default: "
-    "the embedded default's partner for the embedded default, none for others; --partner alone: none"
+    "checkpoints whose masks are averaged with --checkpoint's, whose colours are kept (generate's tuple of "
+    "models); default: the embedded default's partner for the embedded default, none for others; "
+    "--partner alone: none"
 )
 
 

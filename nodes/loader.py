@@ -27,8 +27,8 @@ LOAD_HEADROOM = 1.5
 @dataclass
 class LoadedModel:
     """What flows through an MVDPP_MODEL socket: the model, its file name, an optional ComfyUI
-    CLIP vision model used instead of a bundled image encoder, and the models whose estimates the
-    sampler averages with the model's (the embedded default's partner)."""
+    CLIP vision model used instead of a bundled image encoder, and the models whose masks the
+    sampler averages with the model's (the embedded default's partner; the model's colours are kept)."""
 
     model: Any  # mvdpp_core.model.MVDPPModel
     name: str
@@ -132,8 +132,8 @@ class LoadMVDPP(io.ComfyNode):
                     "checkpoint", options=checkpoint_names(),
                     tooltip="A .safetensors bundle from ComfyUI/models/mvdpp (or an 'mvdpp:' folder in "
                     "extra_model_paths.yaml). mvdpp_default.safetensors is the small model shipped with the pack; "
-                    "it loads with its partner (mvdpp_default_step5.safetensors), whose views the sampler "
-                    "averages with its own.",
+                    "it loads with its partner (mvdpp_default_step5.safetensors), whose masks the sampler "
+                    "averages with its own (its colours are kept).",
                 ),
                 io.Combo.Input(
                     "device", options=DEVICES, default="auto",

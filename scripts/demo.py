@@ -46,7 +46,7 @@ def load_model(
     checkpoint: Path | None, partner: list[Path] | None = None
 ) -> tuple[MVDPPModel | tuple[MVDPPModel, ...], str]:
     """The model, with its partners (``--partner``; for the embedded default, its partner:
-    generate averages their estimates), and what to call it."""
+    generate averages their masks and keeps the model's colours), and what to call it."""
     if checkpoint is None and EMBEDDED_CHECKPOINT.is_file():
         checkpoint = EMBEDDED_CHECKPOINT
     if checkpoint is not None:
