@@ -137,11 +137,14 @@ def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_pat
     (what the outputs owe to the cross-view path), and the report says so; without it the
     checkpoint's global self-attention stays. --flow-count measures the cross-view path directly:
     the other views' share of a probe view's x0 error is exactly 0 with --per-view-attention and
-    not 0 without."""
+    not 0 without. The embedded default is evaluated with its partner, and the flag reaches both."""
+    from mvdpp_core.pipeline import ensemble_members
+
     seen = {}
 
     def capture(model, folders, views, cfg, label, **kwargs):
-        seen[label] = {name: proc.global_views for name, proc in model.unet.unet.attn_processors.items()}
+        seen[label] = [{name: proc.global_views for name, proc in member.unet.unet.attn_processors.items()}
+                       for member in ensemble_members(model)]
         kwargs["on_result"]({})
         return {}
 
@@ -155,9 +158,11 @@ def test_per_view_attention_restricts_every_layer_of_the_evaluated_model(tmp_pat
         shares = [r["share"] for r in report["flow"]["sibling_share"]]
         assert all(share == 0.0 for share in shares) if flag else all(abs(share) > 1e-4 for share in shares)
         assert len(report["flow"]["attention_t900"]) == (0 if flag else 4)  # the recorder sees global layers only
-        globals_ = seen.pop("trained")
-        assert any(name.endswith("attn1.processor") for name in globals_)
-        if flag:
-            assert not any(globals_.values())
-        else:  # self-attention (attn1) global, cross-attention (attn2) per view
-            assert all(is_global == name.endswith("attn1.processor") for name, is_global in globals_.items())
+        members = seen.pop("trained")
+        assert len(members) == 2  # the embedded default and its partner
+        for globals_ in members:
+            assert any(name.endswith("attn1.processor") for name in globals_)
+            if flag:
+                assert not any(globals_.values())
+            else:  # self-attention (attn1) global, cross-attention (attn2) per view
+                assert all(is_global == name.endswith("attn1.processor") for name, is_global in globals_.items())
