@@ -224,7 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--average-seeds", type=int, default=None,
                    help="average the views of this many noise draws, in antithetic pairs")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                   help="with several photos, average the views generated with each photo first")
+                   help="with several photos, average the masks of the views generated with each photo first "
+                   "(the first photo's colours are kept)")
     p.add_argument("--mesh-resolution", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU")
     args = p.parse_args(argv)

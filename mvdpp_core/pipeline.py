@@ -76,10 +76,13 @@ class MultiViewResult:
 
     @staticmethod
     def ensemble(results: list[MultiViewResult]) -> MultiViewResult:
-        """The estimates of several models of one object: the masks averaged, the models weighted
-        equally, and the first model's colours. The models vote on the shape; the first paints it,
-        so a partner whose MVAE keeps less colour (the embedded default's) does not wash the
-        colours out (docs/embedded_default.md, "Two checkpoints averaged")."""
+        """Several estimates of one object: the masks averaged, the estimates weighted equally,
+        and the first estimate's colours. The estimates vote on the shape; the first paints it.
+        ``generate`` combines two kinds of estimates this way: those of several models (a partner
+        whose MVAE keeps less colour, the embedded default's, does not wash the colours out:
+        docs/embedded_default.md, "Two checkpoints averaged"), and input averaging's, one per
+        photo, each turned into the first photo's frame (a colour mean of views turned to a
+        nearby, or wrong, azimuth blurs them: "More than one input view")."""
         if len(results) == 1:
             return results[0]
         return MultiViewResult(results[0].images, sum(r.masks for r in results) / len(results))
@@ -170,10 +173,11 @@ def generate(
         input_average: with 2 or more condition views, also generate with each other view
             first (it then defines azimuth 0, the others follow), find the rig azimuth at which
             that view sits in the first view's frame (``azimuth_shift``: the views are pose-free),
-            turn its 32 views into that frame (``MultiViewResult.rotated``) and average all. A
-            model that reads only its first view (the embedded default) then gains from the
-            others; each view costs the passes above again. Off by default; with one view it
-            changes nothing.
+            turn its 32 views into that frame (``MultiViewResult.rotated``) and average the
+            masks of all; the colours stay the first view's estimate's (``MultiViewResult.ensemble``:
+            the photos vote on the shape, the first paints it). A model that reads only its
+            first view (the embedded default) then gains from the others; each view costs the
+            passes above again. Off by default; with one view it changes nothing.
     """
     # Every argument is checked before any work, so a mistake costs no encoding or UNet step.
     members = ensemble_members(model)
@@ -213,7 +217,7 @@ def generate(
         estimates[first][m].append(result.mirrored() if mirrored else result)
     estimates = [MultiViewResult.ensemble([MultiViewResult.mean(e) for e in by_model]) for by_model in estimates]
     reference, first_view = estimates[0], views.masks[:1]
-    return MultiViewResult.mean([reference] + [
+    return MultiViewResult.ensemble([reference] + [
         estimate.rotated(azimuth_shift(estimate, reference, views.masks[k : k + 1], first_view))
         for k, estimate in enumerate(estimates[1:], start=1)
     ])

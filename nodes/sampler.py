@@ -84,7 +84,8 @@ class MultiViewSampler(io.ComfyNode):
                     "input_average", default=CHECKPOINT_SAMPLING.input_average, optional=True,
                     tooltip="With 2 or more photos: also generate with each other photo first, find the azimuth "
                     "it was taken from (the photos are pose-free), turn its views into the first photo's frame "
-                    "and average (one generation per photo). Lets the embedded tiny default, which reads only "
+                    "and average their masks, keeping the first photo's colours (one generation per photo). "
+                    "Lets the embedded tiny default, which reads only "
                     "its first photo, gain from the others (README). Changes nothing with one photo.",
                 ),
             ],

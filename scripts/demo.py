@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="average the views of this many noise draws, in antithetic pairs (default: 2 with "
                         "the embedded default, 1 with any other checkpoint)")
     parser.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                        help="with several photos, average the views generated with each photo first, turned into "
-                        "the first photo's frame (one generation per photo; default: on with the embedded default, "
+                        help="with several photos, average the masks of the views generated with each photo first, "
+                        "turned into the first photo's frame, and keep the first photo's colours (one generation per "
+                        "photo; default: on with the embedded default, "
                         "off with any other checkpoint)")
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)

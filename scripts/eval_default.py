@@ -551,8 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="average the views of this many noise draws, in antithetic pairs (generate's average_seeds); "
                    "default: the demo's")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                   help="with 2 or 4 input views, average the estimates with each view first, turned into the first "
-                   "view's frame (generate's input_average); default: the demo's for this checkpoint")
+                   help="with 2 or 4 input views, average the masks of the estimates with each view first, turned "
+                   "into the first view's frame, the first view's colours kept (generate's input_average); "
+                   "default: the demo's for this checkpoint")
     p.add_argument("--per-view-attention", action="store_true",
                    help="restrict every attention layer to its own view (what the outputs owe to information "
                    "crossing views: the model's cross-view path)")
