@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .inputs import average_seeds_error
-from .sampling_defaults import EMBEDDED_CHECKPOINT, PARTNER_HELP, resolve_partners
+from .sampling_defaults import EMBEDDED_CHECKPOINT, INPUT_AVERAGE_HELP, PARTNER_HELP, resolve_partners
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DONE = "done.json"
@@ -224,8 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--average-seeds", type=int, default=None,
                    help="average the views of this many noise draws, in antithetic pairs")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                   help="with several photos, average the masks of the views generated with each photo first "
-                   "(the first photo's colours are kept)")
+                   help=INPUT_AVERAGE_HELP)
     p.add_argument("--mesh-resolution", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU")
     args = p.parse_args(argv)

@@ -78,6 +78,12 @@ PARTNER_HELP = (
     "--partner alone: none"
 )
 
+INPUT_AVERAGE_HELP = (
+    "with several photos, also generate with each other photo first, turn those views into the first photo's "
+    "frame, average the masks of all and keep the first photo's colours (generate's input_average; one "
+    "generation per photo); default: on with the embedded default, off with any other checkpoint"
+)
+
 
 def default_sampling(checkpoint: Path | str | None, **given: object) -> Sampling:
     """The sampling for ``checkpoint``, with any field given (not None) taking its place."""

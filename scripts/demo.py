@@ -34,6 +34,7 @@ from mvdpp_core.pipeline import ensemble_members, generate  # noqa: E402
 from mvdpp_core.reconstruction import export_mesh, reconstruct  # noqa: E402
 from mvdpp_core.sampling_defaults import (  # noqa: E402
     EMBEDDED_CHECKPOINT,
+    INPUT_AVERAGE_HELP,
     PARTNER_HELP,
     default_sampling,
     resolve_partners,
@@ -93,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="average the views of this many noise draws, in antithetic pairs (default: 2 with "
                         "the embedded default, 1 with any other checkpoint)")
     parser.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                        help="with several photos, average the masks of the views generated with each photo first, "
-                        "turned into the first photo's frame, and keep the first photo's colours (one generation per "
-                        "photo; default: on with the embedded default, "
-                        "off with any other checkpoint)")
+                        help=INPUT_AVERAGE_HELP)
     parser.add_argument("--mesh-resolution", type=int, default=96)
     args = parser.parse_args(argv)
     if message := average_seeds_error("--average-seeds", args.average_seeds):

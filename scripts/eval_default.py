@@ -73,6 +73,7 @@ from mvdpp_core.reconstruction.metrics import psnr, ssim  # noqa: E402
 from mvdpp_core.sampling_defaults import (  # noqa: E402
     EMBEDDED_CHECKPOINT,
     EMBEDDED_SAMPLING,
+    INPUT_AVERAGE_HELP,
     PARTNER_HELP,
     default_sampling,
     resolve_partners,
@@ -551,9 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="average the views of this many noise draws, in antithetic pairs (generate's average_seeds); "
                    "default: the demo's")
     p.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
-                   help="with 2 or 4 input views, average the masks of the estimates with each view first, turned "
-                   "into the first view's frame, the first view's colours kept (generate's input_average); "
-                   "default: the demo's for this checkpoint")
+                   help=INPUT_AVERAGE_HELP)
     p.add_argument("--per-view-attention", action="store_true",
                    help="restrict every attention layer to its own view (what the outputs owe to information "
                    "crossing views: the model's cross-view path)")
