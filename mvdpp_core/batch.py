@@ -40,7 +40,13 @@ import torch
 from torch import Tensor
 
 from .inputs import average_seeds_error
-from .sampling_defaults import EMBEDDED_CHECKPOINT, INPUT_AVERAGE_HELP, PARTNER_HELP, resolve_partners
+from .sampling_defaults import (
+    EMBEDDED_CHECKPOINT,
+    INPUT_AVERAGE_HELP,
+    PARTNER_HELP,
+    checkpoint_flags_error,
+    resolve_partners,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DONE = "done.json"
@@ -229,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPU")
     args = p.parse_args(argv)
     if message := average_seeds_error("--average-seeds", args.average_seeds):
+        p.error(message)
+    if message := checkpoint_flags_error(args.checkpoint, args.partner):
         p.error(message)
     return args
 

@@ -72,6 +72,25 @@ def resolve_partners(checkpoint: Path | str | None, given: list[Path] | None) ->
     return ensemble_partners(checkpoint) if given is None else tuple(given)
 
 
+def checkpoint_flags_error(checkpoint: Path | str | None, partners: list[Path] | None) -> str | None:
+    """The message for a script's ``--checkpoint`` or ``--partner`` that names no readable model
+    bundle (missing, a folder, a pickle, another file), or None when each reads (None flags are
+    not checked). Only the bundle's header is read; the demo, eval_default and batch generation
+    pass it to ``parser.error`` before any work."""
+    from .checkpoint import read_bundle_config
+
+    named = [("--checkpoint", checkpoint)] if checkpoint is not None else []
+    for flag, path in named + [("--partner", p) for p in partners or ()]:
+        if not Path(path).exists():
+            return (f"{flag} {path}: no such file; give a model bundle (.safetensors), e.g. "
+                    f"{EMBEDDED_CHECKPOINT.parent.name}/{EMBEDDED_CHECKPOINT.name} in this repository.")
+        try:
+            read_bundle_config(path)
+        except ValueError as err:
+            return f"{flag} {path}: {err}"
+    return None
+
+
 PARTNER_HELP = (
     "checkpoints whose masks are averaged with --checkpoint's, whose colours are kept (generate's tuple of "
     "models); default: the embedded default's partner for the embedded default, none for others; "

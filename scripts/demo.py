@@ -36,6 +36,7 @@ from mvdpp_core.sampling_defaults import (  # noqa: E402
     EMBEDDED_CHECKPOINT,
     INPUT_AVERAGE_HELP,
     PARTNER_HELP,
+    checkpoint_flags_error,
     default_sampling,
     resolve_partners,
 )
@@ -68,7 +69,7 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="MVDiffusion++ demo: image -> 32 views -> grid + GLB")
     parser.add_argument("--image", type=Path, nargs="+", default=[DEFAULT_IMAGE],
                         help="RGBA PNGs or photos on a plain background, 1 to 10 views of one object (the first "
@@ -96,15 +97,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-average", action=argparse.BooleanOptionalAction, default=None,
                         help=INPUT_AVERAGE_HELP)
     parser.add_argument("--mesh-resolution", type=int, default=96)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's flags, each checked before any work (a bad one ends the command with one line)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if message := average_seeds_error("--average-seeds", args.average_seeds):
+        parser.error(message)
+    if message := checkpoint_flags_error(args.checkpoint, args.partner):
         parser.error(message)
     if len(args.image) > MAX_CONDITION_VIEWS:
         parser.error(f"--image: {len(args.image)} photos given; the model takes 1 to {MAX_CONDITION_VIEWS}.")
     for path in args.image:
         if not path.is_file():
             parser.error(f"--image {path}: no such file; give an RGBA PNG or a photo on a plain background.")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_grad_enabled(False)
     model, source = load_model(args.checkpoint, args.partner)
     sampler, steps, cfg, mirror, seeds, inputs = default_sampling(
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         views = frame_photos(args.image, size=ensemble_members(model)[0].config.image_size)
     except ValueError as err:
-        parser.error(str(err))
+        build_parser().error(str(err))
     result = generate(model, views, seed=args.seed, steps=steps, sampler=sampler, guidance=cfg,
                       mirror_average=mirror, average_seeds=seeds, input_average=inputs,
                       callback=lambda i, n, _: print(f"\rsampling {i}/{n}", end="", flush=True))

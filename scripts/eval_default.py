@@ -75,6 +75,7 @@ from mvdpp_core.sampling_defaults import (  # noqa: E402
     EMBEDDED_SAMPLING,
     INPUT_AVERAGE_HELP,
     PARTNER_HELP,
+    checkpoint_flags_error,
     default_sampling,
     resolve_partners,
 )
@@ -577,6 +578,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if message := average_seeds_error("--average-seeds", args.average_seeds):
         p.error(message)
+    if message := checkpoint_flags_error(args.checkpoint, args.partner):
+        p.error(message)
+    if max(args.views) > 4 or min(args.views) < 1:
+        p.error(f"--views {' '.join(map(str, args.views))}: held-out objects hold 4 condition views; give 1 to 4.")
     return args
 
 
@@ -585,8 +590,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
         return 0
-    if max(args.views) > 4 or min(args.views) < 1:
-        raise ValueError(f"--views {args.views}; held-out objects hold 4 condition views, allowed 1..4.")
     torch.set_num_threads(args.threads)
     sampler, steps, guidance, mirror, seeds, inputs = default_sampling(  # the demo's unless given
         args.checkpoint, sampler=args.sampler, steps=args.steps, cfg=args.guidance, mirror_average=args.mirror,

@@ -83,3 +83,40 @@ def test_batch_generation_samples_each_checkpoint_as_the_demo_does(staged_bundle
     assert (given.steps, given.mirror_average, given.average_seeds, given.sampler) == (4, False, 3, "ddim")
     with pytest.raises(SystemExit):
         parse_args([*common, "--average-seeds", "0"])
+
+
+def test_the_scripts_refuse_a_checkpoint_flag_that_names_no_bundle_before_any_work(staged_bundles, tmp_path, capsys):
+    """The demo, batch generation and the evaluation read --checkpoint and --partner's headers while
+    parsing: a missing file, a folder, a pickle or a file that is not a bundle ends the command with
+    one argparse line naming the flag, not a traceback after the held-out set or the inputs are read."""
+    from mvdpp_core.sampling_defaults import checkpoint_flags_error
+    from scripts import demo, eval_default
+
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    not_bundle = tmp_path / "notes.safetensors"
+    not_bundle.write_text("not a safetensors file")
+    bundle = str(staged_bundles["stage3"])
+    assert checkpoint_flags_error(EMBEDDED_CHECKPOINT, [EMBEDDED_PARTNER]) is None
+    assert checkpoint_flags_error(None, None) is None and checkpoint_flags_error(bundle, []) is None
+    refused = {tmp_path / "missing.safetensors": "no such file; give a model bundle",
+               tmp_path: "is a directory, not a file", pickle: "pickle-based checkpoint",
+               not_bundle: "not a valid safetensors file"}
+    for path, reason in refused.items():
+        message = checkpoint_flags_error(path, None)
+        assert message.startswith(f"--checkpoint {path}: ") and reason in message
+        assert checkpoint_flags_error(bundle, [EMBEDDED_PARTNER, path]).startswith(f"--partner {path}: ")
+    missing = str(tmp_path / "missing.safetensors")
+    commands = [
+        (demo.parse_args, []),
+        (parse_args, ["--inputs", str(tmp_path), "--out", str(tmp_path / "out")]),
+        (eval_default.parse_args, ["--heldout", str(tmp_path / "heldout"), "--out", str(tmp_path / "e.json")]),
+    ]
+    for parse, common in commands:
+        for flags in (["--checkpoint", missing], ["--partner", missing]):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as exit_info:
+                parse([*common, *flags])
+            assert exit_info.value.code == 2
+            assert f"error: {flags[0]} {missing}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "heldout").exists() and not (tmp_path / "out").exists()

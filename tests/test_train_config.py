@@ -225,9 +225,30 @@ def test_view_embedding_scale_starts_where_configured(tmp_path):
     ("train_mvdiff.py", "default_unet.yaml", "optim.max_minutes=-1",
      "optim.max_minutes=-1.0 is not allowed; allowed: >= 0"),
     # loads, but cannot run: the shipped default already has the epipolar bias step 5 would switch on
-    ("train_mvdiff.py", "default_unet_5.yaml", "init.path=models/mvdpp_default.safetensors runtime.output_dir={tmp}",
+    ("train_mvdiff.py", "default_unet_5.yaml",
+     "data.folders={data} init.path=models/mvdpp_default.safetensors runtime.output_dir={tmp}",
      "already has epipolar attention, whose gains it keeps; leave init.epipolar_gain at 0"),
     ("train_mvae.py", "default_mvae.yaml", "optim.nope=1", "unknown key(s) ['nope'] in optim"),
+    # the files and folders a config names: checked before any model is built, each error naming its key
+    ("train_mvdiff.py", "default_unet_8.yaml", "data.folders={tmp}/none runtime.output_dir={tmp}",
+     "data.folders='{tmp}/none': data folder {tmp}/none does not exist; render objects there first"),
+    ("train_mvdiff.py", "default_unet_8.yaml", "data.folders={empty} runtime.output_dir={tmp}",
+     "holds no object folders; render objects there first"),
+    ("train_mvdiff.py", "default_unet_8.yaml",
+     "data.folders={data} init.path={tmp}/model.safetensors runtime.output_dir={tmp}",
+     "init.path={tmp}/model.safetensors does not exist; set it to the previous stage's exported .safetensors bundle"),
+    ("train_mvdiff.py", "default_unet_8.yaml",
+     "data.folders={data} init.path=models/mvdpp_default.safetensors init.mvae_path={tmp}/mvae.safetensors "
+     "runtime.output_dir={tmp}",
+     "init.mvae_path={tmp}/mvae.safetensors does not exist; set it to an MVAE file"),
+    ("train_mvdiff.py", "default_unet_8.yaml",
+     "data.folders={data} init.path=README.md init.mvae_path=models/mvdpp_default.safetensors runtime.output_dir={tmp}",
+     "init.path=README.md: "),
+    ("train_mvae.py", "default_mvae_4.yaml",
+     "data.folders={data} init.path={tmp}/mvae.safetensors runtime.output_dir={tmp}",
+     "init.path={tmp}/mvae.safetensors does not exist; set it to an MVAE file"),
+    ("train_mvae.py", "default_mvae_4.yaml", "data.folders={tmp}/none runtime.output_dir={tmp}",
+     "data.folders='{tmp}/none': data folder {tmp}/none does not exist"),
 ])
 def test_the_trainers_refuse_a_bad_config_in_one_line_without_a_traceback(script, config, override, message, tmp_path):
     import os
@@ -235,8 +256,12 @@ def test_the_trainers_refuse_a_bad_config_in_one_line_without_a_traceback(script
     import sys
 
     repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "data" / "object_0").mkdir(parents=True)  # an object folder (read only once training starts)
+    (tmp_path / "empty").mkdir()
+    names = {"tmp": tmp_path / "run", "data": tmp_path / "data", "empty": tmp_path / "empty"}
+    message = message.format(**names)
     cmd = [sys.executable, str(repo / "train" / script), "--config", str(repo / "train" / "configs" / config)]
-    for item in override.format(tmp=tmp_path / "run").split():
+    for item in override.format(**names).split():
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(repo)})

@@ -6,9 +6,10 @@ model built once from it, the MVAE to fine-tune, trained weights, bundle export.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -92,12 +93,18 @@ def build_mvdiff_model(
     if init.source is InitSource.PRESET:
         config = preset_with(init.preset, init.architecture)
     elif init.source is InitSource.SD2_INPAINTING:
-        _require(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
-        source = convert_sd2_inpainting(init.path, image_encoder_path=init.image_encoder_path or None)
+        what = "a local SD 2 inpainting folder (diffusers layout) or .safetensors file"
+        _require_path(init.path, "init.path", what)
+        if init.image_encoder_path:
+            _require_path(init.image_encoder_path, "init.image_encoder_path",
+                          "a transformers CLIP vision folder (OpenCLIP ViT-H/14)")
+        with _reading("init.path", init.path):
+            source = convert_sd2_inpainting(init.path, image_encoder_path=init.image_encoder_path or None)
         config = source.config
     else:
-        _require(init.path, "init.path", "the previous stage's exported .safetensors bundle")
-        source = load_checkpoint(init.path)
+        _require_path(init.path, "init.path", "the previous stage's exported .safetensors bundle")
+        with _reading("init.path", init.path):
+            source = load_checkpoint(init.path)
         config = _with_epipolar(source.config, init)
     if source is not None and source.image_encoder is None:
         raise ConfigError(
@@ -176,7 +183,9 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
     (``init.image_size``; 0 keeps the source's), the stage's prediction type and, when
     ``init.zero_terminal_snr`` asks, the zero-terminal-SNR schedule."""
     if init.mvae_path:
-        config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
+        _require_path(init.mvae_path, "init.mvae_path", "an MVAE file written by train_mvae.py, or a model bundle")
+        with _reading("init.mvae_path", init.mvae_path):
+            config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
     if init.image_size:
         config = dataclasses.replace(config, image_size=init.image_size)
     schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type,
@@ -219,16 +228,18 @@ def build_mvae(init: MVAEInitConfig) -> tuple[MaskAwareVAE, int]:
         torch.manual_seed(init.seed)
         config = preset(init.preset)
         return MaskAwareVAE(config.vae), init.image_size or config.image_size
-    _require(
+    _require_path(
         init.path, "init.path", "a local SD VAE folder" if init.source is MVAEInitSource.SD_VAE else "an MVAE file"
     )
     if init.source is MVAEInitSource.MVAE:
-        return load_mvae(init.path), init.image_size or 512
+        with _reading("init.path", init.path):
+            return load_mvae(init.path), init.image_size or 512
     from diffusers import AutoencoderKL
 
     path = Path(init.path)
     sub = "vae" if (path / "vae" / "config.json").is_file() else None
-    rgb = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+    with _reading("init.path", init.path):
+        rgb = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
     return MaskAwareVAE.from_rgb_vae(rgb), init.image_size or 512
 
 
@@ -296,3 +307,22 @@ def export_bundle(model: MVDPPModel, weights: dict[str, Tensor], path: str | Pat
 def _require(value: str, key: str, what: str) -> None:
     if not value:
         raise ConfigError(f"{key} is empty; set it to {what}.")
+
+
+def _require_path(value: str, key: str, what: str) -> None:
+    """A config key that names a local file or folder: set, and there."""
+    _require(value, key, what)
+    if not Path(value).exists():
+        raise ConfigError(f"{key}={value} does not exist; set it to {what}.")
+
+
+@contextlib.contextmanager
+def _reading(key: str, value: str) -> Iterator[None]:
+    """Reading the file a config key names: what is wrong with it (not a bundle, a pickle, a
+    config that does not fit) is the key's error, said in one line, not a trainer's traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{key}={value}: {err}") from err

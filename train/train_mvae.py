@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from mvdpp_core.checkpoint import save_mvae
 from mvdpp_core.vae import MaskAwareVAE
 from train.config import MVAELossConfig, MVAETrainConfig, dump_config, exit_on_config_error, load_cli_config
-from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
+from train.data.dataset import (
+    MultiViewDataset,
+    ViewSampling,
+    check_data,
+    first_object,
+    make_batches,
+    mix_seed,
+    to_tensors,
+)
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import RUN_ARCHITECTURE, build_mvae, load_trained, rebuilt_under, run_architecture
 from train.viz import save_png
@@ -160,6 +168,7 @@ def export(mvae: MaskAwareVAE, weights: dict[str, Tensor], path: Path) -> Path:
 
 
 def train(cfg: MVAETrainConfig) -> TrainState:
+    check_data(cfg.data)
     acc = make_accelerator(cfg.runtime, cfg.logging)
     out = Path(cfg.runtime.output_dir)
     if acc.is_main_process:

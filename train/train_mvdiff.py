@@ -57,7 +57,15 @@ from mvdpp_core.model import MVDPPModel
 from mvdpp_core.pipeline import generate
 from mvdpp_core.unet import MultiViewUNet
 from train.config import ConfigError, StageConfig, TrainConfig, dump_config, exit_on_config_error, load_cli_config
-from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, mix_seed, to_tensors
+from train.data.dataset import (
+    MultiViewDataset,
+    ViewSampling,
+    check_data,
+    first_object,
+    make_batches,
+    mix_seed,
+    to_tensors,
+)
 from train.loop import Hooks, LoopConfig, TrainState, make_accelerator, make_optimizer, resumes, run_loop
 from train.models import (
     RUN_ARCHITECTURE,
@@ -275,6 +283,7 @@ def validate(model: MVDPPModel, weights: dict[str, Tensor], cfg: TrainConfig, st
 
 def train(cfg: TrainConfig) -> TrainState:
     """Build, resume, train and export; returns the final loop state."""
+    check_data(cfg.data)
     acc = make_accelerator(cfg.runtime, cfg.logging)
     check_parallel(cfg.parallel, acc.num_processes, cfg.data.num_target_views)
     groups = ViewGroups(cfg.parallel, acc.process_index, acc.num_processes)

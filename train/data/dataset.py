@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mvdpp_core.common import composite_on_white
 
+from ..config import ConfigError, DataConfig
 from . import format as fmt
 from .shards import expand_urls, iter_shard, object_folders
 
@@ -102,6 +103,27 @@ def to_tensors(rgba: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]
     return composite_on_white(rgb, alpha).clamp(0, 1), alpha
 
 
+def data_source(folders: str, shards: str) -> tuple[list[Path], list[str]]:
+    """The object folders or the shard URLs of a data config: exactly one source, and not empty."""
+    if bool(folders) == bool(shards):
+        raise ValueError(f"give exactly one data source: folders={folders!r}, shards={shards!r}.")
+    found = object_folders(folders) if folders else []
+    if folders and not found:
+        raise ValueError(f"data folder {folders} holds no object folders; render objects there first "
+                         "(train/render/launch.py, or python -m train.procedural.generate).")
+    return found, expand_urls(shards) if shards else []
+
+
+def check_data(data: DataConfig) -> None:
+    """A trainer's data config, checked before anything is built: a missing or empty source is a
+    config error (one line naming the key), not a traceback from the first batch."""
+    key, value = ("data.shards", data.shards) if data.shards else ("data.folders", data.folders)
+    try:
+        data_source(data.folders, data.shards)
+    except ValueError as err:
+        raise ConfigError(f"{key}={value!r}: {err}") from None
+
+
 class MultiViewDataset(IterableDataset):
     """Endless stream of training items from object folders or webdataset shards.
 
@@ -122,12 +144,7 @@ class MultiViewDataset(IterableDataset):
         world_size: int = 1,
         start_batch: int = 0,
     ):
-        if bool(folders) == bool(shards):
-            raise ValueError(f"give exactly one data source: folders={folders!r}, shards={shards!r}.")
-        self.folders = object_folders(folders) if folders else []
-        if folders and not self.folders:
-            raise ValueError(f"data folder {folders} holds no object folders.")
-        self.urls = expand_urls(shards) if shards else []
+        self.folders, self.urls = data_source(folders, shards)
         self.image_size, self.sampling, self.batch_size = image_size, sampling, batch_size
         self.seed, self.rank, self.world_size, self.start_batch = seed, rank, world_size, start_batch
 
