@@ -38,6 +38,7 @@ from mvdpp_core.checkpoint import load_checkpoint  # noqa: E402
 from mvdpp_core.condition import ConditionViews  # noqa: E402
 from mvdpp_core.model import MVDPPModel  # noqa: E402
 from mvdpp_core.pipeline import generate  # noqa: E402
+from mvdpp_core.sampling_defaults import checkpoint_flags_error  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.data.dataset import to_tensors  # noqa: E402
 from train.diagnostics import best_common_scale, mask_iou  # noqa: E402
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 2:
         p.error(f"--count {args.count}: the mean-latent probe pairs objects; give 2 or more.")
     checkpoints = args.checkpoint or [ROOT / "models" / "mvdpp_default.safetensors"]
+    for path in checkpoints:
+        if message := checkpoint_flags_error(path, None):
+            p.error(message)
     objects = [held_out(args.heldout, i) for i in range(args.count)]
     report = {"objects": args.count, "sampling": [args.sampler, args.steps, args.guidance], "checkpoints": {}}
     for path in checkpoints:

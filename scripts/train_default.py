@@ -52,9 +52,10 @@ sys.path.insert(0, str(REPO))
 
 from mvdpp_core.inputs import average_seeds_error  # noqa: E402
 from mvdpp_core.sampling_defaults import EMBEDDED_SAMPLING  # noqa: E402
-from train.config import CheckpointConfig  # noqa: E402
+from train.config import CheckpointConfig, TrainConfig, load_config  # noqa: E402
 from train.data import format as fmt  # noqa: E402
 from train.loop import Checkpointer  # noqa: E402
+from train.models import check_init_files  # noqa: E402
 from train.procedural.objects import MAX_PARTS, Split, first_objects  # noqa: E402
 from train.procedural.render import folder_name  # noqa: E402
 
@@ -279,14 +280,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         summary["device_name"] = torch.cuda.get_device_name(0)
+    overrides = trainer_overrides(args, data, run, cuda)
+    try:  # the config and the files it names, before minutes of rendering (the objects are not there yet)
+        check_init_files(load_config(TrainConfig, args.config,
+                                     overrides + ([f"optim.decay_steps={args.max_steps}"] if args.decay else [])).init)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     print(f"[train_default] rendering {args.objects} objects with {args.jobs} processes", flush=True)
     summary["render_s"] = round(sum(render(root, n, args.jobs, args.parts, up) for root, n, up in renders), 1)
     print(f"[train_default] rendered in {summary['render_s']} s", flush=True)
+
     def trainer(sets: list[str]) -> list[str]:
         return [sys.executable, str(REPO / "train" / "train_mvdiff.py"), "--config", str(args.config),
                 *(a for item in sets for a in ("--set", item))]
 
-    overrides = trainer_overrides(args, data, run, cuda)
     if args.probe_steps:
         t0 = time.perf_counter()
         probe = overrides + [f"runtime.output_dir={args.work / 'probe'}", "checkpoint.resume=false",

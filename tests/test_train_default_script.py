@@ -138,10 +138,18 @@ def test_bad_arguments_are_refused_with_the_value(tmp_path):
                           (["--finish-within", "-1"], "--finish-within -1.0: give 0"),
                           (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
                           (["--mixed", "--upright"], "--mixed already trains on upright objects"),
-                          (["--mixed", "--objects", "1"], "--objects 1 with --mixed: give at least 2")):
+                          (["--mixed", "--objects", "1"], "--objects 1 with --mixed: give at least 2"),
+                          # the trainer's config and the files it names: refused before any object is rendered
+                          (["--set", "optim.nope=1"], "config error: unknown key(s) ['nope'] in optim"),
+                          (["--config", str(REPO / "train" / "configs" / "default_unet_3.yaml"), "--decay",
+                            "--set", "init.path=nope.safetensors"],
+                           "config error: init.path=nope.safetensors does not exist; set it to the previous stage's"),
+                          (["--config", str(REPO / "train" / "configs" / "default_unet_3.yaml"), "--decay",
+                            "--set", "init.path=README.md"], "config error: init.path=README.md: ")):
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                                "--out", str(tmp_path / "o"), *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "data").exists(), "nothing is rendered before the arguments and the config are checked"
     if not torch.cuda.is_available():
         cmd = [sys.executable, str(REPO / "scripts" / "train_default.py"), "--work", str(tmp_path),
                "--out", str(tmp_path / "o"), "--device", "cuda"]

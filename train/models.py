@@ -21,6 +21,7 @@ from mvdpp_core.checkpoint import (
     load_checkpoint,
     load_mvae,
     load_mvae_weights,
+    read_bundle_config,
     read_mvae_config,
     save_checkpoint,
 )
@@ -89,20 +90,15 @@ def build_mvdiff_model(
     only where the recorded architecture differs, holding the same weights).
     """
     _check_init(init)
+    check_init_files(init)
     source = None
     if init.source is InitSource.PRESET:
         config = preset_with(init.preset, init.architecture)
     elif init.source is InitSource.SD2_INPAINTING:
-        what = "a local SD 2 inpainting folder (diffusers layout) or .safetensors file"
-        _require_path(init.path, "init.path", what)
-        if init.image_encoder_path:
-            _require_path(init.image_encoder_path, "init.image_encoder_path",
-                          "a transformers CLIP vision folder (OpenCLIP ViT-H/14)")
         with _reading("init.path", init.path):
             source = convert_sd2_inpainting(init.path, image_encoder_path=init.image_encoder_path or None)
         config = source.config
     else:
-        _require_path(init.path, "init.path", "the previous stage's exported .safetensors bundle")
         with _reading("init.path", init.path):
             source = load_checkpoint(init.path)
         config = _with_epipolar(source.config, init)
@@ -129,6 +125,25 @@ def build_mvdiff_model(
         if model.unet.condition_bias is not None:
             model.unet.condition_bias.reset_parameters(init.condition_bias_gain)
     return model
+
+
+def check_init_files(init: ModelInitConfig) -> None:
+    """The files the UNet trainer's init config names, there and of the right kind (a bundle's or an
+    MVAE file's header is read, no tensors): a ConfigError naming the key otherwise. The trainer
+    checks them first; ``scripts/train_default.py`` before it renders its objects."""
+    if init.source is InitSource.SD2_INPAINTING:
+        _require_path(init.path, "init.path", "a local SD 2 inpainting folder (diffusers layout) or .safetensors file")
+        if init.image_encoder_path:
+            _require_path(init.image_encoder_path, "init.image_encoder_path",
+                          "a transformers CLIP vision folder (OpenCLIP ViT-H/14)")
+    elif init.source is InitSource.BUNDLE:
+        _require_path(init.path, "init.path", "the previous stage's exported .safetensors bundle")
+        with _reading("init.path", init.path):
+            read_bundle_config(init.path)
+    if init.mvae_path:
+        _require_path(init.mvae_path, "init.mvae_path", "an MVAE file written by train_mvae.py, or a model bundle")
+        with _reading("init.mvae_path", init.mvae_path):
+            read_mvae_config(init.mvae_path)
 
 
 def _with_epipolar(config: ModelConfig, init: ModelInitConfig) -> ModelConfig:
@@ -183,7 +198,6 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
     (``init.image_size``; 0 keeps the source's), the stage's prediction type and, when
     ``init.zero_terminal_snr`` asks, the zero-terminal-SNR schedule."""
     if init.mvae_path:
-        _require_path(init.mvae_path, "init.mvae_path", "an MVAE file written by train_mvae.py, or a model bundle")
         with _reading("init.mvae_path", init.mvae_path):
             config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
     if init.image_size:

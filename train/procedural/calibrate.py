@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mvdpp_core.checkpoint import load_mvae, save_mvae
+from mvdpp_core.checkpoint import load_mvae, read_mvae_config, save_mvae
 from mvdpp_core.vae import MaskAwareVAE
 
 from ..data import format as fmt
@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="calibrated MVAE file to write")
     p.add_argument("--objects", type=int, default=32, help="objects to encode")
     args = p.parse_args(argv)
+    try:  # the inputs, checked before any encoding
+        read_mvae_config(args.mvae)
+        if not object_folders(args.data):
+            p.error(f"--data {args.data}: holds no object folders; render objects there first.")
+    except ValueError as err:
+        p.error(str(err))
     factor = calibrate(args.mvae, args.data, args.out, args.objects)
     print(f"scaling_factor = {factor:.5f} -> {args.out}")
     return 0
