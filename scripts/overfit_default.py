@@ -120,7 +120,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure with the empty latent in every target (ablation of target_condition: first_view: the input "
              "reaches the targets only through attention and the image token)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        if len(object_folders(str(args.data))) < args.objects:
+            p.error(f"--data {args.data}: fewer than --objects {args.objects} object folders; render more "
+                    "(python -m train.procedural.generate) or ask for fewer.")
+    except ValueError as err:
+        p.error(f"--data: {err}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

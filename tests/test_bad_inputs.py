@@ -402,3 +402,31 @@ if __name__ == "__main__":
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     print(json.dumps(report(), indent=1))
     sys.exit(0)
+
+
+@pytest.mark.parametrize("command,message", [
+    (["-m", "train.data.shards", "--folders", "{tmp}/none", "--out", "{tmp}/shards/o-%06d.tar"],
+     "--folders: data folder {tmp}/none does not exist; render objects there first"),
+    (["scripts/overfit_default.py", "--out", "{tmp}/run", "--data", "{tmp}/none"],
+     "--data: data folder {tmp}/none does not exist"),
+    (["scripts/overfit_default.py", "--out", "{tmp}/run", "--data", "{tmp}", "--objects", "8"],
+     "--data {tmp}: fewer than --objects 8 object folders"),
+    (["-m", "train.procedural.calibrate", "--mvae", "{tmp}/none.safetensors", "--data", "{tmp}", "--out", "{tmp}/c"],
+     "MVAE file {tmp}/none.safetensors must be an existing .safetensors"),
+    (["-m", "train.procedural.calibrate", "--mvae", "models/mvdpp_default.safetensors", "--data", "{tmp}/none",
+      "--out", "{tmp}/c"], "data folder {tmp}/none does not exist"),
+    (["scripts/size_probe.py", "--heldout", "{tmp}", "--checkpoint", "{tmp}/none.safetensors", "--out", "{tmp}/s"],
+     "--checkpoint {tmp}/none.safetensors: no such file; give a model bundle"),
+])
+def test_command_line_tools_refuse_a_missing_input_in_one_line(command, message, tmp_path):
+    """The research tools name the flag and the fix in one argparse line (exit code 2), before any
+    work and without a traceback, like the trainers, the demo and batch generation."""
+    import subprocess
+
+    (tmp_path / "object_0").mkdir()  # one object folder: too few for the default 8
+    args = [a.format(tmp=tmp_path) for a in command]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["object_0"], "nothing is written"

@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="shard pattern, e.g. shards/objects-%%06d.tar")
     p.add_argument("--per-shard", type=int, default=1000)
     args = p.parse_args(argv)
-    print(pack_shards(object_folders(args.folders), args.out, args.per_shard))
+    try:
+        folders = object_folders(args.folders)
+    except ValueError as err:
+        p.error(f"--folders: {err}")
+    print(pack_shards(folders, args.out, args.per_shard))
     return 0
 
 
