@@ -197,9 +197,8 @@ def resolved_config(config: ModelConfig, init: ModelInitConfig, prediction_type:
     """The source's config with the trainer's overrides: the MVAE file's VAE, the image size
     (``init.image_size``; 0 keeps the source's), the stage's prediction type and, when
     ``init.zero_terminal_snr`` asks, the zero-terminal-SNR schedule."""
-    if init.mvae_path:
-        with _reading("init.mvae_path", init.mvae_path):
-            config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
+    if init.mvae_path:  # build_mvdiff_model's check_init_files has read this header already
+        config = dataclasses.replace(config, vae=read_mvae_config(init.mvae_path))
     if init.image_size:
         config = dataclasses.replace(config, image_size=init.image_size)
     schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type,
