@@ -3,16 +3,20 @@ a 3D preview."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from ._checks import check_choice, first_error
 from ._comfy import MESH, comfy_utils, folder_paths, io, model_management
 from ._convert import check_image, check_mask
+
+if TYPE_CHECKING:
+    from ..mvdpp_core.reconstruction import ReconstructedMesh
 
 METHODS = ["fast", "quality"]
 FORMATS = ["glb", "obj", "ply"]
@@ -108,25 +112,38 @@ def progress_callback() -> Callable[..., None]:
     return on_progress
 
 
-def to_comfy_mesh(vertices: object, faces: object) -> MESH:
-    """ComfyUI's MESH (batched vertices (1, n, 3) float32, faces (1, f, 3) int64) in glTF's
-    +Y-up frame, since SaveGLB writes MESH vertices as they are; a rotation, so faces keep
-    their outward winding."""
-    from ..mvdpp_core.reconstruction.export import vertices_y_up
+def mesh_takes_colours() -> bool:
+    """Whether the running ComfyUI's MESH carries per-vertex colours (its constructor takes
+    ``vertex_colors``, as in ComfyUI releases after 0.3.75); 0.3.75's holds geometry only."""
+    return "vertex_colors" in inspect.signature(MESH).parameters
 
-    v, f = vertices_y_up(vertices), torch.as_tensor(faces, dtype=torch.int64)
-    return MESH(v[None].contiguous(), f[None].contiguous())
+
+def to_comfy_mesh(mesh: ReconstructedMesh) -> MESH:
+    """ComfyUI's MESH (batched: vertices (1, n, 3) float32, faces (1, f, 3) int64) in glTF's
+    +Y-up frame, since SaveGLB writes MESH vertices as they are; a rotation, so faces keep
+    their outward winding. Where the running ComfyUI's MESH takes them, also the vertex
+    colours (1, n, 3) in [0, 1] and the vertex normals (1, n, 3), so core Save GLB and its
+    preview show the mesh coloured and smooth; else geometry only."""
+    from ..mvdpp_core.reconstruction.export import gltf_arrays
+
+    arrays = {name: value[None].contiguous() for name, value in gltf_arrays(mesh).items()}
+    fields = inspect.signature(MESH).parameters
+    extras = {name: arrays[name] for name in ("vertex_colors", "normals") if name in fields}
+    return MESH(arrays["vertices"], arrays["faces"], **extras)
 
 
 class MeshExport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        coloured = mesh_takes_colours()
         return io.Schema(
             node_id="MVDPP_MeshExport",
             display_name="MVDiffusion++ Mesh Export",
             category="MVDiffusion++/3d",
             description="Reconstructs a coloured mesh from the 32 views and masks and saves it, with its colours, in "
-            "the output folder; the MESH output is geometry only (ComfyUI's MESH type has no colours).",
+            "the output folder; the MESH output carries " + (
+                "the vertex colours too." if coloured else "geometry only (this ComfyUI's MESH type has no colours)."
+            ),
             is_output_node=True,
             inputs=[
                 io.Image.Input("views", tooltip="The 32 views from the multi-view sampler, in rig order."),
@@ -150,9 +167,15 @@ class MeshExport(io.ComfyNode):
             outputs=[
                 io.Mesh.Output(
                     display_name="mesh",
-                    tooltip="The mesh geometry (glTF axes, +Y up) for core MESH nodes such as Save GLB. ComfyUI's "
-                    "MESH type holds no colours, so Save GLB writes it uncoloured; the file this node saves keeps "
-                    "the vertex colours (connect 'path' to Preview 3D for a coloured preview).",
+                    tooltip=(
+                        "The mesh (glTF axes, +Y up) with its vertex colours and normals, for core MESH nodes such "
+                        "as Save GLB."
+                        if coloured
+                        else "The mesh geometry (glTF axes, +Y up) for core MESH nodes such as Save GLB. This "
+                        "ComfyUI's MESH type holds no colours (newer releases' does), so Save GLB writes it "
+                        "uncoloured; the file this node saves keeps the vertex colours (connect 'path' to Preview "
+                        "3D for a coloured preview)."
+                    ),
                 ),
                 io.String.Output(
                     display_name="path",
@@ -194,4 +217,4 @@ class MeshExport(io.ComfyNode):
         export_mesh(mesh, path, format=format)
         relative = os.path.join(subfolder, filename).replace(os.sep, "/")
         ui = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}
-        return io.NodeOutput(to_comfy_mesh(mesh.vertices, mesh.faces), relative, ui=ui)
+        return io.NodeOutput(to_comfy_mesh(mesh), relative, ui=ui)

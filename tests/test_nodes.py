@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from comfyui_harness import NODE_IDS, import_comfyui, load_pack
@@ -584,9 +585,12 @@ def test_longest_allowed_prefix_writes_a_file(comfy):
     assert path.read_bytes() == b"ok" and len(filename.encode()) <= 255
 
 
-def rig_sphere_views(size: int = 48, radius: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
+def rig_sphere_views(
+    size: int = 48, radius: float = 0.35, two_tone: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [32, s, s, 3] and MASK [32, s, s] of a sphere seen from the 32 rig cameras (exact
-    ray-sphere intersection, so this test does not depend on the renderer)."""
+    ray-sphere intersection, so this test does not depend on the renderer); grey, or with
+    ``two_tone`` red above its equator (world +Z) and blue below."""
     from mvdpp_core import cameras
 
     origins, dirs = cameras.pixel_rays(cameras.rig_c2w(torch.float64), cameras.intrinsics(size), size, size)
@@ -594,6 +598,11 @@ def rig_sphere_views(size: int = 48, radius: float = 0.35) -> tuple[torch.Tensor
     c = (origins * origins).sum(-1) - radius**2
     hit = (b * b - c > 0).float()
     views = (0.2 + 0.6 * hit)[..., None].expand(-1, -1, -1, 3).float().contiguous()
+    if two_tone:
+        depth = -b - (b * b - c).clamp(min=0).sqrt()
+        above = (origins + depth[..., None] * dirs)[..., 2] > 0
+        tone = torch.where(above[..., None], torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.1, 0.9]))
+        views = torch.where(hit[..., None] > 0, tone, torch.ones(3)).float().contiguous()
     return views, hit.float()
 
 
@@ -672,11 +681,58 @@ def test_mesh_export_cancel_stops_reconstruction(comfy):
 
 
 def test_comfy_mesh_is_y_up_like_the_glb_file(comfy):
-    vertices = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # +Z, +Y, +X in our frame
-    mesh = comfy.pack.nodes.mesh.to_comfy_mesh(vertices, torch.tensor([[0, 1, 2]]))
+    from mvdpp_core.reconstruction import ReconstructedMesh
+
+    vertices = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)  # +Z, +Y, +X in our frame
+    colours = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    mesh = comfy.pack.nodes.mesh.to_comfy_mesh(ReconstructedMesh(vertices, np.array([[0, 1, 2]]), colours))
     expected = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]])  # up is +Y in glTF
     torch.testing.assert_close(mesh.vertices, expected)
     assert mesh.faces.tolist() == [[[0, 1, 2]]]
+    # ComfyUI 0.3.75's MESH is geometry only: the node says so and hands over no colours.
+    assert not comfy.pack.nodes.mesh.mesh_takes_colours()
+    assert getattr(mesh, "vertex_colors", None) is None
+
+
+class NewerMesh:
+    """The MESH constructor of ComfyUI releases after 0.3.75 (comfy_api/latest/_util/
+    geometry_types.py): geometry plus optional colours, UVs, texture and normals, which core
+    Save GLB writes into the file as given (COLOR_0, NORMAL)."""
+
+    def __init__(self, vertices, faces, uvs=None, vertex_colors=None, texture=None, metallic_roughness=None,
+                 vertex_counts=None, face_counts=None, unlit=False, normals=None, tangents=None, normal_map=None,
+                 occlusion_in_mr=False, material=None, emissive=None):
+        self.vertices, self.faces, self.vertex_colors, self.normals = vertices, faces, vertex_colors, normals
+        self.uvs, self.texture = uvs, texture
+
+
+def test_mesh_export_hands_colours_and_normals_to_a_mesh_type_that_takes_them(comfy, monkeypatch):
+    """Under a newer ComfyUI, whose MESH carries vertex colours and normals, the MESH output is
+    the saved file's mesh with its colours (so core Save GLB writes it coloured) and outward
+    normals in the same +Y-up frame; the tooltip stops calling it geometry only."""
+    import trimesh
+
+    monkeypatch.setattr(comfy.pack.nodes.mesh, "MESH", NewerMesh)
+    assert comfy.pack.nodes.mesh.mesh_takes_colours()
+    outputs = {o.display_name: o.tooltip for o in comfy.nodes["MVDPP_MeshExport"].GET_SCHEMA().outputs}
+    assert "vertex colours" in outputs["mesh"] and "no colours" not in outputs["mesh"]
+
+    views, masks = rig_sphere_views(two_tone=True)  # red above the equator, blue below
+    mesh, relative = comfy.nodes["MVDPP_MeshExport"].execute(views, masks, "fast", 48, "ply", "tests/coloured").args
+    saved = trimesh.load(Path(comfy.folder_paths.get_output_directory()) / relative, force="mesh", process=False)
+    assert mesh.vertex_colors.shape == mesh.vertices.shape and mesh.vertex_colors.dtype == torch.float32
+    torch.testing.assert_close(  # the file's uint8 colours, vertex for vertex
+        mesh.vertex_colors[0], torch.as_tensor(saved.visual.vertex_colors[:, :3] / 255.0, dtype=torch.float32),
+        atol=0.5 / 255 + 1e-6, rtol=0,
+    )
+    up = mesh.vertices[0, :, 1]  # glTF's up
+    top, bottom = mesh.vertex_colors[0][up > 0.1].mean(0), mesh.vertex_colors[0][up < -0.1].mean(0)
+    # red on top, blue below: what a mix-up of frames, vertex order or channels would break
+    assert top[0] > 3 * top[2] and bottom[2] > 3 * bottom[0]
+    normals = mesh.normals[0]
+    torch.testing.assert_close(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-4, rtol=0)
+    radial = mesh.vertices[0] / mesh.vertices[0].norm(dim=-1, keepdim=True)
+    assert (normals * radial).sum(-1).mean() > 0.95  # a sphere's normals point out along its radius
 
 
 def test_pack_never_imports_comfy_api_outside_one_module():

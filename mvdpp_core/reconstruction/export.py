@@ -28,6 +28,21 @@ def vertices_y_up(vertices: object) -> torch.Tensor:
     A rotation, so faces keep their outward winding."""
     rotation = torch.as_tensor(Z_UP_TO_Y_UP[:3, :3], dtype=torch.float32)
     return torch.as_tensor(vertices, dtype=torch.float32) @ rotation.T
+
+
+def gltf_arrays(mesh: ReconstructedMesh) -> dict[str, torch.Tensor]:
+    """The mesh as a glTF file holds it, as tensors: ``vertices`` (n, 3) float32 and
+    ``normals`` (n, 3) float32 (unit, area-weighted over the faces around each vertex,
+    pointing out) in glTF's +Y-up frame; ``faces`` (f, 3) int64 with their outward winding;
+    ``vertex_colors`` (n, 3) float32 in [0, 1]. What a consumer of glTF-frame meshes (ComfyUI's
+    MESH) takes; a UV texture is not included (export_mesh writes it to files)."""
+    normals = np.array(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).vertex_normals, np.float32)
+    return {
+        "vertices": vertices_y_up(mesh.vertices),
+        "faces": torch.as_tensor(mesh.faces, dtype=torch.int64),
+        "vertex_colors": torch.as_tensor(np.clip(mesh.vertex_colors, 0.0, 1.0), dtype=torch.float32),
+        "normals": vertices_y_up(normals),
+    }
 # Suffixes that name a mesh format: one of these that disagrees with ``format`` is an error.
 _MESH_SUFFIXES = frozenset({"glb", "gltf", "obj", "ply", "stl", "fbx", "usd", "usdz", "off", "dae", "3mf"})
 
