@@ -31,7 +31,7 @@ from mvdpp_core.reconstruction import (
     volume_iou,
 )
 from mvdpp_core.reconstruction.carving import Grid, keep_largest
-from mvdpp_core.reconstruction.export import surface_colors
+from mvdpp_core.reconstruction.export import Z_UP_TO_Y_UP, gltf_arrays, surface_colors
 from mvdpp_core.reconstruction.meshing import mesh_field, surface_faces, vertex_normals
 from mvdpp_core.reconstruction.metrics import occupancy
 from mvdpp_core.reconstruction.texturing import bake_texture, uv_atlas
@@ -307,6 +307,22 @@ def test_glb_is_y_up(tmp_path) -> None:
     raw = trimesh.load(path, force="mesh", process=False)
     apex = raw.vertices[np.argmax(raw.vertices[:, 1])]
     assert apex[1] == pytest.approx(0.5, abs=1e-5) and raw.bounds[1][2] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_gltf_arrays_are_the_glb_files_frame_with_outward_normals() -> None:
+    """What ComfyUI's MESH gets: the GLB's +Y-up vertices, the faces, colours in [0, 1], and unit
+    normals in the same frame pointing out of a sphere along its radius."""
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.4)
+    colours = np.random.default_rng(0).uniform(-0.2, 1.2, (len(sphere.vertices), 3)).astype(np.float32)
+    mesh = ReconstructedMesh(sphere.vertices.astype(np.float32), sphere.faces.astype(np.int64), colours)
+    arrays = gltf_arrays(mesh)
+    v = arrays["vertices"].numpy()
+    np.testing.assert_allclose(v, sphere.vertices @ Z_UP_TO_Y_UP[:3, :3].T, atol=1e-6)  # (x, y, z) -> (x, z, -y)
+    assert arrays["faces"].dtype == torch.int64 and arrays["faces"].tolist() == sphere.faces.tolist()
+    np.testing.assert_allclose(arrays["vertex_colors"].numpy(), np.clip(colours, 0, 1))
+    n = arrays["normals"].numpy()
+    np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-5)
+    assert (n * v / np.linalg.norm(v, axis=1, keepdims=True)).sum(1).min() > 0.99
 
 
 # --- input errors ------------------------------------------------------------------------------

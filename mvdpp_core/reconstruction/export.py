@@ -36,12 +36,13 @@ def gltf_arrays(mesh: ReconstructedMesh) -> dict[str, torch.Tensor]:
     pointing out) in glTF's +Y-up frame; ``faces`` (f, 3) int64 with their outward winding;
     ``vertex_colors`` (n, 3) float32 in [0, 1]. What a consumer of glTF-frame meshes (ComfyUI's
     MESH) takes; a UV texture is not included (export_mesh writes it to files)."""
-    normals = np.array(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).vertex_normals, np.float32)
+    from .meshing import vertex_normals
+
     return {
         "vertices": vertices_y_up(mesh.vertices),
         "faces": torch.as_tensor(mesh.faces, dtype=torch.int64),
         "vertex_colors": torch.as_tensor(np.clip(mesh.vertex_colors, 0.0, 1.0), dtype=torch.float32),
-        "normals": vertices_y_up(normals),
+        "normals": vertices_y_up(vertex_normals(mesh.vertices, mesh.faces)),
     }
 # Suffixes that name a mesh format: one of these that disagrees with ``format`` is an error.
 _MESH_SUFFIXES = frozenset({"glb", "gltf", "obj", "ply", "stl", "fbx", "usd", "usdz", "off", "dae", "3mf"})
