@@ -214,7 +214,7 @@ RESERVE_MINUTES = 1.0  # the trainer's start-up, the final checkpoint and the ex
 
 
 def last_rate(log_lines: list[str]) -> float:
-    """steps/s of the trainer's last progress line (``step N loss L skipped S (R steps/s)``)."""
+    """steps/s of the trainer's last progress line (``step N loss L [the loss's figures] skipped S (R steps/s)``)."""
     for line in reversed(log_lines):
         if line.startswith("step ") and line.rstrip().endswith("steps/s)"):
             return float(line.rsplit("(", 1)[1].split()[0])

@@ -569,3 +569,54 @@ def test_cond_dropout_max_views_drops_only_objects_with_few_condition_views():
         with torch.no_grad():
             _, stats = diffusion_loss(model, trained, batch(k), empty, stage)
         assert stats["dropped"] == dropped, (max_views, k)
+
+
+def test_mask_loss_adds_its_term_and_trains_the_unet_through_the_frozen_decoder():
+    """stage.mask_loss_weight adds w x the decoded-mask term to the latent loss (0: the loss as
+    before); its gradient reaches the UNet through the MVAE decoder, which stays frozen; and it
+    counts a pixel only on the wrong side of its true value."""
+    from dataclasses import replace
+
+    from mvdpp_core import MVDPPModel, preset
+    from train.config import StageConfig
+    from train.train_mvdiff import TrainedModules, diffusion_loss, wrong_side_error
+
+    torch.manual_seed(0)
+    model = MVDPPModel(preset("tiny"))
+    model.vae.requires_grad_(False)
+    size, b = model.config.image_size, 2
+    batch = {"target_rgb": torch.rand(b, 2, 3, size, size),
+             "target_mask": (torch.rand(b, 2, 1, size, size) > 0.5).float(),
+             "target_ids": torch.tensor([[0, 8], [3, 20]]), "cond_rgb": torch.rand(b, 1, 3, size, size),
+             "cond_mask": torch.ones(b, 1, 1, size, size), "sample_seed": torch.tensor([5, 6])}
+    trained, empty = TrainedModules(model.unet), model.empty_latent(1).detach()
+    plain = StageConfig(max_cond_views=1)
+    with torch.no_grad():
+        before, stats = diffusion_loss(model, trained, batch, empty, plain)
+    assert "mask_loss" not in stats
+    loss, stats = diffusion_loss(model, trained, batch, empty, replace(plain, mask_loss_weight=2.0))
+    assert stats["mask_loss"] > 0
+    torch.testing.assert_close(loss.detach(), before + 2.0 * stats["mask_loss"], atol=1e-5, rtol=1e-5)
+    (loss - before).backward()  # the mask term alone
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in model.unet.parameters() if p.grad is not None) > 0
+
+    mask = torch.tensor([1.3, 0.6, -0.2, 0.5])
+    truth = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(wrong_side_error(mask, truth), torch.tensor([0.0, 0.16, 0.0, 0.25]))
+
+
+def test_the_progress_line_reports_the_losss_own_figures_averaged_over_the_interval(data_dir, tmp_path, capsys):
+    """Each progress line carries the mean, since the previous line, of every figure the loss
+    reports (the decoded-mask term with stage.mask_loss_weight), between the loss and the rate
+    that scripts/train_default.py reads."""
+    extra = {"stage.mask_loss_weight": 1.0, "optim.max_steps": 4, "logging.log_every": 2}
+    train(run_config(data_dir, tmp_path / "figures", **extra))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2", "4"]
+    for line in lines:
+        words = line.split()
+        figures = dict(zip(words[4:-4:2], map(float, words[5:-4:2]), strict=True))
+        assert set(figures) == {"dropped", "first_view_dropped", "mask_loss"} and figures["mask_loss"] > 0
+        assert 0 <= figures["dropped"] <= 1
+        assert line.endswith("steps/s)") and float(line.rsplit("(", 1)[1].split()[0]) > 0  # as last_rate reads it

@@ -179,6 +179,12 @@ class StageConfig:
     # which only global attention can read, so the cross-view path earns its keep in training
     # instead of being left unlearned while each view can be made on its own. 0 = the paper's.
     view_timestep_prob: float = 0.0
+    # Weight of a loss on the masks that the target views' x0 predictions decode to (through the
+    # frozen MVAE decoder) against the true masks: a squared error counted only on the wrong side
+    # of each pixel's value (above 0 outside the object, below 1 inside). The latent loss weighs
+    # each latent direction by its size, not by how much of the decoded mask it moves; this term
+    # asks the predictions for the masks directly. 0 = the paper's (latent loss only).
+    mask_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +357,7 @@ RULES: dict[str, _Rule] = {
     "stage.view_timestep_prob": _UNIT,
     "stage.timestep_shift": ((lambda v: v > 0), "> 0", "1 = uniform timesteps; 3 puts 75 % in the noisier half"),
     "stage.cond_loss_weight": _at_least(0),
+    "stage.mask_loss_weight": _at_least(0, "0 = the latent loss only; e.g. 1"),
     "loss.l1_weight": _at_least(0),
     "loss.l2_weight": _at_least(0),
     "loss.mask_bce_weight": _at_least(0),

@@ -367,9 +367,14 @@ def run_loop(
     batches = hooks.batches(state.micro_batches)
     module.train()
     accum, tick = cfg.optim.grad_accum_steps, time.time()
+    stat_sums: dict[str, float] = {}  # the loss's own figures (its parts, rates), summed since the last log line
+    stat_steps = 0
     deadline = _clock() + 60.0 * cfg.optim.max_minutes if cfg.optim.max_minutes > 0 else None
     while state.step < cfg.optim.max_steps:
-        loss_sum, skipped = _optimizer_step(acc, module, optimizer, scheduler, hooks, batches, cfg.optim)
+        loss_sum, skipped, stats = _optimizer_step(acc, module, optimizer, scheduler, hooks, batches, cfg.optim)
+        stat_steps += 1
+        for name, value in stats.items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + value
         state.micro_batches += accum
         state.step += 1
         if ema is not None:
@@ -380,16 +385,22 @@ def run_loop(
         if state.step % cfg.logging.log_every == 0 or state.step == cfg.optim.max_steps:
             rate = cfg.logging.log_every / max(time.time() - tick, 1e-9)
             tick = time.time()
+            means = {name: acc.reduce(torch.tensor(total / stat_steps, device=acc.device), "mean").item()
+                     for name, total in sorted(stat_sums.items())}
+            stat_sums.clear()
+            stat_steps = 0
             acc.log(
                 {
                     "loss": mean_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "skipped_objects": state.skipped,
                     "steps_per_s": rate,
+                    **{f"loss_stats/{name}": value for name, value in means.items()},
                 },
                 step=state.step,
             )
-            acc.print(f"step {state.step} loss {mean_loss:.4f} skipped {state.skipped} ({rate:.2f} steps/s)")
+            parts = "".join(f" {name} {value:.4f}" for name, value in means.items())
+            acc.print(f"step {state.step} loss {mean_loss:.4f}{parts} skipped {state.skipped} ({rate:.2f} steps/s)")
         out_of_time = deadline is not None and _any_rank(acc, _clock() >= deadline)
         if state.step % cfg.checkpoint.every == 0 or state.step == cfg.optim.max_steps or out_of_time:
             ckpt.save(acc, state, ema)
@@ -443,24 +454,27 @@ def _optimizer_step(
     hooks: Hooks,
     batches: Iterator[dict],
     optim: OptimConfig,
-) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum_steps`` micro-batches (no gradient sync until the last)."""
-    loss_sum, skipped = 0.0, 0
+) -> tuple[float, int, dict[str, float]]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches (no gradient sync until the last):
+    the summed loss, the skipped objects and the mean of each figure the loss reports."""
+    loss_sum, skipped, stats = 0.0, 0, {}
     for micro in range(optim.grad_accum_steps):
         batch = next(batches)
         skipped += int(batch["skipped"].sum())
         last = micro == optim.grad_accum_steps - 1
         with acc.no_sync(module) if not last else contextlib.nullcontext():
             with acc.autocast():
-                loss, _ = hooks.loss_fn(batch)
+                loss, parts = hooks.loss_fn(batch)
             acc.backward(loss / optim.grad_accum_steps)
         loss_sum += loss.detach().item()
+        for name, value in parts.items():
+            stats[name] = stats.get(name, 0.0) + float(value) / optim.grad_accum_steps
     if optim.max_grad_norm > 0:
         acc.clip_grad_norm_(module.parameters(), optim.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, skipped
+    return loss_sum, skipped, stats
 
 
 def _on_main(acc: Accelerator, module: nn.Module, ema: EMA | None, fn: Callable[[dict[str, Tensor]], object]) -> None:

@@ -250,8 +250,36 @@ def diffusion_loss(
     weights = torch.ones(num_views, device=x0.device)
     weights[targets:] = stage.cond_loss_weight
     share = (per_view * weights[mine]).sum(dim=1) / weights.sum()  # b: this rank's part of each object loss
-    return factor * share.mean(), {"dropped": float(drop.float().mean()),
-                                   "first_view_dropped": float((~first_view).float().mean())}
+    stats = {"dropped": float(drop.float().mean()), "first_view_dropped": float((~first_view).float().mean())}
+    if stage.mask_loss_weight > 0:
+        own = torch.arange(num_views)[mine]
+        mask_term = decoded_mask_loss(model, out, noisy, t, batch["target_mask"], own, targets)  # b
+        share = share + stage.mask_loss_weight * mask_term * (own < targets).sum() / targets
+        stats["mask_loss"] = float(mask_term.detach().mean())
+    return factor * share.mean(), stats
+
+
+def decoded_mask_loss(
+    model: MVDPPModel, out: Tensor, noisy: Tensor, t: Tensor, true_masks: Tensor, own: Tensor, targets: int
+) -> Tensor:
+    """Per object (b,): the mean over this rank's target views (``own`` < ``targets``) and pixels
+    of the squared error of the masks that their x0 predictions decode to (frozen MVAE decoder,
+    gradients to the UNet only), counted on the wrong side of each true value: above 0 outside
+    the object, below 1 inside (the decoder's output is clamped to [0, 1] at inference, so
+    overshooting the truth costs nothing). ``true_masks`` (b, targets, 1, H, W)."""
+    views = (own < targets).nonzero().flatten()
+    x0 = model.schedule.predict_x0(out[:, views].float(), noisy[:, views].float(), t[:, views])  # b n 4 h w
+    decoded = model.vae.vae.decode(x0.flatten(0, 1).to(model.vae_dtype) / model.vae.scaling_factor).sample
+    mask = (decoded[:, 3:].float() + 1) / 2  # (b n) 1 H W, unclamped
+    truth = true_masks[:, own[views]].flatten(0, 1).to(mask.device).float()
+    return wrong_side_error(mask, truth).unflatten(0, x0.shape[:2]).mean(dim=(1, 2, 3, 4))
+
+
+def wrong_side_error(mask: Tensor, truth: Tensor) -> Tensor:
+    """Per pixel: the squared distance of ``mask`` from the true value (``truth`` > 0.5 inside the
+    object) on its wrong side only; a value beyond the truth (above 1 inside, below 0 outside)
+    costs nothing, since inference clamps the decoded mask to [0, 1]."""
+    return torch.where(truth > 0.5, (1 - mask).clamp(min=0), mask.clamp(min=0)).pow(2)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
