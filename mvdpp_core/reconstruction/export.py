@@ -44,6 +44,8 @@ def gltf_arrays(mesh: ReconstructedMesh) -> dict[str, torch.Tensor]:
         "vertex_colors": torch.as_tensor(np.clip(mesh.vertex_colors, 0.0, 1.0), dtype=torch.float32),
         "normals": vertices_y_up(vertex_normals(mesh.vertices, mesh.faces)),
     }
+
+
 # Suffixes that name a mesh format: one of these that disagrees with ``format`` is an error.
 _MESH_SUFFIXES = frozenset({"glb", "gltf", "obj", "ply", "stl", "fbx", "usd", "usdz", "off", "dae", "3mf"})
 
