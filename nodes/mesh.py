@@ -114,7 +114,7 @@ def progress_callback() -> Callable[..., None]:
 
 def mesh_takes_colours() -> bool:
     """Whether the running ComfyUI's MESH carries per-vertex colours (its constructor takes
-    ``vertex_colors``, as in ComfyUI releases after 0.3.75); 0.3.75's holds geometry only."""
+    ``vertex_colors``, as 0.38's does); 0.3.75's holds geometry only."""
     return "vertex_colors" in inspect.signature(MESH).parameters
 
 

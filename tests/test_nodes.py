@@ -695,7 +695,7 @@ def test_comfy_mesh_is_y_up_like_the_glb_file(comfy):
 
 
 class NewerMesh:
-    """The MESH constructor of ComfyUI releases after 0.3.75 (comfy_api/latest/_util/
+    """The MESH constructor of later ComfyUI releases, 0.38's (comfy_api/latest/_util/
     geometry_types.py): geometry plus optional colours, UVs, texture and normals, which core
     Save GLB writes into the file as given (COLOR_0, NORMAL)."""
 
