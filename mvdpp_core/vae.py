@@ -74,8 +74,9 @@ class MaskAwareVAE(nn.Module):
         x = torch.cat([image, mask], dim=1) * 2 - 1  # n 4 H W in [-1, 1]
         return self.vae.encode(x).latent_dist
 
-    def decode(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """RGB (n, 3, H, W) and mask (n, 1, H, W) in [0, 1] from scaled latents (n, 4, h, w)."""
-        x = self.vae.decode(latents / self.scaling_factor).sample
-        x = ((x + 1) / 2).clamp(0, 1)
+    def decode(self, latents: Tensor, *, clamp: bool = True) -> tuple[Tensor, Tensor]:
+        """RGB (n, 3, H, W) and mask (n, 1, H, W) in [0, 1] from scaled latents (n, 4, h, w);
+        ``clamp=False`` keeps the values outside [0, 1] (and their gradients), for a loss."""
+        x = (self.vae.decode(latents / self.scaling_factor).sample + 1) / 2
+        x = x.clamp(0, 1) if clamp else x
         return x[:, :3], x[:, 3:]

@@ -269,8 +269,8 @@ def decoded_mask_loss(
     overshooting the truth costs nothing). ``true_masks`` (b, targets, 1, H, W)."""
     views = (own < targets).nonzero().flatten()
     x0 = model.schedule.predict_x0(out[:, views].float(), noisy[:, views].float(), t[:, views])  # b n 4 h w
-    decoded = model.vae.vae.decode(x0.flatten(0, 1).to(model.vae_dtype) / model.vae.scaling_factor).sample
-    mask = (decoded[:, 3:].float() + 1) / 2  # (b n) 1 H W, unclamped
+    _, mask = model.vae.decode(x0.flatten(0, 1).to(model.vae_dtype), clamp=False)  # (b n) 1 H W
+    mask = mask.float()
     truth = true_masks[:, own[views]].flatten(0, 1).to(mask.device).float()
     return wrong_side_error(mask, truth).unflatten(0, x0.shape[:2]).mean(dim=(1, 2, 3, 4))
 

@@ -17,6 +17,7 @@ import trimesh
 
 from ..common import parse_enum
 from .mesh import MeshFormat, ReconstructedMesh
+from .meshing import vertex_normals
 
 # (x, y, z) -> (x, z, -y): our +Z-up world to glTF's +Y-up.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -36,8 +37,6 @@ def gltf_arrays(mesh: ReconstructedMesh) -> dict[str, torch.Tensor]:
     pointing out) in glTF's +Y-up frame; ``faces`` (f, 3) int64 with their outward winding;
     ``vertex_colors`` (n, 3) float32 in [0, 1]. What a consumer of glTF-frame meshes (ComfyUI's
     MESH) takes; a UV texture is not included (export_mesh writes it to files)."""
-    from .meshing import vertex_normals
-
     return {
         "vertices": vertices_y_up(mesh.vertices),
         "faces": torch.as_tensor(mesh.faces, dtype=torch.int64),
