@@ -7,6 +7,8 @@ ComfyUI.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.model_management as model_management
 import comfy.utils as comfy_utils
 import folder_paths
@@ -18,6 +20,16 @@ MESH = Types.MESH
 MVDPPModelSocket = io.Custom("MVDPP_MODEL")
 MVDPPCondSocket = io.Custom("MVDPP_COND")
 
+
+def schema(*, search_aliases: list[str], **fields) -> io.Schema:
+    """``io.Schema(**fields)``, with ``search_aliases`` (other words the node search finds the
+    node by) where the running ComfyUI's Schema has that field: later releases do (0.38's), and
+    0.3.75's would refuse the keyword, so there the aliases are left out."""
+    if any(f.name == "search_aliases" for f in dataclasses.fields(io.Schema)):
+        fields["search_aliases"] = search_aliases
+    return io.Schema(**fields)
+
+
 __all__ = [
     "MESH",
     "ComfyExtension",
@@ -27,4 +39,5 @@ __all__ = [
     "folder_paths",
     "io",
     "model_management",
+    "schema",
 ]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..mvdpp_core.condition import ConditionViews, MaskConvention
 from ._checks import check_choice, first_error
-from ._comfy import MVDPPCondSocket, MVDPPModelSocket, io
+from ._comfy import MVDPPCondSocket, MVDPPModelSocket, io, schema
 from ._convert import check_image, check_mask, image_from_core
 from .loader import LoadedModel
 
@@ -23,8 +23,10 @@ __all__ = ["ALPHA_INVERTED", "FOREGROUND_ONE", "MASK_CONVENTIONS", "ConditionVie
 class MaskAwareEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MVDPP_MaskAwareEncode",
+            search_aliases=["mvdiffusion", "mvdpp", "multiview condition",
+                            "image to 3d", "photos to 3d", "encode views"],
             display_name="MVDiffusion++ Condition Views",
             category="MVDiffusion++/conditioning",
             description="Prepares 1-10 photos of one object (no poses needed) as the condition of the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._checks import check_choice, first_error
-from ._comfy import io
+from ._comfy import io, schema
 from ._convert import check_image, check_mask, image_from_core, image_to_core, mask_to_core
 
 MODES = ["grid", "elevation row", "views"]
@@ -15,8 +15,9 @@ ELEVATION_CHOICES = ["-30", "0", "30", "60"]
 class ViewGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MVDPP_ViewGrid",
+            search_aliases=["mvdiffusion", "mvdpp", "multiview grid", "view grid", "turntable", "contact sheet"],
             display_name="MVDiffusion++ View Grid",
             category="MVDiffusion++/views",
             description="Arranges the 32 generated views as a grid (rows = elevations -30, 0, 30, 60 deg from "

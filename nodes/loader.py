@@ -11,7 +11,7 @@ import torch
 
 from ..mvdpp_core.sampling_defaults import EMBEDDED_CHECKPOINT, ensemble_partners, is_recipe_model
 from ._checks import check_choice, first_error
-from ._comfy import MVDPPModelSocket, folder_paths, io, model_management
+from ._comfy import MVDPPModelSocket, folder_paths, io, model_management, schema
 
 FOLDER_NAME = "mvdpp"
 # The small checkpoint the pack ships (DESIGN section 7); listed only when the file exists.
@@ -122,8 +122,10 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, attention: 
 class LoadMVDPP(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MVDPP_LoadModel",
+            search_aliases=["mvdiffusion", "mvdpp", "multiview model",
+                            "multi-view diffusion", "image to 3d", "novel view"],
             display_name="Load MVDiffusion++ Model",
             category="MVDiffusion++/loaders",
             description="Loads an MVDiffusion++ checkpoint (.safetensors bundle) from models/mvdpp.",

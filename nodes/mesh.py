@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ._checks import check_choice, first_error
-from ._comfy import MESH, comfy_utils, folder_paths, io, model_management
+from ._comfy import MESH, comfy_utils, folder_paths, io, model_management, schema
 from ._convert import check_image, check_mask
 
 if TYPE_CHECKING:
@@ -136,8 +136,9 @@ class MeshExport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         coloured = mesh_takes_colours()
-        return io.Schema(
+        return schema(
             node_id="MVDPP_MeshExport",
+            search_aliases=["mvdiffusion", "mvdpp", "image to 3d", "mesh", "glb", "3d reconstruction", "visual hull"],
             display_name="MVDiffusion++ Mesh Export",
             category="MVDiffusion++/3d",
             description="Reconstructs a coloured mesh from the 32 views and masks and saves it, with its colours, in "

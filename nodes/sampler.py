@@ -11,7 +11,7 @@ from ..mvdpp_core.condition import ConditionViews
 from ..mvdpp_core.inputs import MAX_AVERAGE_SEEDS
 from ..mvdpp_core.sampling_defaults import CHECKPOINT_SAMPLING, EMBEDDED_SAMPLING
 from ._checks import check_choice, check_number, first_error
-from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management
+from ._comfy import MVDPPCondSocket, MVDPPModelSocket, comfy_utils, io, model_management, schema
 from ._convert import image_from_core, mask_from_core
 from .loader import LoadedModel
 
@@ -38,8 +38,10 @@ def step_callback(total: int) -> Callable[[int, int, Tensor], None]:
 class MultiViewSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MVDPP_MultiViewSampler",
+            search_aliases=["mvdiffusion", "mvdpp", "multiview", "multi-view diffusion",
+                            "novel view synthesis", "image to 3d", "360 views"],
             display_name="MVDiffusion++ Multi-View Sampler",
             category="MVDiffusion++/sampling",
             description="Generates 32 consistent views (8 azimuths x 4 elevations) and their foreground masks.",

@@ -735,6 +735,37 @@ def test_mesh_export_hands_colours_and_normals_to_a_mesh_type_that_takes_them(co
     assert (normals * radial).sum(-1).mean() > 0.95  # a sphere's normals point out along its radius
 
 
+def test_node_search_aliases_reach_a_schema_that_takes_them(comfy, monkeypatch):
+    """Later ComfyUI releases (0.38's Schema) take ``search_aliases``, the other words their node
+    search finds a node by: every node of the pack hands its own there, naming the model and what
+    it does. 0.3.75's Schema has no such field and would refuse the keyword, so there the
+    aliases are left out and the schema builds as before."""
+    import dataclasses
+
+    io = comfy.pack.nodes._comfy.io
+    assert "search_aliases" not in {f.name for f in dataclasses.fields(io.Schema)}  # the tested ComfyUI
+    real = {node_id: node.GET_SCHEMA() for node_id, node in comfy.nodes.items()}
+    assert all(type(s) is io.Schema for s in real.values())
+
+    @dataclasses.dataclass
+    class NewerSchema(io.Schema):
+        search_aliases: list[str] = dataclasses.field(default_factory=list)
+
+    monkeypatch.setattr(io, "Schema", NewerSchema)
+    for node_id, node in comfy.nodes.items():
+        newer = node.GET_SCHEMA()
+        assert type(newer) is NewerSchema, node_id
+        aliases = newer.search_aliases
+        assert "mvdiffusion" in aliases and len(aliases) == len(set(aliases)) >= 4, (node_id, aliases)
+        assert all(a == a.strip().lower() and a for a in aliases), (node_id, aliases)
+        # nothing else of the schema changes
+        assert [i.id for i in newer.inputs] == [i.id for i in real[node_id].inputs], node_id
+        assert newer.display_name == real[node_id].display_name, node_id
+    sampler = comfy.nodes["MVDPP_MultiViewSampler"].GET_SCHEMA().search_aliases
+    mesh = comfy.nodes["MVDPP_MeshExport"].GET_SCHEMA().search_aliases
+    assert "image to 3d" in sampler and {"mesh", "glb"} <= set(mesh)
+
+
 def test_pack_never_imports_comfy_api_outside_one_module():
     from comfyui_harness import REPO
 
