@@ -30,12 +30,20 @@ def schema(*, search_aliases: list[str], **fields) -> io.Schema:
     return io.Schema(**fields)
 
 
+def core_background_removal() -> bool:
+    """Whether the running ComfyUI has core background removal: Load Background Removal Model and
+    Remove Background, whose MASK is 1 on the object (later releases, 0.38's, found from their
+    ``BackgroundRemoval`` socket type); 0.3.75 has none."""
+    return hasattr(io, "BackgroundRemoval")
+
+
 __all__ = [
     "MESH",
     "ComfyExtension",
     "MVDPPCondSocket",
     "MVDPPModelSocket",
     "comfy_utils",
+    "core_background_removal",
     "folder_paths",
     "io",
     "model_management",

@@ -11,12 +11,17 @@ from torch import Tensor
 
 from ..mvdpp_core.condition import ConditionViews, MaskConvention
 from ._checks import check_choice, first_error
-from ._comfy import MVDPPCondSocket, MVDPPModelSocket, io, schema
+from ._comfy import MVDPPCondSocket, MVDPPModelSocket, core_background_removal, io, schema
 from ._convert import check_image, check_mask, image_from_core
 from .loader import LoadedModel
 
 FOREGROUND_ONE = MaskConvention.FOREGROUND.value
 ALPHA_INVERTED = MaskConvention.ALPHA_INVERTED.value
+# Where the running ComfyUI has core background removal, the errors and the mask tooltip name it.
+CORE_BACKGROUND_REMOVAL = (
+    "This ComfyUI has one: Remove Background (with Load Background Removal Model and a model such as "
+    f"BiRefNet in models/background_removal); its MASK is 1 on the object, mask_convention '{FOREGROUND_ONE}'."
+)
 MASK_CONVENTIONS = [c.value for c in MaskConvention]
 __all__ = ["ALPHA_INVERTED", "FOREGROUND_ONE", "MASK_CONVENTIONS", "ConditionViews", "MaskAwareEncode"]
 
@@ -57,7 +62,8 @@ class MaskAwareEncode(io.ComfyNode):
                 io.Mask.Input(
                     "mask", optional=True,
                     tooltip="Optional foreground masks, one per image, same size as the images. Without it the "
-                    "images' alpha is used, else a plain backdrop is cut out by colour.",
+                    "images' alpha is used, else a plain backdrop is cut out by colour."
+                    + (" Core Remove Background gives such a mask." if core_background_removal() else ""),
                 ),
             ],
             outputs=[
@@ -85,14 +91,19 @@ class MaskAwareEncode(io.ComfyNode):
         from ..mvdpp_core.condition import frame_condition
 
         clip = model.clip_vision
-        cond = frame_condition(
-            rearrange(check_image(images).float(), "n h w c -> n c h w"),
-            None if mask is None else check_mask(mask).float(),
-            size=model.model.config.image_size,
-            mask_convention=mask_convention,
-            background_tolerance=background_tolerance,
-            fill=object_fill,
-            image_encoder=None if clip is None else lambda views: clip.encode_image(image_from_core(views)),
-            embedding_dim=model.model.config.unet.cross_attention_dim,
-        )
+        try:
+            cond = frame_condition(
+                rearrange(check_image(images).float(), "n h w c -> n c h w"),
+                None if mask is None else check_mask(mask).float(),
+                size=model.model.config.image_size,
+                mask_convention=mask_convention,
+                background_tolerance=background_tolerance,
+                fill=object_fill,
+                image_encoder=None if clip is None else lambda views: clip.encode_image(image_from_core(views)),
+                embedding_dim=model.model.config.unet.cross_attention_dim,
+            )
+        except ValueError as e:  # a photo that needs a mask: name the node that makes one, where there is one
+            if core_background_removal() and "background-removal node" in str(e):
+                raise ValueError(f"{e} {CORE_BACKGROUND_REMOVAL}") from None
+            raise
         return io.NodeOutput(cond, image_from_core(cond.images))

@@ -275,6 +275,36 @@ def test_views_without_outline_are_cut_out_view_by_view(comfy, loaded):
         encode(comfy, loaded, torch.cat([rgb[:1], clutter]), loadimage_masks, enc.ALPHA_INVERTED)
 
 
+def test_encode_names_core_background_removal_where_comfyui_has_it(comfy, loaded, monkeypatch):
+    """A photo that needs a mask: where the running ComfyUI has core background removal (later
+    releases, with their BackgroundRemoval socket type), the error and the mask tooltip name its
+    Remove Background node and the convention its MASK takes; in 0.3.75, which has none, the
+    message is the core's own. Errors that are not about a missing mask never get the hint."""
+    enc = comfy.pack.nodes.encode
+    clutter = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(2))
+    tooltip = {i.id: i.tooltip for i in comfy.nodes["MVDPP_MaskAwareEncode"].GET_SCHEMA().inputs}["mask"]
+    assert not comfy.pack.nodes._comfy.core_background_removal() and "Remove Background" not in tooltip
+    with pytest.raises(ValueError, match="background-removal node") as plain:
+        encode(comfy, loaded, clutter)
+    assert "Remove Background" not in str(plain.value)
+
+    socket = type("BackgroundRemoval", (), {})  # later releases' socket type
+    monkeypatch.setattr(comfy.pack.nodes._comfy.io, "BackgroundRemoval", socket, raising=False)
+    assert comfy.pack.nodes._comfy.core_background_removal()
+    tooltip = {i.id: i.tooltip for i in comfy.nodes["MVDPP_MaskAwareEncode"].GET_SCHEMA().inputs}["mask"]
+    assert "Core Remove Background" in tooltip
+    with pytest.raises(ValueError) as hinted:
+        encode(comfy, loaded, clutter)
+    assert str(hinted.value).startswith(str(plain.value))  # the core message first, whole
+    assert "Remove Background (with Load Background Removal Model" in str(hinted.value)
+    assert f"mask_convention '{enc.FOREGROUND_ONE}'" in str(hinted.value)
+    with pytest.raises(ValueError, match="marks the image border as object.*Remove Background"):
+        encode(comfy, loaded, rgba_batch(1)[..., :3], 1 - disc(96)[None])  # an inverted mask
+    with pytest.raises(ValueError, match="11 condition images") as other:
+        encode(comfy, loaded, rgba_batch(11))
+    assert "Remove Background" not in str(other.value)
+
+
 def test_segment_recovers_disc_and_refuses_clutter():
     from mvdpp_core.segment import border_foreground_fraction, inverted_views, segment_uniform_background
 
