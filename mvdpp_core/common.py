@@ -1,6 +1,6 @@
-"""Small pieces every part of the core shares: enum arguments with a teaching error, and
-compositing on white (the background of the training renders and of every view the model
-sees or makes)."""
+"""Small pieces every part of the core shares: enum arguments with a teaching error, the error
+of a photo that needs a foreground mask, and compositing on white (the background of the
+training renders and of every view the model sees or makes)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import torch
 from torch import Tensor
 
 E = TypeVar("E", bound=enum.Enum)
+
+
+class MaskNeeded(ValueError):
+    """A condition photo needs a foreground mask it does not have (a cluttered backdrop, a mask
+    that is empty or inverted): the fix is a background-removal node, which a caller that knows
+    one (the node pack, where ComfyUI has one in core) can name."""
 
 
 def parse_enum(kind: type[E], value: object, name: str) -> E:

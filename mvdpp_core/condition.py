@@ -30,7 +30,7 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from .common import composite_on_white, parse_enum
+from .common import MaskNeeded, composite_on_white, parse_enum
 from .inputs import DEFAULT_FILL, check_vae_size, recenter, resize
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ def masks_from_input(masks: Tensor, n: int, height: int, width: int, convention:
         masks = 1.0 - masks
     empty = (is_blank(masks) & (masks.flatten(1).amax(dim=1) < 0.5)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(
+        raise MaskNeeded(
             f"the mask of condition view(s) {empty} is empty: it has the same value everywhere and marks no "
             f"pixel as object (1 = object) for mask_convention '{convention.value}', so it outlines no object. Check "
             "mask_convention, add a background-removal node and connect its MASK, or disconnect 'mask' "
@@ -220,7 +220,7 @@ def masks_from_input(masks: Tensor, n: int, height: int, width: int, convention:
     inverted = inverted_views(masks)
     if inverted:
         other = MaskConvention.ALPHA_INVERTED if convention is MaskConvention.FOREGROUND else MaskConvention.FOREGROUND
-        raise ValueError(
+        raise MaskNeeded(
             f"the mask of view(s) {inverted} marks the image border as object, so it looks inverted for "
             f"mask_convention '{convention.value}'. Set mask_convention to '{other.value}' (LoadImage's MASK is 1 "
             "where the image is transparent; background-removal nodes give 1 on the object)."
@@ -258,7 +258,7 @@ def check_not_empty(masks: Tensor) -> None:
     """Every mask (n, 1, H, W) marks some pixel as object (recentring needs an outline)."""
     empty = (masks.flatten(1).amax(dim=1) < 0.5).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(
+        raise MaskNeeded(
             f"the mask of condition view(s) {empty} is empty (no foreground); add a background-removal "
             "node, or check the mask convention (1 = object)."
         )

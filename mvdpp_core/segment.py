@@ -18,6 +18,8 @@ from einops import rearrange
 from scipy import ndimage
 from torch import Tensor
 
+from .common import MaskNeeded
+
 # Width of the image border, as a fraction of the shorter side, that defines the backdrop.
 BORDER_FRACTION = 0.03
 # Largest fraction of border pixels allowed to differ from the backdrop colour: an object
@@ -83,14 +85,14 @@ def segment_uniform_background(
     numbers = list(range(len(images))) if view_numbers is None else list(view_numbers)
     for i, dist, outlier in zip(numbers, distance, outliers, strict=True):
         if outlier > MAX_BORDER_OUTLIERS:
-            raise ValueError(
+            raise MaskNeeded(
                 f"view {i}: {outlier:.0%} of its border differs from the border's median colour, so it is not "
                 "a plain backdrop and the object cannot be cut out by colour. Add a background-removal node "
                 "and connect its MASK, or use an image with an alpha channel."
             )
         masks.append(_clean(dist.cpu().numpy() > tolerance))
         if not masks[-1].any():
-            raise ValueError(
+            raise MaskNeeded(
                 f"view {i}: no pixel differs from the backdrop colour by more than tolerance={tolerance}; "
                 "lower the tolerance, or add a background-removal node and connect its MASK."
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor
 
+from ..mvdpp_core.common import MaskNeeded
 from ..mvdpp_core.condition import ConditionViews, MaskConvention
 from ._checks import check_choice, first_error
 from ._comfy import MVDPPCondSocket, MVDPPModelSocket, core_background_removal, io, schema
@@ -102,8 +103,8 @@ class MaskAwareEncode(io.ComfyNode):
                 image_encoder=None if clip is None else lambda views: clip.encode_image(image_from_core(views)),
                 embedding_dim=model.model.config.unet.cross_attention_dim,
             )
-        except ValueError as e:  # a photo that needs a mask: name the node that makes one, where there is one
-            if core_background_removal() and "background-removal node" in str(e):
-                raise ValueError(f"{e} {CORE_BACKGROUND_REMOVAL}") from None
+        except MaskNeeded as e:  # name the node that makes a mask, where this ComfyUI has one
+            if core_background_removal():
+                raise MaskNeeded(f"{e} {CORE_BACKGROUND_REMOVAL}") from None
             raise
         return io.NodeOutput(cond, image_from_core(cond.images))
