@@ -14,6 +14,8 @@ which the model and the issue's targets can be read (docs/embedded_default.md, "
 its input"). Two references come with them: ``prior``, the per-pixel mean of the training views,
 one prediction whatever the input (what the object distribution alone gives), and
 ``mesh_ceiling``, the mesh figures of the true views (what the fast reconstruction allows).
+``--input-size`` reads the input view finer than the views predicted (objects rendered at that
+size): whether a finer reading of the input helps the learner.
 With ``--spaces latent --mvae BUNDLE`` the same network predicts the 32 views' MVAE latents
 instead (squared error on the bundle's encodings, decoded for scoring), as the latent diffusion
 model must; ``mvae_ceiling`` scores the true views through that MVAE, and image runs also report
@@ -21,7 +23,7 @@ their views through it (``heldout_through_mvae``): how much the latent space its
 
   python -m train.regression_bar --train D/train --heldout D/heldout --objects 8000 791 \
       --steps 4000 --cache C.npz --out R.json [--widths 32 48] [--save DIR] \
-      [--spaces image latent --no-mirror --mvae models/mvdpp_default.safetensors]
+      [--spaces image latent --no-mirror --mvae models/mvdpp_default.safetensors] [--input-size 128]
 
 Prints one JSON line per run and writes them all to ``--out``.
 """
@@ -60,8 +62,8 @@ from .diagnostics import mask_iou, mesh_errors, per_view_iou, silhouette_consist
 
 @dataclass(frozen=True)
 class ObjectArrays:
-    """Objects as uint8 arrays: ``inputs`` (n, 4, S, S) the first input view (RGB on white and
-    mask), ``views`` (n, 32, 4, S, S) the 32 rig views (RGB on white and mask)."""
+    """Objects as uint8 arrays: ``inputs`` (n, 4, S_in, S_in) the first input view (RGB on white and
+    mask; S_in = S unless read finer), ``views`` (n, 32, 4, S, S) the 32 rig views (RGB on white and mask)."""
 
     inputs: Tensor
     views: Tensor
@@ -94,19 +96,23 @@ def first_folders(root: Path, count: int) -> list[Path]:
     return folders
 
 
-def load_objects(folders: list[Path], size: int, cache: Path | None = None) -> ObjectArrays:
-    """Read the folders' first input view and 32 rig views at ``size`` px; with ``cache``, keep
-    them in that .npz (keyed by the folder paths and the size) and reuse it."""
-    key = hashlib.sha256(json.dumps([size, [str(f.resolve()) for f in folders]]).encode()).hexdigest()[:16]
+def load_objects(folders: list[Path], size: int, cache: Path | None = None,
+                 input_size: int | None = None) -> ObjectArrays:
+    """Read the folders' first input view at ``input_size`` px (default ``size``) and 32 rig views
+    at ``size`` px; with ``cache``, keep them in that .npz (keyed by the folder paths and the
+    sizes) and reuse it. Render the folders at the larger size: a smaller render is upsampled."""
+    input_size = size if input_size is None else input_size
+    sizes = size if input_size == size else [size, input_size]  # the key of earlier caches when equal
+    key = hashlib.sha256(json.dumps([sizes, [str(f.resolve()) for f in folders]]).encode()).hexdigest()[:16]
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
             if str(stored["key"]) == key:
                 return ObjectArrays(torch.from_numpy(stored["inputs"]), torch.from_numpy(stored["views"]))
-    inputs = torch.empty(len(folders), 4, size, size, dtype=torch.uint8)
+    inputs = torch.empty(len(folders), 4, input_size, input_size, dtype=torch.uint8)
     views = torch.empty(len(folders), NUM_TARGET_VIEWS, 4, size, size, dtype=torch.uint8)
     for i, folder in enumerate(folders):
         obj = fmt.read_object_folder(folder, cond_ids=[0])
-        inputs[i] = _as_uint8(*to_tensors(obj.cond_rgba, size))[0]
+        inputs[i] = _as_uint8(*to_tensors(obj.cond_rgba, input_size))[0]
         views[i] = _as_uint8(*to_tensors(obj.target_rgba, size))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -120,21 +126,34 @@ def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class ViewRegressor(nn.Module):
-    """Input view (b, 4, S, S) -> logits of the 32 rig views (b, 32, 4, S/2, S/2): RGB on white
-    and mask, at half the input's size (the full size costs 4x the output layers on a CPU;
+    """Input view (b, 4, S_in, S_in) -> logits of the 32 rig views (b, 32, 4, S/2, S/2): RGB on white
+    and mask, at half the views' size S (the full size costs 4x the output layers on a CPU;
     ``resolution_ceiling`` measures what it gives up). A convolutional encoder down to S/16, a
     fully connected bottleneck (every output pixel sees the whole input), a decoder back to S/4
     with the encoder's features there concatenated (the views next to the input keep its
     detail), and a pixel shuffle to S/2. With ``latent_channels`` it outputs the 32 views'
-    MVAE latents instead, (b, 32, latent_channels, S/4, S/4), from the same decoder at S/4."""
+    MVAE latents instead, (b, 32, latent_channels, S/4, S/4), from the same decoder at S/4.
 
-    def __init__(self, width: int = 32, size: int = 64, bottleneck: int = 1024, latent_channels: int = 0):
+    ``input_size`` (S_in, default S) reads the input finer than the views it predicts, as the
+    paper conditions on 512 px and generates 256 px: a stem of stride-2 blocks, one per doubling,
+    brings it to S px, and the rest is unchanged (with S_in = S there is no stem, so earlier
+    weights load as they were)."""
+
+    def __init__(self, width: int = 32, size: int = 64, bottleneck: int = 1024, latent_channels: int = 0,
+                 input_size: int | None = None):
         super().__init__()
         if size % 16:
             raise ValueError(f"size={size} must be a multiple of 16 (the encoder halves it 4 times).")
+        input_size = size if input_size is None else input_size
+        doublings = math.log2(input_size / size) if input_size >= size else -1.0
+        if doublings < 0 or doublings != int(doublings):
+            raise ValueError(f"input_size={input_size} must be size={size} times a power of 2 (e.g. {size} or "
+                             f"{2 * size}): a stem of stride-2 blocks brings the input to the views' size.")
         w = width
-        self.enc = nn.ModuleList([_block(4, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
-                                  _block(4 * w, 4 * w, 2)])
+        self.size, self.input_size = size, input_size
+        self.stem = nn.Sequential(*(_block(4 if i == 0 else w, w, 2) for i in range(int(doublings))))
+        self.enc = nn.ModuleList([_block(w if doublings else 4, w, 2), _block(w, 2 * w, 2),
+                                  _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 2)])
         self.low = (4 * w, size // 16)
         flat = 4 * w * (size // 16) ** 2
         self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(flat, bottleneck), nn.SiLU(),
@@ -144,15 +163,18 @@ class ViewRegressor(nn.Module):
         self.head = nn.Conv2d(4 * w, NUM_TARGET_VIEWS * (latent_channels or 4 * 4), 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            raise ValueError(f"input of {tuple(x.shape[-2:])} px; this regressor reads {self.input_size} px inputs "
+                             f"(load_objects(..., input_size={self.input_size}) reads them at that size).")
         skips = []
-        h = x * 2 - 1
+        h = self.stem(x * 2 - 1)  # b 4 S_in S_in -> b w S S (or the input itself without a stem)
         for block in self.enc:
             h = block(h)
             skips.append(h)  # S/2, S/4, S/8, S/16
         h = self.bottleneck(h).view(-1, self.low[0], self.low[1], self.low[1])
         for block, skip in zip(self.dec, reversed(skips[1:]), strict=True):  # at S/16, S/8, S/4
             h = block(torch.cat([h, skip], dim=1))
-            if h.shape[-1] < x.shape[-1] // 4:
+            if h.shape[-1] < self.size // 4:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         if self.latent_channels:
             out = self.head(h)  # b 32*C S/4 S/4
@@ -362,7 +384,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help="the views' size in pixels (the regressor predicts S/2)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="read the input view at this size instead (--size times a power of 2, e.g. 128 with "
+                        "--size 64: render the objects at 128 px; a stem of stride-2 blocks brings it to --size)")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="no mirrored objects in training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -372,7 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-meshes", dest="meshes", action="store_false",
                    help="skip the mesh figures (volume IoU, Chamfer) of the held-out objects")
     p.add_argument("--save", type=Path, default=None,
-                   help="folder receiving each run's weights (regressor_w{width}_n{objects}.safetensors)")
+                   help="folder receiving each run's weights (regressor_w{width}_n{objects}.safetensors; "
+                        "_latent and _in{input size} added where they apply)")
     args = p.parse_args(argv)
     for name in ("objects", "widths"):
         bad = [v for v in getattr(args, name) if v < 1]
@@ -386,6 +412,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("heldout_count", "steps", "batch_size", "size", "mesh_resolution"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.input_size is None:
+        args.input_size = args.size
+    ratio = args.input_size / args.size
+    if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
+        p.error(f"--input-size {args.input_size}: must be --size ({args.size}) times a power of 2, "
+                f"e.g. {args.size} or {2 * args.size}")
     return args
 
 
@@ -394,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        train = load_objects(first_folders(args.train, max(args.objects)), args.size, args.cache)
+        train = load_objects(first_folders(args.train, max(args.objects)), args.size, args.cache, args.input_size)
         held_folders = first_folders(args.heldout, args.heldout_count)
-        heldout = load_objects(held_folders, args.size)
+        heldout = load_objects(held_folders, args.size, input_size=args.input_size)
         meshes = true_meshes(held_folders) if args.meshes else None
         vae = load_checkpoint(args.mvae).vae.float().eval() if args.mvae is not None else None
     except (ValueError, FileNotFoundError) as e:
@@ -422,16 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         data, fit = train.first(n), train.first(min(args.fit_count, n))
         if space == "latent":
-            model = ViewRegressor(width, args.size, latent_channels=latents.shape[2])
+            model = ViewRegressor(width, args.size, latent_channels=latents.shape[2], input_size=args.input_size)
             views = functools.partial(predict_latents, vae=vae)
         else:
-            model, views = ViewRegressor(width, args.size), predict
+            model, views = ViewRegressor(width, args.size, input_size=args.input_size), predict
         start = time.perf_counter()
         losses = train_regressor(model, data, args.steps, args.batch_size, args.lr, args.seed, args.mirror,
                                  log_every=max(args.steps // 10, 1), latents=latents[:n] if space == "latent" else None)
         train_s = time.perf_counter() - start
         held_rgb, held_masks = views(model, inputs=held_inputs)
-        run = {"space": space, "objects": n, "width": width,
+        run = {"space": space, "objects": n, "width": width, "input_size": args.input_size,
                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                "steps": args.steps, "batch_size": args.batch_size, "object_passes_each":
                round(args.steps * args.batch_size / n, 1), "mirror": args.mirror, "lr": args.lr,
@@ -444,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             run["heldout_through_mvae"] = score(*through_mvae(vae, held_rgb, held_masks), heldout)
         if args.save is not None:
             args.save.mkdir(parents=True, exist_ok=True)
-            suffix = "_latent" if space == "latent" else ""
+            suffix = ("_latent" if space == "latent" else "") + (
+                f"_in{args.input_size}" if args.input_size != args.size else "")
             save_file(model.state_dict(), args.save / f"regressor_w{width}_n{n}{suffix}.safetensors")
         print(json.dumps(run), flush=True)
         runs.append(run)
