@@ -125,6 +125,13 @@ def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.Conv2d(cout, cout, 3, 1, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
 
+def stem_doublings(size: int, input_size: int) -> int | None:
+    """How many times ``input_size`` doubles ``size`` (0 when equal); None unless it is ``size``
+    times a power of 2."""
+    doublings = (input_size // size).bit_length() - 1
+    return doublings if input_size >= size and input_size == size << doublings else None
+
+
 class ViewRegressor(nn.Module):
     """Input view (b, 4, S_in, S_in) -> logits of the 32 rig views (b, 32, 4, S/2, S/2): RGB on white
     and mask, at half the views' size S (the full size costs 4x the output layers on a CPU;
@@ -145,13 +152,13 @@ class ViewRegressor(nn.Module):
         if size % 16:
             raise ValueError(f"size={size} must be a multiple of 16 (the encoder halves it 4 times).")
         input_size = size if input_size is None else input_size
-        doublings = math.log2(input_size / size) if input_size >= size else -1.0
-        if doublings < 0 or doublings != int(doublings):
+        doublings = stem_doublings(size, input_size)
+        if doublings is None:
             raise ValueError(f"input_size={input_size} must be size={size} times a power of 2 (e.g. {size} or "
                              f"{2 * size}): a stem of stride-2 blocks brings the input to the views' size.")
         w = width
         self.size, self.input_size = size, input_size
-        self.stem = nn.Sequential(*(_block(4 if i == 0 else w, w, 2) for i in range(int(doublings))))
+        self.stem = nn.Sequential(*(_block(4 if i == 0 else w, w, 2) for i in range(doublings)))
         self.enc = nn.ModuleList([_block(w if doublings else 4, w, 2), _block(w, 2 * w, 2),
                                   _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 2)])
         self.low = (4 * w, size // 16)
@@ -414,8 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.input_size is None:
         args.input_size = args.size
-    ratio = args.input_size / args.size
-    if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
+    if stem_doublings(args.size, args.input_size) is None:
         p.error(f"--input-size {args.input_size}: must be --size ({args.size}) times a power of 2, "
                 f"e.g. {args.size} or {2 * args.size}")
     return args
