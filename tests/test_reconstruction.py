@@ -30,6 +30,7 @@ from mvdpp_core.reconstruction import (
     ssim,
     volume_iou,
 )
+from mvdpp_core.reconstruction import render as render_module
 from mvdpp_core.reconstruction.carving import Grid, keep_largest
 from mvdpp_core.reconstruction.export import Z_UP_TO_Y_UP, gltf_arrays, surface_colors
 from mvdpp_core.reconstruction.meshing import mesh_field, surface_faces, vertex_normals
@@ -89,6 +90,45 @@ def test_render_depth_ordering_and_texture() -> None:
     tex = render_mesh(verts, faces, UVTexture(uv, image), rig_c2w()[8:9], intrinsics(64), 64, 64)
     top, bottom = tex.rgb[0, 24, 32], tex.rgb[0, 40, 32]  # image y down = world z down
     assert top[1] > 0.9 and bottom[0] > 0.9
+
+
+@pytest.mark.parametrize("budget", [render_module._CANDIDATE_BUDGET, 7])
+def test_rasteriser_equals_a_brute_force_z_buffer(monkeypatch, budget: int) -> None:
+    """The rasteriser's bookkeeping (bounding boxes clipped to the frame, triangles grouped by
+    box size, groups split into chunks, culled degenerate and behind-camera triangles, the
+    packed depth-and-face z-test) picks the same face at every pixel as testing every triangle
+    against every pixel centre and keeping the nearest. Triangles of every size, many
+    crossing the frame's edges, a degenerate one and one behind the camera; a candidate
+    budget of 7 splits every size group into many chunks."""
+    monkeypatch.setattr(render_module, "_CANDIDATE_BUDGET", budget)
+    g = torch.Generator().manual_seed(3)
+    views, faces_n, width, height = 2, 120, 23, 17
+    size = torch.rand(faces_n, generator=g) ** 3 * 30 + 0.3  # sub-pixel to larger than the frame
+    centre = torch.rand(views, faces_n, 1, 2, generator=g) * torch.tensor([width + 10.0, height + 10.0]) - 5
+    xy = centre + (torch.rand(views, faces_n, 3, 2, generator=g) - 0.5) * size[None, :, None, None]
+    z = torch.rand(views, faces_n, 3, 1, generator=g) * 4 + 0.5
+    screen = torch.cat((xy, z), dim=-1).reshape(views, faces_n * 3, 3)  # each face its own 3 vertices
+    screen[:, 5] = screen[:, 3]  # face 1 degenerate (two equal corners)
+    screen[1, 6, 2] = -1.0  # face 2 behind the camera in view 1
+    faces = torch.arange(faces_n * 3).reshape(faces_n, 3)
+    frags = render_module.rasterize(screen, faces, width, height)
+
+    tri = screen[:, faces]  # v f 3 3
+    coef = render_module.edge_coefficients(tri.reshape(-1, 3, 3)).reshape(views, faces_n, 3, 3)
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    pix = torch.stack((xs, ys, torch.ones_like(xs)), dim=-1)  # h w 3
+    w0, w1, inv_z = torch.einsum("vfrk,hwk->rvfhw", coef.double(), pix.double())
+    inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1) & (inv_z > 0)
+    inside &= (tri[..., 2] > 1e-4).all(-1)[..., None, None]
+    depth = torch.where(inside, 1 / inv_z, torch.inf)  # v f h w
+    nearest = depth.argmin(1)
+    expected = torch.where(torch.isfinite(depth.amin(1)), nearest, -1)
+    assert (expected >= 0).float().mean() > 0.5 and len(expected.unique()) > 20  # a real test scene
+    assert not (expected == 1).any() and not (expected[1] == 2).any()
+    assert torch.equal(frags.face_id, expected)
+    hit = expected >= 0
+    assert torch.allclose(frags.depth[hit], depth.amin(1)[hit].float(), rtol=1e-4)
+    assert torch.isinf(frags.depth[~hit]).all()
 
 
 # --- metrics ----------------------------------------------------------------------------

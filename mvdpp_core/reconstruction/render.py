@@ -78,30 +78,33 @@ def edge_coefficients(screen: Tensor) -> Tensor:
     rows (w0, w1, inv_z) and columns (a, b, c) such that value = a * px + b * py + c;
     w2 = 1 - w0 - w1. Degenerate (zero-area) triangles get NaN coefficients.
     """
-    x, y, z = screen.unbind(-1)  # each t 3
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (y[:, 1] - y[:, 0])
+    return _edge_rows(*screen.permute(2, 1, 0).contiguous())
+
+
+def _edge_rows(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """:func:`edge_coefficients` from the corners' x, y and z, each (3, t) (one contiguous row per corner)."""
+    area = (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])
     area = torch.where(area.abs() > 1e-12, area, torch.full_like(area, float("nan")))
 
-    def edge(i: int, j: int) -> Tensor:  # signed area of (p, corner i, corner j) / area
-        a = (y[:, i] - y[:, j]) / area
-        b = (x[:, j] - x[:, i]) / area
-        c = (x[:, i] * y[:, j] - x[:, j] * y[:, i]) / area
-        return torch.stack((a, b, c), dim=-1)  # t 3
+    def edge(i: int, j: int) -> tuple[Tensor, Tensor, Tensor]:  # signed area of (p, corner i, corner j) / area
+        return (y[i] - y[j]) / area, (x[j] - x[i]) / area, (x[i] * y[j] - x[j] * y[i]) / area
 
     w0, w1 = edge(1, 2), edge(2, 0)
-    w2 = -w0 - w1
-    w2[:, 2] += 1.0
-    inv_z = w0 / z[:, :1] + w1 / z[:, 1:2] + w2 / z[:, 2:3]
-    return torch.stack((w0, w1, inv_z), dim=1)
+    w2 = [-p - q for p, q in zip(w0, w1, strict=True)]
+    w2[2] = w2[2] + 1.0
+    inv_z = [p / z[0] + q / z[1] + r / z[2] for p, q, r in zip(w0, w1, w2, strict=True)]
+    return torch.stack((*w0, *w1, *inv_z), dim=-1).view(-1, 3, 3)
 
 
-def _pixel_boxes(screen: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Integer pixel bounding boxes (x0, y0, sx, sy) of the pixel centres each triangle may cover."""
-    lo, hi = screen[..., :2].amin(1), screen[..., :2].amax(1)  # t 2
-    x0 = torch.ceil(lo[:, 0] - 0.5).clamp(min=0).long()
-    y0 = torch.ceil(lo[:, 1] - 0.5).clamp(min=0).long()
-    x1 = torch.floor(hi[:, 0] - 0.5).clamp(max=width - 1).long()
-    y1 = torch.floor(hi[:, 1] - 0.5).clamp(max=height - 1).long()
+def _pixel_boxes(x: Tensor, y: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer pixel bounding boxes (x0, y0, sx, sy) of the pixel centres each triangle may
+    cover, from its corners' x and y, each (3, t)."""
+    lo_x, lo_y = torch.minimum(torch.minimum(x[0], x[1]), x[2]), torch.minimum(torch.minimum(y[0], y[1]), y[2])
+    hi_x, hi_y = torch.maximum(torch.maximum(x[0], x[1]), x[2]), torch.maximum(torch.maximum(y[0], y[1]), y[2])
+    x0 = torch.ceil(lo_x - 0.5).clamp(min=0).long()
+    y0 = torch.ceil(lo_y - 0.5).clamp(min=0).long()
+    x1 = torch.floor(hi_x - 0.5).clamp(max=width - 1).long()
+    y1 = torch.floor(hi_y - 0.5).clamp(max=height - 1).long()
     return x0, y0, x1 - x0 + 1, y1 - y0 + 1
 
 
@@ -112,20 +115,33 @@ def iter_coverage(screen: Tensor, width: int, height: int) -> Iterator[tuple[Ten
     Yields chunks (tri (c,), px (c,), py (c,), inv_z (c,)), no z-test. Used by the
     z-buffered :func:`rasterize` and by the ray-parity volume occupancy of the metrics.
     """
-    coef = edge_coefficients(screen)
-    x0, y0, sx, sy = _pixel_boxes(screen, width, height)
-    ok = (sx > 0) & (sy > 0) & torch.isfinite(coef).all(-1).all(-1) & (screen[..., 2] > _NEAR).all(-1)
-    gx = torch.ceil(torch.log2(sx.clamp(min=1).float())).long()
-    gy = torch.ceil(torch.log2(sy.clamp(min=1).float())).long()
-    group = torch.where(ok, gx * 64 + gy, -1)
-    for key in torch.unique(group).tolist():
-        if key < 0:
-            continue
-        tris = torch.nonzero(group == key).squeeze(1)
+    corners = screen.permute(2, 1, 0).contiguous()  # x y z, corner, triangle
+    x0, y0, sx, sy = _pixel_boxes(corners[0], corners[1], width, height)
+    # Small triangles often hold no pixel centre (a fifth of a procedural object's): drop them (and those
+    # behind the camera) before anything else is computed for them.
+    keep = torch.nonzero((sx > 0) & (sy > 0) & (corners[2] > _NEAR).all(0)).squeeze(1)
+    coef = _edge_rows(*corners.index_select(2, keep))
+    good = torch.nonzero(coef.flatten(1).abs().amax(1) < float("inf")).squeeze(1)  # zero area: NaN
+    keep = keep.index_select(0, good)
+    sx, sy = sx.index_select(0, keep), sy.index_select(0, keep)
+    gx = torch.ceil(torch.log2(sx.float())).long()
+    gy = torch.ceil(torch.log2(sy.float())).long()
+    # One stable sort by box size class instead of a scan per class: each class's triangles
+    # keep their order and become one contiguous slice.
+    group, order = torch.sort(gx * 64 + gy, stable=True)
+    tris = keep.index_select(0, order)
+    coef = coef.index_select(0, good.index_select(0, order))
+    x0, y0 = x0.index_select(0, tris), y0.index_select(0, tris)
+    sx, sy = sx.index_select(0, order), sy.index_select(0, order)
+    keys, counts = torch.unique_consecutive(group, return_counts=True)
+    start = 0
+    for key, n in zip(keys.tolist(), counts.tolist(), strict=True):
         bx, by = 2 ** (key // 64), 2 ** (key % 64)
         step = max(1, _CANDIDATE_BUDGET // (bx * by))
-        for chunk in tris.split(step):
-            yield _cover_group(chunk, coef[chunk], x0[chunk], y0[chunk], sx[chunk], sy[chunk], bx, by)
+        for a in range(start, start + n, step):
+            b = min(a + step, start + n)
+            yield _cover_group(tris[a:b], coef[a:b], x0[a:b], y0[a:b], sx[a:b], sy[a:b], bx, by)
+        start += n
 
 
 def _cover_group(
@@ -134,16 +150,23 @@ def _cover_group(
     """Dense (triangle, by, bx) evaluation of the edge functions of one size group."""
     ox = torch.arange(bx)
     oy = torch.arange(by)
-    px = x0[:, None, None] + ox[None, None, :]  # t 1 bx
-    py = y0[:, None, None] + oy[None, :, None]  # t by 1
-    fx, fy = px.float() + 0.5, py.float() + 0.5
-    val = coef[:, :, None, None, 0] * fx[:, None] + coef[:, :, None, None, 1] * fy[:, None]
-    val = val + coef[:, :, None, None, 2]  # t 3 by bx: w0, w1, inv_z
-    w0, w1, inv_z = val.unbind(1)
+    fx = ((x0[:, None] + ox).float() + 0.5)[:, None, :]  # t 1 bx
+    fy = ((y0[:, None] + oy).float() + 0.5)[:, :, None]  # t by 1
+
+    def plane(row: int) -> Tensor:  # t by bx: value of coefficient row (w0, w1, inv_z)
+        a, b, c = coef[:, row, :, None, None].unbind(1)
+        return a * fx + b * fy + c
+
+    w0, w1, inv_z = plane(0), plane(1), plane(2)
     inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1) & (inv_z > 0)
-    inside &= (ox[None, None, :] < sx[:, None, None]) & (oy[None, :, None] < sy[:, None, None])
-    t, iy, ix = torch.nonzero(inside, as_tuple=True)
-    return tris[t], px[t, 0, ix], py[t, iy, 0], inv_z[t, iy, ix]
+    if bx > 1:
+        inside &= ox < sx[:, None, None]
+    if by > 1:
+        inside &= oy[:, None] < sy[:, None, None]
+    flat = torch.nonzero(inside.view(-1)).squeeze(1)
+    t, iy, ix = flat // (by * bx), flat // bx % by, flat % bx
+    px, py = x0.index_select(0, t) + ix, y0.index_select(0, t) + iy
+    return tris.index_select(0, t), px, py, inv_z.view(-1).index_select(0, flat)
 
 
 def rasterize(screen: Tensor, faces: Tensor, width: int, height: int) -> Fragments:
@@ -157,9 +180,13 @@ def rasterize(screen: Tensor, faces: Tensor, width: int, height: int) -> Fragmen
     if f >= 2**_FACE_BITS:
         raise ValueError(f"mesh has {f} faces; the rasteriser supports < {2**_FACE_BITS}. Decimate it.")
     screen = screen.float()
-    tri = rearrange(screen[:, faces], "v f c k -> (v f) c k")  # (v f) 3 3
-    zs = tri[..., 2][tri[..., 2] > _NEAR]
-    z_lo, z_hi = (zs.min().item(), zs.max().item()) if zs.numel() else (0.0, 1.0)
+    tri = screen.index_select(1, faces.flatten()).view(v * f, 3, 3)  # (v f) 3 3
+    z = tri[..., 2]
+    near = z > _NEAR
+    z_lo, z_hi = 0.0, 1.0
+    if bool(near.any()):
+        z_lo = torch.where(near, z, float("inf")).min().item()
+        z_hi = torch.where(near, z, float("-inf")).max().item()
     scale = (_DEPTH_LEVELS - 1) / max(z_hi - z_lo, 1e-9)
     empty = torch.iinfo(torch.int64).max
     zbuf = torch.full((v * height * width,), empty, dtype=torch.int64)
@@ -177,20 +204,21 @@ def rasterize(screen: Tensor, faces: Tensor, width: int, height: int) -> Fragmen
 def _fragments(face_id: Tensor, tri: Tensor, f: int, width: int) -> Fragments:
     """Recompute exact barycentrics and depth for the winning face of each pixel."""
     v, h, w = face_id.shape
-    bary = torch.zeros(v, h, w, 3)
-    depth = torch.full((v, h, w), float("inf"))
-    vi, yi, xi = torch.nonzero(face_id >= 0, as_tuple=True)
-    if len(vi):
-        screen = tri[vi * f + face_id[vi, yi, xi]]  # p 3 3
+    bary = torch.zeros(v * h * w, 3)
+    depth = torch.full((v * h * w,), float("inf"))
+    pixel = torch.nonzero(face_id.view(-1) >= 0).squeeze(1)  # flat indices of covered pixels
+    if len(pixel):
+        vi, yi, xi = pixel // (h * w), pixel // w % h, pixel % w
+        screen = tri.index_select(0, vi * f + face_id.view(-1).index_select(0, pixel))  # p 3 3
         coef = edge_coefficients(screen)
         pix = torch.stack((xi.float() + 0.5, yi.float() + 0.5, torch.ones(len(xi))), dim=-1)  # p 3
         w0, w1, inv_z = torch.einsum("prk,pk->rp", coef, pix)
         lin = torch.stack((w0, w1, 1 - w0 - w1), dim=-1)  # p 3, screen-space weights
         persp = lin / screen[..., 2]
         persp = persp / persp.sum(-1, keepdim=True)
-        bary[vi, yi, xi] = persp
-        depth[vi, yi, xi] = 1.0 / inv_z
-    return Fragments(face_id=face_id, bary=bary, depth=depth)
+        bary.index_copy_(0, pixel, persp)
+        depth.index_copy_(0, pixel, 1.0 / inv_z)
+    return Fragments(face_id=face_id, bary=bary.view(v, h, w, 3), depth=depth.view(v, h, w))
 
 
 def project_to_screen(vertices: Tensor, c2w: Tensor, K: Tensor) -> Tensor:
@@ -205,27 +233,21 @@ def project_to_screen(vertices: Tensor, c2w: Tensor, K: Tensor) -> Tensor:
     return torch.cat((xy, z), dim=-1)
 
 
-def _shade_colors(
-    frags: Fragments, faces: Tensor, colors: Tensor | UVTexture | None, n_vertices: int
-) -> Tensor:
-    """Per-pixel albedo (v, h, w, 3) from vertex colours or a UV texture."""
-    v, h, w = frags.face_id.shape
-    out = torch.ones(v, h, w, 3)
-    hit = frags.face_id >= 0
-    fid, bary = frags.face_id[hit], frags.bary[hit]  # p, p 3
+def _albedo(bary: Tensor, fid: Tensor, faces: Tensor, colors: Tensor | UVTexture | None, n_vertices: int) -> Tensor:
+    """Albedo (p, 3) of p covered samples (barycentrics (p, 3) in faces ``fid`` (p,)) from
+    vertex colours, a UV texture, or grey."""
     if colors is None:
-        out[hit] = 0.8
-    elif isinstance(colors, UVTexture):
+        return torch.full((len(fid), 3), 0.8)
+    if isinstance(colors, UVTexture):
         uv = colors.uv.float()
         corner_uv = uv[faces[fid]] if uv.shape[0] == n_vertices and uv.ndim == 2 else uv[fid]  # p 3 2
         uv_p = torch.einsum("pc,pck->pk", bary, corner_uv)
         grid = torch.stack((uv_p[:, 0] * 2 - 1, 1 - uv_p[:, 1] * 2), dim=-1)  # v up -> row 0 at top
         img = rearrange(colors.image.float(), "h w c -> 1 c h w")
         sampled = F.grid_sample(img, grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)
-        out[hit] = rearrange(sampled, "1 c 1 p -> p c")
-    else:
-        out[hit] = torch.einsum("pc,pck->pk", bary, colors.float()[faces[fid]])
-    return out
+        return rearrange(sampled, "1 c 1 p -> p c")
+    corner = faces.index_select(0, fid).view(-1)
+    return torch.einsum("pc,pck->pk", bary, colors.float().index_select(0, corner).view(len(fid), 3, -1))
 
 
 def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
@@ -272,19 +294,25 @@ def render_mesh(
     K_s[:2] *= s
     screen = project_to_screen(vertices, c2w.cpu(), K_s)
     frags = rasterize(screen, faces, width * s, height * s)
-    hit = frags.face_id >= 0
-    albedo = _shade_colors(frags, faces, colors, len(vertices))
-    normals = torch.zeros_like(albedo)
-    if len(faces):
-        n_face = _face_normals(vertices, faces)[frags.face_id.clamp(min=0)]  # v h w 3
-        to_cam = c2w[:, None, None, :3, 2].float()  # camera forward; flip normals facing away
+    # Shade the covered samples only (a small object covers a few per cent of the frame).
+    v, h, w = frags.face_id.shape
+    face_id = frags.face_id.view(-1)
+    pixel = torch.nonzero(face_id >= 0).squeeze(1)  # flat indices of covered samples
+    fid = face_id.index_select(0, pixel)
+    albedo = _albedo(frags.bary.view(-1, 3).index_select(0, pixel), fid, faces, colors, len(vertices))  # p 3
+    normals = torch.zeros(v * h * w, 3)
+    if len(fid):
+        n_face = _face_normals(vertices, faces).index_select(0, fid)  # p 3
+        forward = c2w.cpu()[:, :3, 2].float()  # camera forward; flip normals facing away
+        to_cam = forward.index_select(0, pixel // (h * w))
         n_face = torch.where((n_face * to_cam).sum(-1, keepdim=True) > 0, -n_face, n_face)
-        normals = torch.where(hit[..., None], n_face, normals)
-    if light_dir is not None:
-        lam = (normals * F.normalize(light_dir.float(), dim=0)).sum(-1).abs()
-        albedo = albedo * (ambient + (1 - ambient) * lam)[..., None]
-    alpha = hit.float()
-    rgb = albedo * alpha[..., None] + background * (1 - alpha[..., None])
+        normals.index_copy_(0, pixel, n_face)
+        if light_dir is not None:
+            lam = (n_face * F.normalize(light_dir.float(), dim=0)).sum(-1).abs()
+            albedo = albedo * (ambient + (1 - ambient) * lam)[..., None]
+    alpha = (frags.face_id >= 0).float()
+    rgb = torch.full((v * h * w, 3), float(background)).index_copy_(0, pixel, albedo).view(v, h, w, 3)
+    normals = normals.view(v, h, w, 3)
     if s > 1:
         rgb = rearrange(F.avg_pool2d(rearrange(rgb, "v h w c -> v c h w"), s), "v c h w -> v h w c")
         alpha = F.avg_pool2d(alpha[:, None], s)[:, 0]
