@@ -131,6 +131,19 @@ def test_rasteriser_equals_a_brute_force_z_buffer(monkeypatch, budget: int) -> N
     assert torch.isinf(frags.depth[~hit]).all()
 
 
+@pytest.mark.parametrize("kind", ["vertex colours", "grey", "uv texture"])
+def test_a_mesh_no_view_sees_renders_the_background(kind: str) -> None:
+    """A mesh outside every view covers no sample: each colour source then shades nothing
+    and the views are the background, with empty alpha, depth and normals."""
+    verts = torch.tensor([[10.0, 10, 10], [10, 11, 10], [11, 10, 10]])  # behind and beside the rig's cameras
+    colors = {"vertex colours": torch.rand(3, 3), "grey": None,
+              "uv texture": UVTexture(torch.rand(3, 2), torch.rand(4, 4, 3))}[kind]
+    out = render_mesh(verts, torch.tensor([[0, 1, 2]]), colors, rig_c2w()[:2], intrinsics(32), 32, 32,
+                      background=0.25, light_dir=torch.tensor([1.0, 0, 0]), antialias=2)
+    assert torch.equal(out.rgb, torch.full((2, 32, 32, 3), 0.25)) and not out.alpha.any()
+    assert (out.face_id == -1).all() and torch.isinf(out.depth).all() and not out.normal.any()
+
+
 # --- metrics ----------------------------------------------------------------------------
 
 

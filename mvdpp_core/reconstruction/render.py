@@ -246,8 +246,8 @@ def _albedo(bary: Tensor, fid: Tensor, faces: Tensor, colors: Tensor | UVTexture
         img = rearrange(colors.image.float(), "h w c -> 1 c h w")
         sampled = F.grid_sample(img, grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)
         return rearrange(sampled, "1 c 1 p -> p c")
-    corner = faces.index_select(0, fid).view(-1)
-    return torch.einsum("pc,pck->pk", bary, colors.float().index_select(0, corner).view(len(fid), 3, -1))
+    corner_colors = colors.float().index_select(0, faces.index_select(0, fid).view(-1))
+    return torch.einsum("pc,pck->pk", bary, corner_colors.view(len(fid), 3, colors.shape[-1]))
 
 
 def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
