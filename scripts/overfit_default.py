@@ -16,6 +16,14 @@ data or compute problem. Writes ``<out>/overfit.json``.
   python scripts/overfit_default.py --out /tmp/overfit/baseline --steps 400
   python scripts/overfit_default.py --out /tmp/overfit/geometry --steps 400 \
       --set 'init.architecture={unet: {geometry_encoding: true}}' --set init.geometry_init_std=0.05
+
+The defaults are the recipe's files: its MVAE after step 2 (``init.mvae_path`` of the config) and
+its 791 training objects (``--data``), both under /tmp/mvdpp_default (README, "The embedded
+default"). On a machine without them, render objects and take the shipped default's MVAE:
+
+  python -m train.procedural.generate --out /tmp/overfit/data --split train --count 8 --size 64
+  python scripts/overfit_default.py --out /tmp/overfit/shipped_mvae --data /tmp/overfit/data --steps 400 \
+      --set init.mvae_path=models/mvdpp_default.safetensors
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from train.diagnostics import (  # noqa: E402
     object_latents,
     silhouette_consistency,
 )
+from train.models import check_init_files  # noqa: E402
 from train.train_mvdiff import train  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "default_unet.yaml"
@@ -132,7 +141,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folders = subset_folder(args.data, args.objects, args.out / "objects")
     run = args.out / "run"
     overrides = [
         f"data.folders={args.out / 'objects'}",
@@ -143,9 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         "logging.validate_every=0",
         *args.set,
     ]
+    try:  # the config and the files it names, before anything is linked or trained
+        config = load_config(TrainConfig, args.config, overrides)
+        if not args.eval_only:
+            check_init_files(config.init)
+    except ValueError as err:
+        hint = (" The recipe writes it in its steps 1-2 (README); or take the shipped default's MVAE: "
+                "--set init.mvae_path=models/mvdpp_default.safetensors") if "init.mvae_path" in str(err) else ""
+        raise SystemExit(f"config error: {err}{hint}") from None
+    if args.eval_only and not (run / "export" / "model.safetensors").is_file():
+        raise SystemExit(f"--eval-only: {run / 'export' / 'model.safetensors'} does not exist; train a run in "
+                         f"--out {args.out} first (without --eval-only).")
+    folders = subset_folder(args.data, args.objects, args.out / "objects")
     t0 = time.perf_counter()
     if not args.eval_only:
-        train(load_config(TrainConfig, args.config, overrides))
+        train(config)
     trained_s = time.perf_counter() - t0
     model = load_checkpoint(run / "export" / "model.safetensors").eval()
     if args.per_view_attention:
