@@ -40,6 +40,7 @@ from train.viz import rig_grid, save_png
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train" / "configs"
 SIZE = 32
+OUTPUTS = ("folders", "meshes", "shards", "mvae", "stage1", "generated.png")  # what a run writes in --out
 
 
 def blender_available() -> str | None:
@@ -87,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-steps", type=int, default=10)
     args = p.parse_args(argv)
     start = time.time()
-    shutil.rmtree(args.out, ignore_errors=True)
+    for name in OUTPUTS:  # a rerun starts afresh; anything else in --out is left alone
+        path = args.out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
     how = render_objects(args.out, args.objects, blender_available())
     t_render = time.time()
     counts = pack_shards(
