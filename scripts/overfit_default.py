@@ -153,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:  # the config and the files it names, before anything is linked or trained
         config = load_config(TrainConfig, args.config, overrides)
+    except ValueError as err:
+        raise SystemExit(f"config error: {err}") from None
+    try:
         if not args.eval_only:
             check_init_files(config.init)
     except ValueError as err:
+        mvae = config.init.mvae_path
         hint = (" The recipe writes it in its steps 1-2 (README); or take the shipped default's MVAE: "
-                "--set init.mvae_path=models/mvdpp_default.safetensors") if "init.mvae_path" in str(err) else ""
+                "--set init.mvae_path=models/mvdpp_default.safetensors") if mvae and not Path(mvae).is_file() else ""
         raise SystemExit(f"config error: {err}{hint}") from None
     if args.eval_only and not (run / "export" / "model.safetensors").is_file():
         raise SystemExit(f"--eval-only: {run / 'export' / 'model.safetensors'} does not exist; train a run in "

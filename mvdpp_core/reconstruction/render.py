@@ -99,8 +99,7 @@ def _edge_rows(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
 def _pixel_boxes(x: Tensor, y: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Integer pixel bounding boxes (x0, y0, sx, sy) of the pixel centres each triangle may
     cover, from its corners' x and y, each (3, t)."""
-    lo_x, lo_y = torch.minimum(torch.minimum(x[0], x[1]), x[2]), torch.minimum(torch.minimum(y[0], y[1]), y[2])
-    hi_x, hi_y = torch.maximum(torch.maximum(x[0], x[1]), x[2]), torch.maximum(torch.maximum(y[0], y[1]), y[2])
+    lo_x, lo_y, hi_x, hi_y = x.amin(0), y.amin(0), x.amax(0), y.amax(0)
     x0 = torch.ceil(lo_x - 0.5).clamp(min=0).long()
     y0 = torch.ceil(lo_y - 0.5).clamp(min=0).long()
     x1 = torch.floor(hi_x - 0.5).clamp(max=width - 1).long()
@@ -296,9 +295,9 @@ def render_mesh(
     frags = rasterize(screen, faces, width * s, height * s)
     # Shade the covered samples only (a small object covers a few per cent of the frame).
     v, h, w = frags.face_id.shape
-    face_id = frags.face_id.view(-1)
-    pixel = torch.nonzero(face_id >= 0).squeeze(1)  # flat indices of covered samples
-    fid = face_id.index_select(0, pixel)
+    hit = frags.face_id >= 0
+    pixel = torch.nonzero(hit.view(-1)).squeeze(1)  # flat indices of covered samples
+    fid = frags.face_id.view(-1).index_select(0, pixel)
     albedo = _albedo(frags.bary.view(-1, 3).index_select(0, pixel), fid, faces, colors, len(vertices))  # p 3
     normals = torch.zeros(v * h * w, 3)
     if len(fid):
@@ -310,7 +309,7 @@ def render_mesh(
         if light_dir is not None:
             lam = (n_face * F.normalize(light_dir.float(), dim=0)).sum(-1).abs()
             albedo = albedo * (ambient + (1 - ambient) * lam)[..., None]
-    alpha = (frags.face_id >= 0).float()
+    alpha = hit.float()
     rgb = torch.full((v * h * w, 3), float(background)).index_copy_(0, pixel, albedo).view(v, h, w, 3)
     normals = normals.view(v, h, w, 3)
     if s > 1:
