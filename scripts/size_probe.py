@@ -75,7 +75,7 @@ def generated_sizes(model: MVDPPModel, objects: list[tuple[fmt.ObjectViews, floa
             "area_ratio": float(np.mean([r["area_ratio"] for r in rows])),
             "best_scale_mean": float(k.mean()), "best_scale_std": float(k.std()),
             "best_global_scale": SCALES[int(curve.argmax())], "mask_iou_at_best_global_scale": float(curve.max()),
-            "scale_per_unit_distance": float(np.polyfit(d, k, 1)[0]) if len(rows) > 2 else float("nan"),
+            "scale_per_unit_distance": float(np.polyfit(d, k, 1)[0]) if len(rows) > 2 and np.ptp(d) > 0 else None,
             "distance_blind_slope": float(1 / d.mean()),
             "per_object": [{key: v for key, v in r.items() if key != "ious"} for r in rows]}
 
@@ -97,7 +97,13 @@ def decoder_sizes(model: MVDPPModel, objects: list[tuple[fmt.ObjectViews, float]
         mean_area += float(((views[i][1] > 0.5).sum() + (views[i + 1][1] > 0.5).sum()) / 2)
     return {"round_trip": {str(t): {"mask_iou": float(np.mean(a["ious"])), "area_ratio": a["area"] / a["true"]}
                            for t, a in trip.items()},
-            "mean_latent_area_ratio": decoded_area / mean_area if mean_area else float("nan")}
+            "mean_latent_area_ratio": decoded_area / mean_area if mean_area else None}
+
+
+def _figure(value: float | None) -> str:
+    """A figure for the summary line; None where the objects cannot give it (a slope needs 3+
+    objects at different distances), written as null in the JSON."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{path.name}] mask IoU {g['mask_iou']:.4f}, at each object's best scale "
               f"{g['mask_iou_at_best_scale']:.4f}; area ratio {g['area_ratio']:.3f}, best global scale "
               f"{g['best_global_scale']:.2f} ({g['mask_iou_at_best_global_scale']:.4f}); best scale per unit of "
-              f"input distance {g['scale_per_unit_distance']:.3f} (blind: {g['distance_blind_slope']:.3f}); round "
+              f"input distance {_figure(g['scale_per_unit_distance'])} (blind: {g['distance_blind_slope']:.3f}); round "
               f"trip mask IoU at 0.5 {entry['round_trip']['0.5']['mask_iou']:.4f}, best {best_trip:.4f}; mean "
-              f"latent's area ratio {entry['mean_latent_area_ratio']:.3f}", flush=True)
-        args.out.write_text(json.dumps(report, indent=1))
+              f"latent's area ratio {_figure(entry['mean_latent_area_ratio'])}", flush=True)
+        args.out.write_text(json.dumps(report, indent=1, allow_nan=False))
     return 0
 
 

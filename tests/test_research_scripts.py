@@ -125,6 +125,10 @@ def heldout(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("heldout")  # the probes render the held-out objects they miss
 
 
+def _refuse(constant: str):
+    raise AssertionError(f"{constant} in a report: JSON has no such value; write null")
+
+
 def test_the_size_probe_measures_the_shipped_default(tmp_path, heldout):
     """`python scripts/size_probe.py` on 2 held-out objects: the MVAE's round trip of the true
     views keeps their masks (docs: 0.977 at threshold 0.5, 0.987 at 0.4 on 50 objects), and the
@@ -133,7 +137,8 @@ def test_the_size_probe_measures_the_shipped_default(tmp_path, heldout):
     proc = subprocess.run([sys.executable, "scripts/size_probe.py", "--heldout", str(heldout), "--count", "2",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (entry,) = json.loads(out.read_text())["checkpoints"].values()
+    (entry,) = json.loads(out.read_text(), parse_constant=_refuse)["checkpoints"].values()
+    assert entry["generated"]["scale_per_unit_distance"] is None  # a slope through 2 points says nothing
     trip = entry["round_trip"]
     assert trip["0.5"]["mask_iou"] > 0.95 and max(t["mask_iou"] for t in trip.values()) >= trip["0.5"]["mask_iou"]
     assert 0.9 < trip["0.5"]["area_ratio"] < 1.1
