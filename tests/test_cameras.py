@@ -74,10 +74,28 @@ def test_condition_camera_sampling_ranges():
     cams = [c for _ in range(50) for c in cameras.sample_condition_cameras(10, g)]
     assert all(c.azimuth_deg in cameras.AZIMUTHS_DEG for c in cams)
     assert all(-10 <= c.elevation_deg <= 45 and 1.5 <= c.distance <= 2.2 for c in cams)
+    elevations, distances = [c.elevation_deg for c in cams], [c.distance for c in cams]
+    assert min(elevations) < -9 and max(elevations) > 44, "the draws fill DESIGN's range, not a part of it"
+    assert min(distances) < 1.52 and max(distances) > 2.18
     assert all(c.azimuth_deg == 0.0 for c in cams[::10]), "the first condition view defines azimuth 0"
     assert len({c.azimuth_deg for c in cams}) == 8
     with pytest.raises(ValueError, match="condition views"):
         cameras.sample_condition_cameras(11)
+    with pytest.raises(ValueError, match=r"n=0 condition views; allowed 1..10"):
+        cameras.sample_condition_cameras(0)
+
+
+def test_a_camera_at_a_pole_and_an_empty_image_are_refused():
+    """At |elevation| = 90 deg "up = +Z" leaves the roll undefined; just below it the frame is
+    still a rotation. An image needs both sides positive."""
+    with pytest.raises(ValueError, match=r"elevation 90.0 deg is at a pole.*use \|elevation\| < 90"):
+        cameras.spherical_c2w(torch.tensor([0.0, 45.0]), torch.tensor([0.0, -90.0]))
+    R = cameras.spherical_c2w(torch.tensor([45.0]), torch.tensor([89.0]))[0, :3, :3]
+    torch.testing.assert_close(R.T @ R, torch.eye(3, dtype=torch.float64))
+    assert torch.linalg.det(R).item() == pytest.approx(1.0)
+    for width, height in ((0, 64), (64, 0), (-8, -8)):
+        with pytest.raises(ValueError, match=f"image size {width}x{height} must be positive"):
+            cameras.intrinsics(width, height)
 
 
 def test_resized_intrinsics_scale_projected_pixels():

@@ -162,6 +162,8 @@ def test_steps_accept_integer_scalars_and_refuse_floats():
     torch.testing.assert_close(SCHEDULE.timesteps(np.int64(5)), SCHEDULE.timesteps(5))
     with pytest.raises(TypeError, match=r"steps=2.0 \(float\) must be an integer \(steps=2\); allowed 1..1000"):
         SCHEDULE.timesteps(2.0)
+    with pytest.raises(TypeError, match=r"steps=2.5 \(float\) must be an integer; allowed 1..1000"):
+        SCHEDULE.timesteps(2.5)  # no integer to suggest
 
 
 def test_samplers_call_back_every_step_and_cancel_by_raising():
@@ -186,7 +188,7 @@ def test_samplers_call_back_every_step_and_cancel_by_raising():
 
 def test_logsnr_spacing_is_even_in_log_snr_and_distinct():
     ts = SCHEDULE.timesteps(10, "logsnr")
-    assert ts[0] == 999 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+    assert len(ts) == 10 and ts[0] == 999 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
     gaps = SCHEDULE.log_snr()[ts].diff()[:-2]  # the last gaps are limited by t being integer
     assert gaps.max() / gaps.min() < 1.1
 
