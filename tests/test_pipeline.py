@@ -2,6 +2,7 @@
 (with the azimuth alignment of pose-free views), bad input."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -99,6 +100,24 @@ def test_straight_colours_invert_compositing_on_white():
     torch.testing.assert_close(straight[above], colours[above], atol=1e-5, rtol=0)
     torch.testing.assert_close(straight[~above], on_white[~above])  # nearly all backdrop: kept on white
     torch.testing.assert_close(composite_on_white(straight, masks)[above], on_white[above], atol=1e-6, rtol=0)
+    overshoot = straight_colours(torch.tensor([1.3, -0.2]), torch.tensor([0.5, 0.5]))  # a decoder past [0, 1]
+    assert overshoot.tolist() == [1.0, 0.0]
+
+
+def test_an_option_is_read_as_its_enum_whatever_its_case_or_leading_dot():
+    from mvdpp_core.common import parse_enum
+    from mvdpp_core.condition import MaskConvention
+    from mvdpp_core.reconstruction.mesh import MeshFormat
+
+    assert parse_enum(SamplerName, SamplerName.DDPM, "sampler") is SamplerName.DDPM
+    assert parse_enum(SamplerName, "DDIM", "sampler") is SamplerName.DDIM
+    assert parse_enum(MeshFormat, ".GLB", "format") is MeshFormat.GLB
+    text = "alpha-inverted (LoadImage MASK)"  # an option text in mixed case is taken as written
+    assert parse_enum(MaskConvention, text, "mask_convention") is MaskConvention.ALPHA_INVERTED
+    for bad in ("euler", 3, None, "ddim "):
+        message = rf"unknown sampler {re.escape(repr(bad))}; allowed: ddpm, ddim, dpmpp_2m\."
+        with pytest.raises(ValueError, match=message):
+            parse_enum(SamplerName, bad, "sampler")
 
 
 def test_generate_stops_when_the_callback_raises(model):
