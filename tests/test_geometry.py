@@ -40,6 +40,22 @@ def test_plucker_rays_pass_through_their_pixels():
         assert (depth > 0).all()
 
 
+def test_image_position_is_its_sinusoidal_definition_at_pixel_centres():
+    """sin / cos of pi 2^k u, k = 0, 1, 2, at pixel centres u in [-1, 1]; columns first, then rows.
+    Checkpoints with geometry (the shipped default) learned on these values: they are part of the
+    format, so a change must fail here, not only move generated views."""
+    from mvdpp_core.geometry import image_position
+
+    s = 6
+    got = image_position(s).double()
+    assert got.shape == (12, s, s)
+    u = (torch.arange(s, dtype=torch.float64) + 0.5) / s * 2 - 1  # -5/6 .. 5/6
+    angle = torch.pi * torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)[:, None] * u  # 3 s
+    waves = torch.cat([angle.sin(), angle.cos()])  # 6 s
+    torch.testing.assert_close(got[:6], waves[:, None, :].expand(-1, s, -1), atol=1e-6, rtol=0)  # columns vary
+    torch.testing.assert_close(got[6:], waves[:, :, None].expand(-1, -1, s), atol=1e-6, rtol=0)  # rows vary
+
+
 def test_condition_views_are_pose_free():
     geometry = token_geometry(torch.tensor([0, 31, 32, 41]), 4)  # 2 targets, 2 condition views
     assert geometry.shape == (4, GEOMETRY_CHANNELS, 4, 4)
