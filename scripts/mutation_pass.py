@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = argv[split + 1:]
     if not pytest_args:
         p.error("give the tests after --, e.g. -- tests/test_cameras.py")
-    module = (ROOT / args.module).resolve() if not args.module.is_absolute() else args.module.resolve()
+    module = (ROOT / args.module).resolve()  # an absolute path stays itself
     if not module.is_file() or module.suffix != ".py" or ROOT not in module.parents:
         p.error(f"module {args.module}: give a .py file inside {ROOT}")
     source = module.read_text()

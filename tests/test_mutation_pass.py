@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import mutation_pass  # noqa: E402
-import pytest  # noqa: E402
+import pytest
+
+from scripts import mutation_pass
 
 REPO = Path(__file__).resolve().parents[1]
 
