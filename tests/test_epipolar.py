@@ -3,6 +3,8 @@ condition views stay pose-free, gain 0 is plain global attention, view equivaria
 training switch that starts it."""
 
 import dataclasses
+import itertools
+import math
 
 import pytest
 import torch
@@ -16,10 +18,10 @@ from tiny_models import (
 )
 
 from mvdpp_core.attention import AttentionBackend, attend
-from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, project, rig_c2w
+from mvdpp_core.cameras import NUM_TARGET_VIEWS, intrinsics, pixel_rays, project, rig_c2w
 from mvdpp_core.checkpoint import save_checkpoint
 from mvdpp_core.config import PredictionType, preset
-from mvdpp_core.geometry import EPIPOLAR_FLOOR, epipolar_bias, epipolar_rows, epipolar_table
+from mvdpp_core.geometry import EPIPOLAR_FLOOR, _check_epipolar_size, epipolar_bias, epipolar_rows, epipolar_table
 from mvdpp_core.unet import MultiViewUNet
 from train.config import InitSource, ModelInitConfig
 from train.models import build_mvdiff_model
@@ -72,10 +74,16 @@ def test_condition_views_are_pose_free_and_rows_follow_the_view_ids():
     torch.testing.assert_close(bias[0, :tokens, tokens : 2 * tokens], block_8_3)
     # The same pair of rig views in another order and with another condition slot: the same block.
     torch.testing.assert_close(bias[1, 2 * tokens :, :tokens], bias[0, :tokens, tokens : 2 * tokens])
+    last = epipolar_bias(torch.tensor([[31, 0, 33]]), tokens)  # the rig's last slot is a target view too
+    torch.testing.assert_close(last[0, :tokens, tokens : 2 * tokens], table[31 * tokens :, :tokens])
+    assert (last[0, :tokens, tokens : 2 * tokens] < 0).any()
     with pytest.raises(ValueError, match="square token grids"):
         epipolar_bias(torch.tensor([[0, 1]]), 8)
     with pytest.raises(ValueError, match="epipolar_attention off"):
         epipolar_table(64)
+    _check_epipolar_size(32)  # the largest grid allowed (its table would take 4 GiB: not built here)
+    with pytest.raises(ValueError, match="33x33 tokens"):
+        _check_epipolar_size(33)
 
 
 def test_attend_adds_the_bias_to_the_logits():
@@ -167,3 +175,50 @@ def test_a_sampling_run_reuses_one_bias_and_a_new_view_set_rebuilds_it(epipolar_
     assert epipolar_unet._epipolar_cache is cache
     moved = epipolar_unet(sample, t, torch.tensor([[0, 10, 32], [0, 10, 32]]), ctx)
     assert epipolar_unet._epipolar_cache is not cache and (moved - first).abs().max() > 1e-4
+
+
+def _chord_depths(origin: torch.Tensor, direction: torch.Tensor, radius: float, samples: int) -> torch.Tensor:
+    """Depths along a ray of ``samples`` points spanning its chord through the sphere of ``radius``
+    about the origin, found numerically (ternary search for the nearest point, bisection for the
+    ends); a ray that misses the sphere gives its nearest point alone."""
+
+    def dist(t: float) -> float:
+        return float((origin + t * direction).norm())
+
+    lo, hi = 0.0, 3.0
+    for _ in range(100):  # the distance to the centre is convex along the ray
+        lo, hi = (
+            (lo, (lo + 2 * hi) / 3) if dist((2 * lo + hi) / 3) < dist((lo + 2 * hi) / 3) else ((2 * lo + hi) / 3, hi)
+        )
+    nearest = (lo + hi) / 2
+    if dist(nearest) > radius:
+        return torch.tensor([nearest], dtype=torch.float64)
+    ends = []
+    for lo, hi in ((0.0, nearest), (3.0, nearest)):  # lo outside the sphere, hi inside
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if dist(mid) <= radius else (mid, hi)
+        ends.append((lo + hi) / 2)
+    return torch.linspace(ends[0], ends[1], samples, dtype=torch.float64)
+
+
+def test_every_entry_is_the_distance_to_the_ray_s_chord_through_the_object_s_sphere():
+    """An independent reference: the query token's ray's chord through the bounding sphere (radius
+    sqrt(3) / 2: the [-0.5, 0.5]^3 box's corners), found numerically and sampled, projected into the
+    key view; the key token's nearest distance to it sets the table's entry, its Gaussian log-weight
+    floored. Rays through the image's corners miss the sphere and keep their nearest point."""
+    c2w, K = rig_c2w(torch.float64), intrinsics(SIZE)
+    origins, dirs = (t.reshape(NUM_TARGET_VIEWS, -1, 3) for t in pixel_rays(c2w, K, SIZE, SIZE))
+    ys, xs = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+    centres = torch.stack([xs, ys], -1).reshape(-1, 2).double()
+    table = epipolar_table(SIZE).reshape(NUM_TARGET_VIEWS, SIZE * SIZE, NUM_TARGET_VIEWS, SIZE * SIZE)
+    misses = 0
+    for view, token in itertools.product([0, 13, 31], range(SIZE * SIZE)):  # three elevations
+        depths = _chord_depths(origins[view, token], dirs[view, token], math.sqrt(3) / 2, 1001)
+        misses += len(depths) == 1
+        pixels, _ = project(origins[view, token] + depths[:, None] * dirs[view, token], c2w, K)  # v n 2
+        d2 = torch.cdist(centres[None].expand(NUM_TARGET_VIEWS, -1, -1), pixels).min(-1).values ** 2  # v l
+        expected = (-d2 / 2).clamp(min=EPIPOLAR_FLOOR).float()
+        expected[view] = 0.0
+        torch.testing.assert_close(table[view, token], expected, rtol=0, atol=1e-4)
+    assert 0 < misses < 3 * SIZE * SIZE  # both kinds of ray were checked
