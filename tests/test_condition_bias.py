@@ -15,7 +15,10 @@ from tiny_models import (
     unet_with,
 )
 
+from mvdpp_core import attention
+from mvdpp_core.attention import attend
 from mvdpp_core.config import PredictionType, preset
+from mvdpp_core.geometry import epipolar_bias
 from mvdpp_core.unet import MultiViewUNet, condition_key_weights
 from train.config import InitSource, ModelInitConfig
 from train.diagnostics import recording_attention
@@ -84,3 +87,29 @@ def test_training_init_starts_the_gain_and_refuses_it_for_bundles():
             ModelInitConfig(source=InitSource.BUNDLE, path="x.safetensors", condition_bias_gain=1.0),
             PredictionType.EPSILON,
         )
+
+
+@torch.no_grad()
+def test_with_the_epipolar_bias_the_two_add(monkeypatch):
+    """A UNet with both biases gives every global attention layer their sum: the epipolar
+    log-weights times their gain plus the condition-key weights times theirs."""
+    config = dataclasses.replace(CFG, epipolar_attention=True)
+    mv = unet_with(config, "condition_bias", 1.0)
+    mv.epipolar.reset_parameters(0.5)
+    biases = []
+
+    def spy(q, k, v, heads, backend, bias=None):
+        if bias is not None:
+            biases.append(bias)
+        return attend(q, k, v, heads, backend, bias)
+
+    monkeypatch.setattr(attention, "attend", spy)
+    sample, t, _, ctx = unet_inputs(config, 1, 4, size=16)
+    ids = torch.tensor([[8, 3, 20, 32]])
+    mv(sample, t, ids, ctx)
+    assert len(biases) == 4  # the tiny preset's global attention layers (down and up)
+    for bias in biases:
+        tokens = bias.shape[-1] // 4
+        keys = condition_key_weights(ids).repeat_interleave(tokens, dim=1)[:, None, None, :]
+        expected = 0.5 * epipolar_bias(ids, tokens)[:, None] + keys
+        torch.testing.assert_close(bias, expected.expand_as(bias))

@@ -2,13 +2,18 @@
 and global (not per-view) self-attention."""
 
 import copy
+import importlib.util
+import sys
+import types
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from tiny_models import assert_initialised_unet_equals_base, assert_permutes_with_views, unet_inputs
 
+from mvdpp_core.attention import AttentionBackend, EpipolarCache, attend, resolve_backend
 from mvdpp_core.config import preset
+from mvdpp_core.geometry import epipolar_bias
 from mvdpp_core.unet import MultiViewUNet
 
 CFG = preset("tiny").unet
@@ -86,3 +91,66 @@ def test_unknown_attention_backend_is_refused(trained_looking_unet):
         trained_looking_unet.set_attention_backend("flash3")
     with pytest.raises(ValueError, match="xformers.*needs CUDA"):
         trained_looking_unet.set_attention_backend("xformers")
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_backend_choice_follows_the_device_and_the_xformers_package(monkeypatch, installed: bool):
+    """'auto' takes xformers only on CUDA with the package installed; 'xformers' elsewhere is refused."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" and installed else real(name, *a)
+    )
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu) is AttentionBackend.SDPA
+    assert resolve_backend("sdpa", cuda) is AttentionBackend.SDPA
+    assert resolve_backend("auto", cuda) is (AttentionBackend.XFORMERS if installed else AttentionBackend.SDPA)
+    with pytest.raises(ValueError, match="xformers.*needs CUDA"):
+        resolve_backend("xformers", cpu)
+    if installed:
+        assert resolve_backend("xformers", cuda) is AttentionBackend.XFORMERS
+    else:
+        with pytest.raises(ValueError, match=f"xformers installed={installed}"):
+            resolve_backend("xformers", cuda)
+
+
+def test_the_xformers_kernel_runs_only_without_a_bias(monkeypatch):
+    """xformers' kernel is called for plain attention; a bias (epipolar, condition keys) always goes
+    through SDPA, which adds it, whatever the backend (a stand-in kernel records its calls)."""
+    calls = []
+
+    def kernel(q, k, v):  # n l h d, as xformers takes them
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = kernel
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
+    bias = torch.randn(2, 2, 6, 6, generator=g)
+    plain = attend(q, k, v, 2, AttentionBackend.XFORMERS)
+    assert calls == [(2, 6, 2, 4)]
+    torch.testing.assert_close(plain, attend(q, k, v, 2, AttentionBackend.SDPA))
+    biased = attend(q, k, v, 2, AttentionBackend.XFORMERS, bias)
+    assert len(calls) == 1
+    torch.testing.assert_close(biased, attend(q, k, v, 2, AttentionBackend.SDPA, bias))
+    assert (biased - plain).abs().max() > 0.1
+
+
+def test_objects_with_different_view_sets_get_their_own_epipolar_rows():
+    """The bias cache shares one bias only when every object has the same views (a guidance batch),
+    and scales it by each head's gain."""
+    tokens, gain = 16, torch.ones(1)
+    two = torch.tensor([[8, 3, 32], [3, 8, 32]])
+    torch.testing.assert_close(EpipolarCache(two)(tokens, gain), epipolar_bias(two, tokens)[:, None])
+    same = torch.tensor([[8, 3, 32], [8, 3, 32]])
+    cache = EpipolarCache(same)
+    shared = cache(tokens, gain)
+    assert shared.shape[0] == 1 and shared.data_ptr() == cache._base[tokens].data_ptr()  # gain 1: no copy
+    base = epipolar_bias(same, tokens)[1]
+    torch.testing.assert_close(shared[0, 0], base)
+    torch.testing.assert_close(cache(tokens, torch.full((2,), 0.5)), 0.5 * base[None, None])  # one head for equal gains
+    torch.testing.assert_close(
+        cache(tokens, torch.tensor([0.5, 2.0])), torch.tensor([0.5, 2.0])[None, :, None, None] * base
+    )
