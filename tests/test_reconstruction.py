@@ -8,6 +8,9 @@ file to well under a minute on a 2-core CPU. The quality path is in
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +37,7 @@ from mvdpp_core.reconstruction import render as render_module
 from mvdpp_core.reconstruction.carving import Grid, keep_largest
 from mvdpp_core.reconstruction.export import Z_UP_TO_Y_UP, gltf_arrays, surface_colors
 from mvdpp_core.reconstruction.meshing import mesh_field, surface_faces, vertex_normals
-from mvdpp_core.reconstruction.metrics import occupancy
+from mvdpp_core.reconstruction.metrics import lpips, occupancy
 from mvdpp_core.reconstruction.texturing import bake_texture, uv_atlas
 
 SIZE = 96  # image size of the test views
@@ -171,6 +174,76 @@ def test_metrics_on_known_shapes() -> None:
     img = torch.rand(2, 32, 32, 3)
     assert ssim(img, img) == pytest.approx(1.0, abs=1e-4) and psnr(img, img) > 90
     assert psnr(img, (img + 0.1).clamp(0, 1)) < 25
+
+
+
+def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
+    """Exact counts on boxes whose faces lie between cell centres: a 64^3 grid over both boxes'
+    bounds or over the unit box, parity that counts two crossings in one cell, parts one behind the
+    other along a column, and a majority of three axes that outvotes an open face."""
+    def cube(side: float, x: float = 0.0, y: float = 0.0, z: float = 0.0) -> trimesh.Trimesh:
+        mesh = shapes.box()
+        mesh.apply_scale(side)
+        mesh.apply_translation([x, y, z])
+        return mesh
+
+    a, b = cube(0.5), cube(0.5, x=0.25)
+    # unit bounds: a holds centres 16..47 along x, b 32..63: 16 shared of 48; union bounds
+    # [-0.25, 0.5] along x: a holds 0..42, b 21..63: 22 shared of 64.
+    assert volume_iou(a, b, bounds="unit") == 16 / 48
+    assert volume_iou(a, b) == 22 / 64
+    assert volume_iou(shapes.box(), cube(0.5)) == (32 / 64) ** 3
+    with pytest.raises(ValueError, match="bounds='box'.*'union'.*'unit'"):
+        volume_iou(a, b, bounds="box")
+    lo, hi = np.full(3, -0.5), np.full(3, 0.5)
+    # Plates thin in z and in x, each with both faces between the same two centres (a column's two
+    # crossings in one cell): a miscount would take two axes to show.
+    thin = trimesh.util.concatenate([shapes.box((1.0, 1.0, 0.004)), shapes.box((0.004, 1.0, 1.0))])
+    assert occupancy(thin, lo, hi).sum() == 0
+    open_box = cube(0.5)
+    open_box.update_faces(open_box.face_normals[:, 2] > -0.5)  # no bottom: parity along z fails
+    open_box.remove_unreferenced_vertices()
+    assert occupancy(open_box, lo, hi).sum() == 32**3
+
+
+_MISCOUNT = pytest.mark.xfail(strict=True, reason="found in session 52, not yet diagnosed: see the docstring")
+
+
+@pytest.mark.parametrize("max_edge", [0.1, pytest.param(None, marks=_MISCOUNT)])
+def test_eight_cubes_two_along_every_column_count_exactly(max_edge: float | None) -> None:
+    """Two parts along every column of every axis (a parity or accumulation error would take two
+    axes at once). Passes at max_edge 0.1 (24576 faces); at the default tessellation (98304 faces)
+    it counts 30263 cells instead of 32768 (six of the cubes: 27113 instead of 24576), although
+    each cube alone counts its 4096 exactly."""
+    cubes = []
+    for xyz in itertools.product((-0.25, 0.25), repeat=3):
+        mesh = shapes.box() if max_edge is None else shapes.box(max_edge=max_edge)
+        mesh.apply_scale(0.25)
+        mesh.apply_translation(xyz)
+        cubes.append(mesh)
+    assert occupancy(trimesh.util.concatenate(cubes), np.full(3, -0.5), np.full(3, 0.5)).sum() == 8 * 16**3
+
+
+def test_psnr_averages_each_view_s_psnr() -> None:
+    target = torch.zeros(2, 4, 4, 3)
+    pred = torch.stack([torch.full((4, 4, 3), 0.1), torch.full((4, 4, 3), 0.01)])  # MSE 1e-2 and 1e-4
+    assert psnr(pred, target) == pytest.approx((20 + 40) / 2, abs=1e-4)
+
+
+def test_lpips_never_downloads_and_names_what_it_needs(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    real = importlib.util.find_spec
+    for installed in (True, False):  # the package without the weights, then the weights without the package
+        def find_spec(name, *args, installed=installed):
+            return object() if name == "lpips" and installed else real(name, *args)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        if not installed:
+            (tmp_path / "checkpoints").mkdir()
+            (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").touch()
+        image = torch.rand(1, 8, 8, 3)
+        with pytest.warns(UserWarning, match="LPIPS skipped.*pip install lpips.*" + str(tmp_path / "checkpoints")):
+            assert lpips(image, image) is None
 
 
 @pytest.mark.parametrize(
