@@ -176,23 +176,26 @@ def test_metrics_on_known_shapes() -> None:
     assert psnr(img, (img + 0.1).clamp(0, 1)) < 25
 
 
+def _cube(
+    side: float, x: float = 0.0, y: float = 0.0, z: float = 0.0, max_edge: float | None = None
+) -> trimesh.Trimesh:
+    """An axis-aligned cube of edge ``side`` centred at (x, y, z), at the default tessellation unless ``max_edge``."""
+    mesh = shapes.box() if max_edge is None else shapes.box(max_edge=max_edge)
+    mesh.apply_scale(side)
+    mesh.apply_translation([x, y, z])
+    return mesh
+
 
 def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
     """Exact counts on boxes whose faces lie between cell centres: a 64^3 grid over both boxes'
     bounds or over the unit box, parity that counts two crossings in one cell, parts one behind the
     other along a column, and a majority of three axes that outvotes an open face."""
-    def cube(side: float, x: float = 0.0, y: float = 0.0, z: float = 0.0) -> trimesh.Trimesh:
-        mesh = shapes.box()
-        mesh.apply_scale(side)
-        mesh.apply_translation([x, y, z])
-        return mesh
-
-    a, b = cube(0.5), cube(0.5, x=0.25)
+    a, b = _cube(0.5), _cube(0.5, x=0.25)
     # unit bounds: a holds centres 16..47 along x, b 32..63: 16 shared of 48; union bounds
     # [-0.25, 0.5] along x: a holds 0..42, b 21..63: 22 shared of 64.
     assert volume_iou(a, b, bounds="unit") == 16 / 48
     assert volume_iou(a, b) == 22 / 64
-    assert volume_iou(shapes.box(), cube(0.5)) == (32 / 64) ** 3
+    assert volume_iou(shapes.box(), _cube(0.5)) == (32 / 64) ** 3
     with pytest.raises(ValueError, match="bounds='box'.*'union'.*'unit'"):
         volume_iou(a, b, bounds="box")
     lo, hi = np.full(3, -0.5), np.full(3, 0.5)
@@ -200,7 +203,7 @@ def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
     # crossings in one cell): a miscount would take two axes to show.
     thin = trimesh.util.concatenate([shapes.box((1.0, 1.0, 0.004)), shapes.box((0.004, 1.0, 1.0))])
     assert occupancy(thin, lo, hi).sum() == 0
-    open_box = cube(0.5)
+    open_box = _cube(0.5)
     open_box.update_faces(open_box.face_normals[:, 2] > -0.5)  # no bottom: parity along z fails
     open_box.remove_unreferenced_vertices()
     assert occupancy(open_box, lo, hi).sum() == 32**3
@@ -218,12 +221,7 @@ def test_eight_cubes_two_along_every_column_count_exactly(max_edge: float | None
     coordinates; the box's diagonal edges pass ~2e-4 px from the jittered centres, within float32's
     error on the edge functions, so two triangles both cover a centre and a column's parity flips.
     Kept in float64 (no ``.float()``), the eight count right and the other metrics tests pass."""
-    cubes = []
-    for xyz in itertools.product((-0.25, 0.25), repeat=3):
-        mesh = shapes.box() if max_edge is None else shapes.box(max_edge=max_edge)
-        mesh.apply_scale(0.25)
-        mesh.apply_translation(xyz)
-        cubes.append(mesh)
+    cubes = [_cube(0.25, *xyz, max_edge=max_edge) for xyz in itertools.product((-0.25, 0.25), repeat=3)]
     assert occupancy(trimesh.util.concatenate(cubes), np.full(3, -0.5), np.full(3, 0.5)).sum() == 8 * 16**3
 
 
@@ -237,6 +235,7 @@ def test_lpips_never_downloads_and_names_what_it_needs(monkeypatch, tmp_path) ->
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     real = importlib.util.find_spec
     for installed in (True, False):  # the package without the weights, then the weights without the package
+
         def find_spec(name, *args, installed=installed):
             return object() if name == "lpips" and installed else real(name, *args)
 
@@ -387,8 +386,12 @@ def test_coarse_texel_lookup_bakes_a_smooth_texture_as_well() -> None:
     for sample_size in (None, 128):
         image = bake_texture(*args, sample_size=sample_size)
         assert image.shape == (256, 256, 3)
-        textured = trimesh.Trimesh(verts, faces, process=False, visual=trimesh.visual.TextureVisuals(
-            uv=uv, image=Image.fromarray((image * 255).round().astype(np.uint8))))
+        textured = trimesh.Trimesh(
+            verts,
+            faces,
+            process=False,
+            visual=trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray((image * 255).round().astype(np.uint8))),
+        )
         truth = color(torch.from_numpy(points).float(), None)
         errors[sample_size] = np.abs(surface_colors(textured, points, face_index) - truth).mean()
     assert errors[None] < 0.01 and errors[128] < 1.5 * errors[None] + 0.002
