@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def _cube(
 
 def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
     """Exact counts on boxes whose faces lie between cell centres: a 64^3 grid over both boxes'
-    bounds or over the unit box, parity that counts two crossings in one cell, parts one behind the
+    bounds or over the unit box, a count that takes two crossings in one cell, parts one behind the
     other along a column, and a majority of three axes that outvotes an open face."""
     a, b = _cube(0.5), _cube(0.5, x=0.25)
     # unit bounds: a holds centres 16..47 along x, b 32..63: 16 shared of 48; union bounds
@@ -209,26 +210,40 @@ def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
     assert occupancy(open_box, lo, hi).sum() == 32**3
 
 
-_MISCOUNT = pytest.mark.xfail(strict=True, reason="occupancy rasterises in float32: see the docstring (fix next)")
+def test_overlapping_parts_count_as_their_union() -> None:
+    """The procedural objects are closed parts concatenated where they overlap. A centre inside two
+    parts has four crossings on each of its columns, so ray parity counted it empty (two cubes
+    overlapping by half: 32768 cells of 49152); the winding number counts the parts that hold it."""
+    lo, hi = np.full(3, -0.5), np.full(3, 0.5)
+    overlapping = trimesh.util.concatenate([_cube(0.5), _cube(0.5, x=0.25)])
+    assert occupancy(overlapping, lo, hi).sum() == 48 * 32 * 32
+    hull = shapes.box((0.75, 0.5, 0.5))  # longest side scaled to 1
+    hull.apply_scale(0.75)
+    hull.apply_translation([0.125, 0, 0])
+    assert volume_iou(overlapping, hull) == 1.0
+    nested = trimesh.util.concatenate([_cube(0.75), _cube(0.5), _cube(0.25)])  # 3, 2, 1 parts deep
+    assert occupancy(nested, lo, hi).sum() == 48**3
 
 
-@pytest.mark.parametrize("max_edge", [0.1, pytest.param(None, marks=_MISCOUNT)])
+@pytest.mark.parametrize("max_edge", [0.1, None])
 def test_eight_cubes_two_along_every_column_count_exactly(max_edge: float | None) -> None:
     """Two parts along every column of every axis (a parity or accumulation error would take two
-    axes at once). Passes at max_edge 0.1 (24576 faces); at the default tessellation (98304 faces)
-    it counts 30263 cells instead of 32768 (six of the cubes: 27113 instead of 24576), although
-    each cube alone counts its 4096 exactly. The cause: ``occupancy`` hands the rasteriser float32
-    coordinates; the box's diagonal edges pass ~2e-4 px from the jittered centres, within float32's
-    error on the edge functions, so two triangles both cover a centre and a column's parity flips.
-    Kept in float64 (no ``.float()``), the eight count right and the other metrics tests pass."""
+    axes at once), at a coarse (24576 faces) and at the default tessellation (98304 faces). With
+    float32 coordinates in ``occupancy`` the default one counted 30263 cells instead of 32768: the
+    box's diagonal edges pass ~2e-4 px from the jittered centres, within float32's error on the
+    edge functions, so two triangles both covered a centre and a column's parity flipped."""
     cubes = [_cube(0.25, *xyz, max_edge=max_edge) for xyz in itertools.product((-0.25, 0.25), repeat=3)]
     assert occupancy(trimesh.util.concatenate(cubes), np.full(3, -0.5), np.full(3, 0.5)).sum() == 8 * 16**3
 
 
 def test_psnr_averages_each_view_s_psnr() -> None:
+    """One PSNR per view from the MSE over all its pixels and channels, then their mean: the
+    first view errs in the red channel only (MSE 1e-2 / 3), the second everywhere (MSE 1e-4)."""
     target = torch.zeros(2, 4, 4, 3)
-    pred = torch.stack([torch.full((4, 4, 3), 0.1), torch.full((4, 4, 3), 0.01)])  # MSE 1e-2 and 1e-4
-    assert psnr(pred, target) == pytest.approx((20 + 40) / 2, abs=1e-4)
+    pred = torch.zeros(2, 4, 4, 3)
+    pred[0, ..., 0] = 0.1
+    pred[1] = 0.01
+    assert psnr(pred, target) == pytest.approx((10 * math.log10(300) + 40) / 2, abs=1e-4)
 
 
 def test_lpips_never_downloads_and_names_what_it_needs(monkeypatch, tmp_path) -> None:
