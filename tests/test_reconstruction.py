@@ -401,12 +401,8 @@ def test_coarse_texel_lookup_bakes_a_smooth_texture_as_well() -> None:
     for sample_size in (None, 128):
         image = bake_texture(*args, sample_size=sample_size)
         assert image.shape == (256, 256, 3)
-        textured = trimesh.Trimesh(
-            verts,
-            faces,
-            process=False,
-            visual=trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray((image * 255).round().astype(np.uint8))),
-        )
+        textured = trimesh.Trimesh(verts, faces, process=False, visual=trimesh.visual.TextureVisuals(
+            uv=uv, image=Image.fromarray((image * 255).round().astype(np.uint8))))
         truth = color(torch.from_numpy(points).float(), None)
         errors[sample_size] = np.abs(surface_colors(textured, points, face_index) - truth).mean()
     assert errors[None] < 0.01 and errors[128] < 1.5 * errors[None] + 0.002

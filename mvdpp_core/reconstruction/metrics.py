@@ -83,7 +83,7 @@ def occupancy(
         facing = torch.sign(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).to(torch.int32)
         counts = torch.zeros(resolution, resolution, resolution + 1, dtype=torch.int32)  # u v axis
         for tri, px, py, inv_z in iter_coverage(tris, resolution, resolution):
-            k = torch.ceil(inv_z.double() - 1.0 - 0.5).clamp(0, resolution).long()  # first centre above
+            k = torch.ceil(inv_z - 1.0 - 0.5).clamp(0, resolution).long()  # first centre above
             counts.index_put_((px, py, k), facing[tri], accumulate=True)
         # The winding number below each centre: how many closed parts hold it.
         inside = (torch.cumsum(counts, dim=-1)[..., :resolution] != 0).numpy()  # u v axis
