@@ -38,7 +38,13 @@ from mvdpp_core.reconstruction import render as render_module
 from mvdpp_core.reconstruction.carving import Grid, keep_largest
 from mvdpp_core.reconstruction.export import Z_UP_TO_Y_UP, gltf_arrays, surface_colors
 from mvdpp_core.reconstruction.meshing import mesh_field, surface_faces, vertex_normals
-from mvdpp_core.reconstruction.metrics import lpips, occupancy
+from mvdpp_core.reconstruction.metrics import (
+    bounding_surface_samples,
+    lpips,
+    occupancy,
+    volume_overlap,
+    winding_numbers,
+)
 from mvdpp_core.reconstruction.texturing import bake_texture, uv_atlas
 
 SIZE = 96  # image size of the test views
@@ -220,9 +226,41 @@ def test_overlapping_parts_count_as_their_union() -> None:
     hull = shapes.box((0.75, 0.5, 0.5))  # longest side scaled to 1
     hull.apply_scale(0.75)
     hull.apply_translation([0.125, 0, 0])
-    assert volume_iou(overlapping, hull) == 1.0
+    assert volume_overlap(overlapping, hull) == (1.0, 1.0)  # the parts' volumes sum to 4/3 of the hull's
     nested = trimesh.util.concatenate([_cube(0.75), _cube(0.5), _cube(0.25)])  # 3, 2, 1 parts deep
     assert occupancy(nested, lo, hi).sum() == 48**3
+
+
+def test_winding_numbers_count_the_parts_that_hold_each_point() -> None:
+    """Nested cubes hold points 0 to 3 deep; a cube turned inside out counts -1."""
+    nested = trimesh.util.concatenate([_cube(0.75), _cube(0.5), _cube(0.25)])
+    points = np.array([[0.45, 0.013, 0.021], [0.3, 0.013, 0.021], [0.2, -0.017, 0.031], [0.05, 0.011, -0.023]])
+    np.testing.assert_array_equal(winding_numbers(nested, points), [0, 1, 2, 3])
+    inside_out = _cube(0.5)
+    inside_out.invert()
+    np.testing.assert_array_equal(winding_numbers(inside_out, points), [0, 0, -1, -1])
+
+
+def test_chamfer_measures_the_surface_that_bounds_the_solid() -> None:
+    """Two cubes overlapping by half are, as a solid, their hull box: both Chamfer terms sit at
+    the box's own sampling floor. Sampling every face, a sixth of the samples lay on the faces
+    inside the other cube, up to 0.125 from the box's surface (accuracy 0.0176 instead of 0.0041).
+    A mesh with no such faces keeps trimesh's samples; a surface that bounds nothing is refused."""
+    overlapping = trimesh.util.concatenate([_cube(0.5), _cube(0.5, x=0.25)])
+    hull = shapes.box((0.75, 0.5, 0.5))
+    hull.apply_scale(0.75)
+    hull.apply_translation([0.125, 0, 0])
+    floor = max(chamfer_terms(hull, hull))
+    assert max(chamfer_terms(overlapping, hull)) < 1.1 * floor < 0.005
+    points = bounding_surface_samples(overlapping, 30_000)
+    inner = (np.abs(points[:, 1:]) < 0.249).all(1) & (points[:, 0] > -0.249) & (points[:, 0] < 0.499)
+    assert len(points) == 30_000 and not inner.any()
+    np.testing.assert_array_equal(bounding_surface_samples(hull, 1000, seed=3),
+                                  trimesh.sample.sample_surface(hull, 1000, seed=3)[0])
+    plate = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]])
+    bounds_nothing = "0 of 30000 points sampled on this mesh \\(1 faces\\) lie on a surface that bounds a solid"
+    with pytest.raises(ValueError, match=f"{bounds_nothing}.*close the mesh"):
+        chamfer_distance(plate, hull)
 
 
 @pytest.mark.parametrize("max_edge", [0.1, None])

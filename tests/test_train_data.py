@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 
 from mvdpp_core import cameras as cam
 from mvdpp_core.common import composite_on_white
-from mvdpp_core.reconstruction.metrics import IOU_RESOLUTION, occupancy
+from mvdpp_core.reconstruction.metrics import IOU_RESOLUTION, bounding_surface_samples, occupancy, winding_numbers
 from mvdpp_core.reconstruction.render import render_trimesh
 from train.data import format as fmt
 from train.data.dataset import MultiViewDataset, ViewSampling, first_object, make_batches, to_tensors
@@ -261,6 +261,38 @@ def test_a_procedural_object_s_occupancy_is_the_union_of_its_parts():
         union |= occupancy(trimesh.Trimesh((part_mesh.vertices - center) * scale, part_mesh.faces), lo, hi)
     assert len(parts) == 2 and union.sum() == 54174
     np.testing.assert_array_equal(occupancy(mesh, lo, hi), union)
+
+
+def _solid_angle_winding(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """The generalised winding number, brute force: every face's solid angle seen from each point, over 4 pi."""
+    tris = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]
+    out = []
+    for chunk in np.array_split(points, max(1, len(points) // 100)):
+        a, b, c = np.moveaxis(tris[None] - chunk[:, None, None], 2, 0)  # corner: n f xyz
+        la, lb, lc = (np.linalg.norm(x, axis=-1) for x in (a, b, c))
+        den = la * lb * lc + (a * b).sum(-1) * lc + (a * c).sum(-1) * lb + (b * c).sum(-1) * la
+        out.append(np.arctan2((a * np.cross(b, c)).sum(-1), den).sum(-1) / (2 * np.pi))
+    return np.concatenate(out)
+
+
+def test_a_procedural_object_s_chamfer_samples_lie_on_its_union_s_surface():
+    """Held-out object 6's two parts overlap. Its winding numbers by binned rays equal the solid
+    angles' (0, 1 or 2 parts deep) just off each side of surface samples and at random points; the
+    Chamfer samples are exactly the surface samples whose two sides differ in being held."""
+    mesh, _, _ = procedural_object(Split.HELDOUT, 6)
+    points, face = trimesh.sample.sample_surface(mesh, 400, seed=0)
+    step = 1e-6 * np.linalg.norm(mesh.extents) * mesh.face_normals[face]
+    scattered = np.random.default_rng(0).uniform(*mesh.bounds, (400, 3))
+    probes = np.concatenate([points + step, points - step, scattered])
+    exact = np.rint(_solid_angle_winding(mesh, probes)).astype(np.int64)
+    assert set(exact.tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(winding_numbers(mesh, probes), exact)
+    held = exact[:800].reshape(2, -1) != 0
+    on_union = held[0] != held[1]
+    assert 100 < (~on_union).sum() < 180  # 139: a third of its area lies inside the other part
+    kept = bounding_surface_samples(mesh, 400, seed=0)
+    np.testing.assert_array_equal(kept[: on_union.sum()], points[on_union])  # the same draw, filtered
+    assert len(kept) == 400
 
 
 def test_a_folder_of_the_other_renderer_is_refused_not_resumed(tmp_path, capsys):

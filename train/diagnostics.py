@@ -45,7 +45,7 @@ from mvdpp_core.cameras import NUM_TARGET_VIEWS, TARGET_DISTANCE, intrinsics, pi
 from mvdpp_core.geometry import OBJECT_RADIUS
 from mvdpp_core.model import Condition, MVDPPModel
 from mvdpp_core.reconstruction import reconstruct
-from mvdpp_core.reconstruction.metrics import chamfer_terms, volume_iou
+from mvdpp_core.reconstruction.metrics import chamfer_terms, volume_overlap
 
 
 @dataclass
@@ -300,7 +300,9 @@ class MeshErrors:
     ``completeness`` are the two halves of ``chamfer``: the mean distance from the generated
     surface to the true one (surface drawn where there is none) and from the true surface to
     the generated one (true surface the mesh misses: a part lost, a concavity filled);
-    ``volume_ratio`` is the generated volume over the true one."""
+    ``volume_ratio`` is the generated volume over the true one. Both surfaces are the ones that
+    bound the solids and both volumes are counted in the IoU's cells, so a true mesh of
+    overlapping parts counts its union (not its faces inside other parts, nor its overlaps twice)."""
 
     volume_iou: float = 0.0
     accuracy: float = math.nan
@@ -323,8 +325,8 @@ def mesh_errors(views: Tensor, masks: Tensor, truth: trimesh.Trimesh, resolution
     if len(mesh.faces) == 0:
         return MeshErrors()
     accuracy, completeness = chamfer_terms(mesh, truth, samples=10_000)
-    ratio = abs(mesh.volume) / abs(truth.volume) if truth.volume else math.nan
-    return MeshErrors(volume_iou(mesh, truth), accuracy, completeness, float(ratio))
+    iou, ratio = volume_overlap(mesh, truth)
+    return MeshErrors(iou, accuracy, completeness, ratio)
 
 
 @torch.no_grad()
