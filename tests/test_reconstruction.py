@@ -201,7 +201,7 @@ def test_occupancy_and_volume_iou_count_cell_centres_exactly() -> None:
     # unit bounds: a holds centres 16..47 along x, b 32..63: 16 shared of 48; union bounds
     # [-0.25, 0.5] along x: a holds 0..42, b 21..63: 22 shared of 64.
     assert volume_iou(a, b, bounds="unit") == 16 / 48
-    assert volume_iou(a, b) == 22 / 64
+    assert volume_iou(a, b) == volume_iou(b, a) == 22 / 64
     assert volume_iou(shapes.box(), _cube(0.5)) == (32 / 64) ** 3
     with pytest.raises(ValueError, match="bounds='box'.*'union'.*'unit'"):
         volume_iou(a, b, bounds="box")
