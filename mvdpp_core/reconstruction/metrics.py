@@ -61,7 +61,8 @@ def winding_numbers(mesh: trimesh.Trimesh, points: NDArray[np.floating], bins: i
         # seen edge-on (no screen area) cross no ray and stay out.
         first, last = bin_of(t2.min(1)), bin_of(t2.max(1))
         span = last - first + 1
-        seen = np.abs(_edge(t2[:, 0], t2[:, 1], t2[:, 2])) > 1e-12 * cell.prod()
+        area = _edge(t2[:, 0], t2[:, 1], t2[:, 2])  # twice the screen area, signed by the normal along axis
+        seen = np.abs(area) > 1e-12 * cell.prod()
         covered = np.where(seen, span[:, 0] * span[:, 1], 0)
         listed = np.repeat(np.arange(len(tris)), covered)
         within = _ranks(covered)
@@ -74,11 +75,11 @@ def winding_numbers(mesh: trimesh.Trimesh, points: NDArray[np.floating], bins: i
         point, face = np.repeat(np.arange(len(pts)), n), listed[np.repeat(starts[home], n) + _ranks(n)]
         q, (a, b, c) = p2[point], np.moveaxis(t2[face], 1, 0)
         w = np.stack([_edge(b, c, q), _edge(c, a, q), _edge(a, b, q)])  # the sub-areas opposite a, b, c
-        area = w.sum(0)
-        covers = (area != 0) & ((w * area) >= 0).all(0)
-        depth = (w * np.moveaxis(tris[face][..., axis], 1, 0)).sum(0) / np.where(area == 0, 1.0, area)
+        whole = area[face]  # listed faces only: none has zero area
+        covers = ((w * whole) >= 0).all(0)
+        depth = (w * np.moveaxis(tris[face][..., axis], 1, 0)).sum(0) / whole
         ahead = covers & (depth > pts[point, axis])
-        counts[axis] = np.bincount(point[ahead], np.sign(area[ahead]), minlength=len(pts)).round().astype(np.int64)
+        counts[axis] = np.bincount(point[ahead], np.sign(whole[ahead]), minlength=len(pts)).round().astype(np.int64)
     return np.sort(counts, axis=0)[1]
 
 
